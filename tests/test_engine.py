@@ -1,0 +1,74 @@
+import pytest
+
+from ownlm.basemodel import load_base
+from ownlm.engine import GenerationParams, TorchEngine
+from ownlm.engine.torch_engine import _held_back
+from ownlm.errors import InvalidInput
+from ownlm.settings import load_settings
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base):
+    return TorchEngine(load_base(load_settings(base=str(tiny_base), device="cpu")))
+
+
+def test_greedy_is_deterministic_and_counts_tokens(engine):
+    a = engine.stream(HELLO, GenerationParams(max_tokens=12, temperature=0))
+    pieces = list(a)
+    b = engine.stream(HELLO, GenerationParams(max_tokens=12, temperature=0))
+    assert "".join(pieces) == b.text()
+    assert a.finish_reason in ("stop", "length") and 1 <= a.completion_tokens <= 12
+    assert a.prompt_tokens == len(engine.encode_chat(HELLO))
+
+
+def test_random_model_runs_to_max_tokens(engine):
+    s = engine.stream(HELLO, GenerationParams(max_tokens=5, temperature=1.0, seed=1))
+    s.text()
+    # a random model almost never emits <|im_end|> in 5 steps; either way the count is bounded
+    assert s.completion_tokens <= 5 and (s.finish_reason == "length" or s.completion_tokens < 5)
+
+
+def test_seed_reproduces_sampling(engine):
+    p = GenerationParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42)
+    assert engine.stream(HELLO, p).text() == engine.stream(HELLO, p).text()
+    texts = {engine.stream(HELLO, GenerationParams(max_tokens=10, temperature=1.0, seed=s)).text() for s in range(4)}
+    assert len(texts) > 1
+
+
+def test_stop_string_cuts_output(engine):
+    full = engine.stream(HELLO, GenerationParams(max_tokens=20, temperature=0)).text()
+    if len(full) < 4:
+        pytest.skip("random model produced too little text")
+    stop = full[2:4]
+    s = engine.stream(HELLO, GenerationParams(max_tokens=20, temperature=0, stop=[stop]))
+    assert s.text() == full[: full.find(stop)] and s.finish_reason == "stop"
+
+
+def test_long_prompt_is_truncated_to_context(engine):
+    long = [{"role": "user", "content": "word " * 2000}]
+    s = engine.stream(long, GenerationParams(max_tokens=4, temperature=0))
+    s.text()
+    assert s.prompt_tokens <= 512 - 4
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_tokens": 0}, {"temperature": 3}, {"top_p": 0}, {"stop": [""]}, {"stop": list("abcde")}]
+)
+def test_bad_params(kwargs):
+    with pytest.raises(InvalidInput):
+        GenerationParams(**kwargs)
+
+
+def test_bad_messages(engine):
+    with pytest.raises(InvalidInput, match="empty"):
+        engine.stream([], GenerationParams())
+    with pytest.raises(InvalidInput, match="role"):
+        engine.stream([{"role": "robot", "content": "x"}], GenerationParams())
+
+
+def test_held_back():
+    assert _held_back("abc\ufffd", []) == 1
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
