@@ -1,0 +1,1 @@
+"""Capture: conversations enter ownlm here, live (api/) or from exports of other tools (importers/)."""
