@@ -89,3 +89,9 @@ class PrivacyViolation(OwnlmError):
     """An action the user's privacy tier forbids (e.g. sending data off the machine on tier 1)."""
 
     http_status = 403
+
+
+class ModelUnavailable(OwnlmError):
+    """A request needs a model but this node runs without one (capture only)."""
+
+    http_status = 503

@@ -73,3 +73,5 @@ def main(argv: list[str] | None = None) -> None:
 
 # Command groups register themselves on `cli` when imported.
 from ownlm.cli import model as _model  # noqa: E402,F401
+from ownlm.cli import serve as _serve  # noqa: E402,F401
+from ownlm.cli import store as _store  # noqa: E402,F401

@@ -1,0 +1,132 @@
+"""OpenAI-compatible endpoints: GET /v1/models and POST /v1/chat/completions (streaming SSE or not).
+
+Every exchange is captured: the request's messages plus the answer, for the authenticated user, once the
+answer is complete. Clients re-send the whole history with each request; the store's hash chain keeps only
+what is new.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ownlm.api.deps import EngineDep, StoreDep, UserDep
+from ownlm.engine import GenerationParams
+from ownlm.errors import NotFound
+from ownlm.store import NewMessage
+
+router = APIRouter(tags=["openai"])
+USER_MODEL = "ownlm"  # the caller's own model: personal once one is deployed, else the base
+
+
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI SDKs send fields we do not use (n=1, stream_options...)
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    def params(self) -> GenerationParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return GenerationParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or 256,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+def served_models(engine) -> list[str]:
+    return [USER_MODEL, engine.model_name]
+
+
+@router.get("/v1/models")
+def list_models(user: UserDep, engine: EngineDep) -> dict:
+    now = int(time.time())
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": user.name} for m in served_models(engine)]}
+
+
+@router.post("/v1/chat/completions", response_model=None)
+def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: EngineDep):
+    if req.model is not None and req.model not in served_models(engine):
+        raise NotFound(f"model {req.model!r} is not served here", hint=f"use one of {served_models(engine)}")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    params = req.params()
+    stream = engine.stream(messages, params)  # validates roles and parameters before anything is sent
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL
+
+    def record(answer: str) -> dict:
+        history = [NewMessage(m["role"], m["content"]) for m in messages]
+        history.append(NewMessage("assistant", answer, model=engine.model_name))
+        res = store.capture(user.id, history, source="api", seed="live")
+        return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
+
+    if not req.stream:
+        answer = stream.text()
+        ids = record(answer)
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": stream.finish_reason}],
+            "usage": _usage(stream),
+            "ownlm": ids,
+        }
+
+    def events() -> Iterator[str]:
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        parts: list[str] = []
+        it = iter(stream)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in it:
+                parts.append(piece)
+                yield chunk({"content": piece})
+            ids = record("".join(parts))  # committed before the client sees the end of the stream
+            yield chunk({}, stream.finish_reason, usage=_usage(stream), ownlm=ids)
+            yield "data: [DONE]\n\n"
+        finally:
+            close = getattr(it, "close", None)
+            if close:
+                close()  # a client that hung up must not keep the engine busy
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(stream) -> dict:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": stream.completion_tokens,
+        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
+    }
+

@@ -1,0 +1,112 @@
+"""The seed's personalization API (capture, feedback, the user's data and its deletion)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from ownlm.api.deps import StoreDep, UserDep
+from ownlm.errors import InvalidInput
+from ownlm.store import NewMessage
+
+router = APIRouter(prefix="/api/personalization", tags=["personalization"])
+
+
+class InteractionMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+    model: str | None = None
+    timestamp: float | None = Field(default=None, description="unix seconds; default: when received")
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    thumbs: Literal[-1, 1] | None = None
+    rating: int | None = Field(default=None, ge=1, le=5)
+    edited_content: str | None = Field(default=None, description="a better reply, written by the user")
+    comment: str | None = None
+
+
+class InteractionFeedback(Feedback):
+    message_index: int | None = Field(default=None, description="index into messages; default: the last assistant message")
+
+
+class Interaction(BaseModel):
+    """One interaction as the seed's collector sees it: the conversation so far, its context, feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+    conversation_id: str | None = Field(
+        default=None, max_length=200,
+        description="the client's own id for this conversation; messages are deduplicated within it",
+    )
+    messages: list[InteractionMessage] = Field(min_length=1, max_length=10_000)
+    context: dict | None = None
+    feedback: InteractionFeedback | None = None
+
+
+class MessageFeedback(Feedback):
+    message_id: str
+
+
+@router.post("/interactions")
+def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
+    """Store an interaction; re-sending the same messages stores nothing new. Acknowledged = committed."""
+    msgs = [NewMessage(m.role, m.content, m.timestamp, m.model) for m in body.messages]
+    seed = f"client:{body.conversation_id}" if body.conversation_id else "live"
+    res = store.capture(
+        user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context
+    )
+    out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added, "duplicates": res.duplicates}
+    if body.feedback is not None:
+        fb = body.feedback
+        idx = fb.message_index
+        if idx is None:
+            idx = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
+            if idx is None:
+                raise InvalidInput("feedback given but there is no assistant message", hint="set feedback.message_index")
+        if not 0 <= idx < len(msgs):
+            raise InvalidInput(f"feedback.message_index={idx} is outside messages (0..{len(msgs) - 1})")
+        out["feedback_id"] = store.add_feedback(
+            user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
+            edited_content=fb.edited_content, comment=fb.comment,
+        )
+    return out
+
+
+@router.post("/feedback")
+def feedback(body: MessageFeedback, user: UserDep, store: StoreDep) -> dict:
+    fid = store.add_feedback(
+        user.id, body.message_id, thumbs=body.thumbs, rating=body.rating,
+        edited_content=body.edited_content, comment=body.comment,
+    )
+    return {"feedback_id": fid}
+
+
+@router.get("/conversations")
+def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    return {"conversations": store.list_conversations(user.id, limit, offset), **store.stats(user.id)}
+
+
+@router.get("/conversations/{conversation_id}")
+def conversation(conversation_id: str, user: UserDep, store: StoreDep) -> dict:
+    return {"id": conversation_id, "messages": store.get_messages(user.id, conversation_id)}
+
+
+@router.get("/audit")
+def audit(user: UserDep, store: StoreDep, limit: int = Query(100, ge=1, le=1000)) -> dict:
+    return {"events": store.audit_log(user.id, limit)}
+
+
+@router.delete("/data")
+def delete_data(
+    user: UserDep,
+    store: StoreDep,
+    before: datetime | None = Query(None, description="delete messages created before this time (ISO 8601)"),
+    conversation_id: str | None = Query(None, description="delete only this conversation"),
+) -> dict:
+    """Right to delete: everything (no parameters), messages before a date, or one conversation."""
+    return {"deleted": store.delete_data(user.id, before=before.timestamp() if before else None, conversation_id=conversation_id)}

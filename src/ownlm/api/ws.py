@@ -1,0 +1,91 @@
+"""WebSocket /ws/chat: the client sends a message, the server streams the answer token by token.
+
+Protocol (JSON text frames):
+  client -> {"content": "...", "conversation_id"?: id from an earlier "start", "max_tokens"?, "temperature"?, "seed"?}
+  server -> {"type": "start", "conversation_id", "message_id"}   the user's message is stored
+            {"type": "token", "content": "..."}                  zero or more
+            {"type": "done", "message_id", "finish_reason", "completion_tokens"}   the answer is stored
+            {"type": "error", "error": {type, message, hint}}    the connection stays open
+Auth: `Authorization: Bearer` header, or `?token=` (browsers cannot set headers on WebSockets).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from ownlm.api.app import error_body
+from ownlm.api.deps import bearer
+from ownlm.engine import GenerationParams
+from ownlm.errors import InvalidInput, ModelUnavailable, OwnlmError
+from ownlm.store import NewMessage
+
+router = APIRouter()
+
+
+class WsMessage(BaseModel):
+    content: str = Field(min_length=1, max_length=200_000)
+    conversation_id: str | None = None
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    seed: int | None = None
+
+
+@router.websocket("/ws/chat")
+async def ws_chat(ws: WebSocket) -> None:
+    store, engine = ws.app.state.store, ws.app.state.engine
+    token = bearer(ws.headers.get("authorization")) or ws.query_params.get("token")
+    try:
+        user = await run_in_threadpool(store.user_for_token, token)
+    except OwnlmError as e:
+        await ws.close(code=4401, reason=e.message)
+        return
+    await ws.accept()
+    try:
+        while True:
+            raw = await ws.receive_text()
+            try:
+                await _turn(ws, store, engine, user, raw)
+            except OwnlmError as e:
+                await ws.send_json(error_body(type(e).__name__, e.message, e.hint) | {"type": "error"})
+    except WebSocketDisconnect:
+        return
+
+
+async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
+    if engine is None:
+        raise ModelUnavailable("this node runs without a model (capture only)")
+    try:
+        msg = WsMessage.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as e:
+        raise InvalidInput(f"bad message: {str(e).splitlines()[0]}", hint='send {"content": "..."}') from None
+    history: list[dict] = []
+    if msg.conversation_id:
+        last = await run_in_threadpool(store.latest_message, user.id, msg.conversation_id)
+        history = await run_in_threadpool(store.thread, user.id, last) if last else []
+        res = await run_in_threadpool(
+            store.capture, user.id, [NewMessage("user", msg.content)], source="ws", after=last,
+            seed=None if last else f"ws:{uuid.uuid4().hex}",
+        )
+    else:
+        # A new chat gets its own namespace: one that opens like an earlier chat is still a new conversation.
+        res = await run_in_threadpool(
+            store.capture, user.id, [NewMessage("user", msg.content)], source="ws", seed=f"ws:{uuid.uuid4().hex}"
+        )
+    user_msg = res.message_ids[-1]
+    await ws.send_json({"type": "start", "conversation_id": res.conversation_id, "message_id": user_msg})
+    params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed)
+    prompt = [{"role": h["role"], "content": h["content"]} for h in history] + [{"role": "user", "content": msg.content}]
+    stream = engine.stream(prompt, params)
+    parts = []
+    async for piece in iterate_in_threadpool(iter(stream)):
+        parts.append(piece)
+        await ws.send_json({"type": "token", "content": piece})
+    answer = NewMessage("assistant", "".join(parts), model=engine.model_name)
+    res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
+    await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,
+                        "completion_tokens": stream.completion_tokens})

@@ -1,0 +1,147 @@
+"""Commands on the user's data: `ownlm import`, `ownlm delete`, `ownlm passphrase`, `ownlm audit log`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli.model import console
+from ownlm.errors import InvalidInput
+from ownlm.settings import Settings
+
+
+def cli_store(settings: Settings):
+    """Open the store, asking for the passphrase on a terminal when the store has one and none was given."""
+    from ownlm.store import Store
+    from ownlm.store.keys import is_passphrase_protected
+
+    passphrase = os.environ.get("OWNLM_PASSPHRASE")
+    if passphrase is None and is_passphrase_protected(settings.home) and sys.stdin.isatty():
+        passphrase = click.prompt("store passphrase", hide_input=True)
+    return Store(settings.home, passphrase)
+
+
+def import_seed(fmt: str, conv) -> str:
+    """Dedup namespace of an imported conversation: the export's own id, else its opening messages."""
+    if conv.external_id:
+        return f"import:{fmt}:{conv.external_id}"
+    head = "\0".join(f"{m.role}:{m.content}" for m in conv.messages[:2])
+    return f"import:{fmt}:{conv.created_at}:" + hashlib.sha256(head.encode()).hexdigest()
+
+
+def import_into(store, user_id: str, result, file_name: str, progress=None) -> dict:
+    """Store an ImportResult for `user_id`; returns the counts (also written to the audit log)."""
+    from ownlm.store import NewMessage
+
+    counts = {"conversations_new": 0, "conversations_known": 0, "messages_new": 0, "messages_duplicate": 0}
+    convs = [c for c in result.conversations if c.messages]
+    for start in range(0, len(convs), 200):  # one transaction per 200 conversations
+        with store.tx() as db:
+            for conv in convs[start : start + 200]:
+                msgs = [NewMessage(m.role, m.content, m.created_at, m.model) for m in conv.messages]
+                res = store.capture(
+                    user_id, msgs, source=f"import:{result.format}", seed=import_seed(result.format, conv),
+                    title=conv.title, external_id=conv.external_id, created_at=conv.created_at, db=db,
+                )
+                counts["messages_new"] += res.added
+                counts["messages_duplicate"] += res.duplicates
+                counts["conversations_new" if res.duplicates == 0 and res.added else "conversations_known"] += 1
+            if progress:
+                progress(min(start + 200, len(convs)), len(convs))
+    with store.tx() as db:
+        store.audit(
+            db, user_id, "imported", format=result.format, file=file_name, skipped=sum(result.skipped.values()),
+            bad=len(result.bad), **counts,
+        )
+    return counts
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", help="Export format (default: detected from the file).")
+@click.option("--user", help="Import for this user (default: the settings' user).")
+@pass_ctx
+def import_cmd(ctx: Context, file: Path, fmt: str | None, user: str | None) -> None:
+    """Import a chat history export (ChatGPT, Claude, llm logs.db, ShareGPT, OpenAI JSONL, ...)."""
+    from ownlm.capture.importers import parse_file
+
+    settings = ctx.settings(user=user)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"reading {file.name}", total=None)
+        result = parse_file(file, fmt, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with cli_store(settings) as store:
+            u = store.get_or_create_user(settings.user)
+            bar.update(task, description="storing", completed=0, total=len(result.conversations))
+            counts = import_into(store, u.id, result, file.name, lambda d, t: bar.update(task, completed=d, total=t))
+    table = Table(title=f"{file.name} ({result.format}) → {settings.user}", show_header=False)
+    table.add_row("conversations", f"{counts['conversations_new']} new, {counts['conversations_known']} already stored")
+    table.add_row("messages", f"{counts['messages_new']} new, {counts['messages_duplicate']} duplicates")
+    for reason, n in sorted(result.skipped.items()):
+        table.add_row("skipped", f"{n} × {reason}")
+    for bad in result.bad:
+        table.add_row("not imported", f"#{bad.index} {bad.external_id or ''}: {bad.reason}")
+    console.print(table)
+
+
+@cli.command()
+@click.option("--all", "everything", is_flag=True, help="Delete all of the user's conversations.")
+@click.option("--before", help="Delete messages created before this date (YYYY-MM-DD or ISO 8601).")
+@click.option("--conversation", help="Delete one conversation by id.")
+@click.option("--user", help="Whose data (default: the settings' user).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def delete(ctx: Context, everything: bool, before: str | None, conversation: str | None, user: str | None, yes: bool) -> None:
+    """Right to delete: remove conversations for good (the audit log keeps counts, never content)."""
+    if sum([everything, before is not None, conversation is not None]) != 1:
+        raise InvalidInput("say what to delete", hint="give exactly one of --all, --before DATE, --conversation ID")
+    when = None
+    if before is not None:
+        try:
+            when = datetime.fromisoformat(before).timestamp()
+        except ValueError:
+            raise InvalidInput(f"--before {before!r} is not a date", hint="use YYYY-MM-DD or ISO 8601") from None
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+        stats = store.stats(u.id)
+        what = "ALL conversations" if everything else (f"messages before {before}" if before else f"conversation {conversation}")
+        if not yes:
+            click.confirm(f"Delete {what} of {u.name} (holds {stats['conversations']} conversations, "
+                          f"{stats['messages']} messages)? This cannot be undone", abort=True)
+        res = store.delete_data(u.id, before=when, conversation_id=conversation)
+    click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}")
+
+
+@cli.group()
+def passphrase() -> None:
+    """Protect the store key with a passphrase, or go back to a key file."""
+
+
+@passphrase.command("set")
+@pass_ctx
+def passphrase_set(ctx: Context) -> None:
+    """Wrap the store key with a (new) passphrase (Argon2id + AES-256-GCM); the key file is removed."""
+    with cli_store(ctx.settings()) as store:
+        new = click.prompt("new passphrase", hide_input=True, confirmation_prompt=True)
+        if len(new) < 8:
+            raise InvalidInput("passphrase too short", hint="use at least 8 characters")
+        store.protect_key(new)
+    click.echo("the store key is now protected by the passphrase; set OWNLM_PASSPHRASE to start the node unattended")
+
+
+@passphrase.command("remove")
+@pass_ctx
+def passphrase_remove(ctx: Context) -> None:
+    """Keep the store key in a 0600 key file again (no passphrase needed to start)."""
+    with cli_store(ctx.settings()) as store:
+        store.protect_key(None)
+    click.echo("the store key is now kept in store.key (mode 0600)")

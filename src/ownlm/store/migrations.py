@@ -1,0 +1,117 @@
+"""Append-only, named schema migrations, run on every open.
+
+Each migration is a function registered in order with @migration; its name is recorded in `_migrations` when
+it has run. Never edit or reorder a released migration: add a new one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+MIGRATIONS: list[Callable] = []
+
+
+def migration(fn: Callable) -> Callable:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(db) -> list[str]:
+    """Run the migrations `db` has not seen yet, each in its own transaction. Returns their names."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        # One transaction per migration, the record included: a crash leaves it fully applied or not at all.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            fn(db)
+            db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, time.time()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        applied.append(fn.__name__)
+    return applied
+
+
+def run_script(db, sql: str) -> None:
+    """Execute several statements inside the caller's transaction.
+
+    sqlite3's executescript() would COMMIT first, breaking the one-transaction-per-migration rule.
+    """
+    for statement in sql.split(";"):
+        if statement.strip() and not all(l.strip().startswith("--") or not l.strip() for l in statement.splitlines()):
+            db.execute(statement)
+
+
+@migration
+def m001_initial(db) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,                 -- short stable id, e.g. user_3f2a...
+            name TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            privacy_tier INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE tokens (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            token_sha256 TEXT NOT NULL UNIQUE,   -- only the hash of a bearer token is stored
+            label TEXT,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            source TEXT NOT NULL,                -- api | ws | interactions | import:<format>
+            external_id TEXT,
+            title TEXT,
+            context TEXT,                        -- JSON from the client (seed's interaction context)
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX conversations_user ON conversations(user_id, created_at);
+        CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            parent_id TEXT REFERENCES messages(id) ON DELETE SET NULL,
+            position INTEGER NOT NULL,           -- 0-based turn index in its conversation
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            model TEXT,
+            source TEXT NOT NULL,
+            chain_sha256 TEXT NOT NULL,          -- hash of this message and all before it: idempotent capture
+            created_at REAL NOT NULL,
+            UNIQUE (user_id, chain_sha256)
+        );
+        CREATE INDEX messages_conversation ON messages(conversation_id, position);
+        CREATE INDEX messages_user_time ON messages(user_id, created_at);
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            thumbs INTEGER CHECK (thumbs IN (-1, 1)),
+            rating INTEGER CHECK (rating BETWEEN 1 AND 5),
+            edited_content TEXT,                 -- a better reply written by the user
+            comment TEXT,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX feedback_message ON feedback(message_id);
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT,                        -- kept after the user's data is deleted, never content
+            at REAL NOT NULL,
+            action TEXT NOT NULL,                -- imported | captured | deleted | trained | token_created ...
+            detail TEXT NOT NULL                 -- JSON: counts, ids, hashes, never message text
+        );
+        CREATE INDEX audit_user ON audit(user_id, at);
+        """
+    )
