@@ -57,12 +57,8 @@ def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
     """Store an interaction; re-sending the same messages stores nothing new. Acknowledged = committed."""
     msgs = [NewMessage(m.role, m.content, m.timestamp, m.model) for m in body.messages]
     seed = f"client:{body.conversation_id}" if body.conversation_id else "live"
-    res = store.capture(
-        user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context
-    )
-    out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added, "duplicates": res.duplicates}
-    if body.feedback is not None:
-        fb = body.feedback
+    fb, idx = body.feedback, None
+    if fb is not None:  # check the feedback before anything is stored: the request is stored whole or not at all
         idx = fb.message_index
         if idx is None:
             idx = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
@@ -70,10 +66,16 @@ def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
                 raise InvalidInput("feedback given but there is no assistant message", hint="set feedback.message_index")
         if not 0 <= idx < len(msgs):
             raise InvalidInput(f"feedback.message_index={idx} is outside messages (0..{len(msgs) - 1})")
-        out["feedback_id"] = store.add_feedback(
-            user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
-            edited_content=fb.edited_content, comment=fb.comment,
+    with store.tx() as db:
+        res = store.capture(
+            user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context, db=db
         )
+        out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added, "duplicates": res.duplicates}
+        if fb is not None:
+            out["feedback_id"] = store.add_feedback(
+                user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
+                edited_content=fb.edited_content, comment=fb.comment, db=db,
+            )
     return out
 
 
@@ -88,7 +90,7 @@ def feedback(body: MessageFeedback, user: UserDep, store: StoreDep) -> dict:
 
 @router.get("/conversations")
 def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
-    return {"conversations": store.list_conversations(user.id, limit, offset), **store.stats(user.id)}
+    return {"conversations": store.list_conversations(user.id, limit, offset), "totals": store.stats(user.id)}
 
 
 @router.get("/conversations/{conversation_id}")

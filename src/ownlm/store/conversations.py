@@ -150,26 +150,32 @@ class ConversationsMixin:
         rating: int | None = None,
         edited_content: str | None = None,
         comment: str | None = None,
+        db=None,
     ) -> int:
+        """Attach feedback to one of the user's messages; inside the caller's transaction if `db` is given."""
         if thumbs not in (None, -1, 1):
             raise InvalidInput(f"thumbs={thumbs!r} must be -1 (down) or 1 (up)")
         if rating is not None and not 1 <= rating <= 5:
             raise InvalidInput(f"rating={rating!r} must be between 1 and 5")
         if thumbs is None and rating is None and edited_content is None and comment is None:
             raise InvalidInput("feedback is empty", hint="give thumbs, rating, edited_content or comment")
-        with self.tx() as db:
-            row = db.execute("SELECT role FROM messages WHERE id = ? AND user_id = ?", (message_id, user_id)).fetchone()
-            if row is None:  # another user's message looks exactly like a missing one
-                raise NotFound(f"no message {message_id}")
-            if edited_content is not None and row[0] != "assistant":
-                raise InvalidInput("only an assistant reply can be edited", hint=f"message {message_id} is a {row[0]} message")
-            cur = db.execute(
-                "INSERT INTO feedback (message_id, user_id, thumbs, rating, edited_content, comment, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (message_id, user_id, thumbs, rating, edited_content, comment, time.time()),
-            )
-            self.audit(db, user_id, "feedback", message_id=message_id, thumbs=thumbs, rating=rating, edited=edited_content is not None)
-            return cur.lastrowid
+        if db is None:
+            with self.tx() as tx:
+                return self.add_feedback(
+                    user_id, message_id, thumbs=thumbs, rating=rating, edited_content=edited_content, comment=comment, db=tx
+                )
+        row = db.execute("SELECT role FROM messages WHERE id = ? AND user_id = ?", (message_id, user_id)).fetchone()
+        if row is None:  # another user's message looks exactly like a missing one
+            raise NotFound(f"no message {message_id}")
+        if edited_content is not None and row[0] != "assistant":
+            raise InvalidInput("only an assistant reply can be edited", hint=f"message {message_id} is a {row[0]} message")
+        cur = db.execute(
+            "INSERT INTO feedback (message_id, user_id, thumbs, rating, edited_content, comment, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (message_id, user_id, thumbs, rating, edited_content, comment, time.time()),
+        )
+        self.audit(db, user_id, "feedback", message_id=message_id, thumbs=thumbs, rating=rating, edited=edited_content is not None)
+        return cur.lastrowid
 
     def stats(self, user_id: str) -> dict:
         (conversations,), = self.query("SELECT count(*) FROM conversations WHERE user_id = ?", (user_id,))
