@@ -186,3 +186,22 @@ def test_delete_all_leaves_no_plaintext_anywhere(store, home):
     events = store.audit_log(u.id)
     assert events[0]["action"] == "deleted" and events[0]["detail"]["messages"] == 2
     assert MARKER not in str(events)
+
+
+def test_group_commit_isolates_a_failing_job(store):
+    import threading
+
+    u = store.create_user("alice")
+    gate = threading.Event()
+    blocker = store.submit(lambda db: gate.wait(5))  # holds the writer so the next jobs form one batch
+    futures = [
+        store.submit(lambda db, i=i: store.capture(u.id, msgs(("user", f"m{i}")), source="api", seed=f"s{i}", db=db).added)
+        for i in range(5)
+    ]
+    bad = store.submit(lambda db: store.capture(u.id, msgs(("robot", "x")), source="api", seed="bad", db=db))
+    gate.set()
+    blocker.result(timeout=10)
+    assert [f.result(timeout=10) for f in futures] == [1] * 5
+    with pytest.raises(InvalidInput):
+        bad.result(timeout=10)
+    assert store.stats(u.id)["messages"] == 5

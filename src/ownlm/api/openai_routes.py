@@ -86,7 +86,7 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
     def record(answer: str) -> dict:
         history = [NewMessage(m["role"], m["content"]) for m in messages]
         history.append(NewMessage("assistant", answer, model=engine.model_name))
-        res = store.capture(user.id, history, source="api", seed="live")
+        res = store.submit(lambda db: store.capture(user.id, history, source="api", seed="live", db=db)).result()
         return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
 
     if not req.stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Literal
 
@@ -53,7 +54,7 @@ class MessageFeedback(Feedback):
 
 
 @router.post("/interactions")
-def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
+async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
     """Store an interaction; re-sending the same messages stores nothing new. Acknowledged = committed."""
     msgs = [NewMessage(m.role, m.content, m.timestamp, m.model) for m in body.messages]
     seed = f"client:{body.conversation_id}" if body.conversation_id else "live"
@@ -66,7 +67,8 @@ def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
                 raise InvalidInput("feedback given but there is no assistant message", hint="set feedback.message_index")
         if not 0 <= idx < len(msgs):
             raise InvalidInput(f"feedback.message_index={idx} is outside messages (0..{len(msgs) - 1})")
-    with store.tx() as db:
+
+    def write(db) -> dict:
         res = store.capture(
             user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context, db=db
         )
@@ -76,7 +78,10 @@ def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
                 user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
                 edited_content=fb.edited_content, comment=fb.comment, db=db,
             )
-    return out
+        return out
+
+    # Group commit: concurrent requests share a transaction; the answer is sent after COMMIT.
+    return await asyncio.wrap_future(store.submit(write))
 
 
 @router.post("/feedback")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,6 +72,11 @@ class StoreBase:
         os.chmod(self.path, 0o600)
         with self._lock:
             self.migrations_applied = migrate(self.db)
+        # A second connection for reads: in WAL mode readers never wait for the writer's transaction.
+        self._read_db = _connect(self.path, key)
+        self._read_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def protect_key(self, passphrase: str | None) -> None:
         """Wrap the key with `passphrase`, or keep it in the 0600 key file when None."""
@@ -78,7 +85,11 @@ class StoreBase:
             self.audit(self.db, None, "key_protection_changed", passphrase=passphrase is not None)
 
     def close(self) -> None:
-        with self._lock:
+        if self._writer is not None:
+            self._jobs.put(None)
+            self._writer.join()
+        with self._lock, self._read_lock:
+            self._read_db.close()
             self.db.close()
 
     def __enter__(self):
@@ -99,9 +110,59 @@ class StoreBase:
                 raise
             self.db.execute("COMMIT")
 
+    def submit(self, fn: Callable, max_batch: int = 64) -> Future:
+        """Group commit: run `fn(db)` in the writer thread; the future resolves after its COMMIT.
+
+        Concurrent writers (e.g. many capture requests) share one transaction and one fsync instead of paying
+        one each. Each job runs under its own SAVEPOINT, so a failing job is rolled back alone and gets its
+        exception; the others commit.
+        """
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        if self._writer is None:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, args=(max_batch,), daemon=True, name="ownlm-writer")
+                    self._writer.start()
+        return fut
+
+    def _write_loop(self, max_batch: int) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            if batch[0] is None:
+                return
+            while len(batch) < max_batch:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            batch = [job for job in batch if job is not None]
+            results: list[tuple[Future, object, BaseException | None]] = []
+            try:
+                with self.tx() as db:
+                    for fn, fut in batch:
+                        db.execute("SAVEPOINT job")
+                        try:
+                            results.append((fut, fn(db), None))
+                            db.execute("RELEASE job")
+                        except Exception as e:  # this job only: its writes are undone, the batch goes on
+                            db.execute("ROLLBACK TO job")
+                            db.execute("RELEASE job")
+                            results.append((fut, None, e))
+            except BaseException as e:  # the COMMIT itself failed: nothing of the batch is durable
+                for _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            for fut, value, err in results:
+                fut.set_exception(err) if err is not None else fut.set_result(value)
+            if stop:
+                return
+
     def query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
-        with self._lock:
-            return self.db.execute(sql, params).fetchall()
+        """Read committed data (from the reader connection; never blocked by a write in progress)."""
+        with self._read_lock:
+            return self._read_db.execute(sql, params).fetchall()
 
     def audit(self, db, user_id: str | None, action: str, **detail: object) -> None:
         """Record what happened to the data (inside the caller's transaction). Never pass message content."""
