@@ -159,7 +159,8 @@ def _convert(message: dict, result: ImportResult) -> ImportedMessage | None:
                 result.skipped["image" if part_type in IMAGE_PART_TYPES else part_type] += 1
     text = join_text(pieces)
     if not text:
-        result.skipped["empty"] += 1
+        if not any(isinstance(part, dict) for part in content.get("parts") or []):  # else counted per part
+            result.skipped["empty"] += 1
         return None
     return ImportedMessage(
         role=role,

@@ -141,6 +141,8 @@ def _convert(message: dict, model: str | None, result: ImportResult) -> Imported
                 result.skipped[kind if isinstance(kind, str) else "malformed_block"] += 1
         # Text blocks are separated by tool calls or thinking in the UI: paragraphs, not lines.
         text = join_text(pieces, sep="\n\n")
+        if not text and len(pieces) < len(content):  # only thinking/tool blocks: counted per block
+            return None
     else:  # older bulk export: only `text`
         text = message.get("text") if isinstance(message.get("text"), str) else ""
 

@@ -209,9 +209,12 @@ class _Store:
             if role not in ("system", "user", "assistant"):
                 result.skipped["tool" if role == "tool" else "unknown_role"] += 1
                 continue
-            text = self._text(self.parts.get(message_hash, []), result)
+            parts = self.parts.get(message_hash, [])
+            text = self._text(parts, result)
             if not text:
-                result.skipped["empty"] += 1
+                # A message of only tool calls or reasoning was counted by part type already.
+                if all(part["type"] == "text" for part in parts):
+                    result.skipped["empty"] += 1
                 continue
             model, at = self.provenance.get((thread["id"], message_hash), (None, None))
             messages.append(ImportedMessage(role, text, at, model if role == "assistant" else None))
