@@ -36,7 +36,14 @@ CASES = [
     # 5 message nodes (so cool bro, Thanks, tell me a story, story, first joke) are inactive.
     ("chatgpt/librechat-chatgpt-tree.json", "chatgpt", 1, 6, {"inactive_branch": 5, "system": 1}, 0),
     # 5 user/assistant pairs; a hidden system node and the user_editable_context node are skipped.
-    ("chatgpt/openwebui-importer-gpt4o-user-context.json", "chatgpt", 1, 10, {"system": 1, "user_editable_context": 1}, 0),
+    (
+        "chatgpt/openwebui-importer-gpt4o-user-context.json",
+        "chatgpt",
+        1,
+        10,
+        {"system": 1, "user_editable_context": 1},
+        0,
+    ),
     # Single object. Visible: the user's multimodal question (2 image parts dropped) and the final answer;
     # thoughts, the browser.search call and its result, the recap and the context node are skipped and
     # "Superseded answer." is on the inactive branch.
@@ -178,7 +185,7 @@ def test_chatgpt_single_object_multimodal_and_reasoning():
     assert conv.messages[1].content.startswith("Final answer.")
     assert conv.messages[1].model == "gpt-5-6-pro"
     body = texts(result)
-    for hidden in ("Superseded answer.", "Privacy-safe reasoning trace.", "Privacy-safe tool result.", "fixture evidence"):
+    for hidden in ("Superseded answer.", "Privacy-safe reasoning trace.", "Privacy-safe tool result.", "evidence"):
         assert hidden not in body
 
 
@@ -351,7 +358,8 @@ def test_open_webui():
     assert "can't diagnose" in conv.messages[0].content and "''" not in texts(result)
     assert conv.messages[1].model == "deepseek/deepseek-chat:free"
     bulk = load("open-webui/librechat-openwebui-export.json")
-    assert [c.messages[-1].content for c in bulk.conversations] == ["255", "The weather in Paris is 18C with rain.", "Hi there!"]
+    answers = [c.messages[-1].content for c in bulk.conversations]
+    assert answers == ["255", "The weather in Paris is 18C with rain.", "Hi there!"]
     assert "<details" not in texts(bulk)
 
 
@@ -435,7 +443,14 @@ def test_bad_json_inputs(tmp_path, content, words):
     assert "chatgpt" in error.hint or "again" in error.hint
 
 
-@pytest.mark.parametrize("rel", ["chatgpt/librechat-chatgpt-tree.json", "claude/claude-to-sqlite-example.json", "sharegpt/fastchat-dummy-conversation.json"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "chatgpt/librechat-chatgpt-tree.json",
+        "claude/claude-to-sqlite-example.json",
+        "sharegpt/fastchat-dummy-conversation.json",
+    ],
+)
 def test_truncated_file(tmp_path, rel):
     path = tmp_path / "cut.json"
     path.write_bytes((EXPORTS / rel).read_bytes()[:500])
@@ -468,7 +483,8 @@ def test_forced_format_mismatch_goes_to_bad():
 
 def test_progress_reports_every_conversation():
     calls: list[tuple[int, int]] = []
-    parse_file(EXPORTS / "sharegpt/fastchat-dummy-conversation.json", progress=lambda done, total: calls.append((done, total)))
+    path = EXPORTS / "sharegpt/fastchat-dummy-conversation.json"
+    parse_file(path, progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (1, 500) and calls[-1] == (500, 500) and len(calls) == 500
 
 
@@ -507,7 +523,8 @@ create table responses (
 """
 STORE_SCHEMA = """
 create table fragments (id integer primary key, hash text, content text, datetime_utc text, source text);
-create table messages (hash text primary key, parent_hash text references messages(hash), role text, provider_metadata text);
+create table messages (hash text primary key, parent_hash text references messages(hash), role text,
+  provider_metadata text);
 create table parts (id integer primary key, message_hash text references messages(hash), position integer,
   type text, tool_name text, text text, payload text);
 create table threads (id text primary key, name text, tip_message_hash text, forked_from text, datetime_utc text);
@@ -527,7 +544,8 @@ def _legacy_rows(db: sqlite3.Connection) -> None:
         ("r4", "claude-3-haiku", "One-off question", None, "", None, "2024-05-02T09:00:00"),
     ]
     db.executemany(
-        "insert into responses (id, model, prompt, system, response, conversation_id, datetime_utc) values (?,?,?,?,?,?,?)",
+        "insert into responses (id, model, prompt, system, response, conversation_id, datetime_utc)"
+        " values (?,?,?,?,?,?,?)",
         rows,
     )
 
@@ -552,13 +570,16 @@ def _store_rows(db: sqlite3.Connection) -> None:
         ("x1", 0, "text", None, "And 3+3?", None),
         ("x2", 0, "text", None, "6", None),
     ]
-    db.executemany("insert into parts (message_hash, position, type, tool_name, text, payload) values (?,?,?,?,?,?)", parts)
+    db.executemany(
+        "insert into parts (message_hash, position, type, tool_name, text, payload) values (?,?,?,?,?,?)", parts
+    )
     db.executemany(
         "insert into threads values (?,?,?,?,?)",
         [("t1", "Sums", "m7", None, "2025-01-01T00:00:00"), ("t2", "Sums (fork)", "x2", "t1", "2025-01-02T00:00:00")],
     )
     db.executemany(
-        "insert into turns (id, thread_id, parent_message_hash, tip_message_hash, model, resolved_model, datetime_utc) values (?,?,?,?,?,?,?)",
+        "insert into turns (id, thread_id, parent_message_hash, tip_message_hash, model, resolved_model,"
+        " datetime_utc) values (?,?,?,?,?,?,?)",
         [
             ("u1", "t1", None, "m3", "gpt-4o", "gpt-4o-2024-08-06", "2025-01-01T00:00:00"),
             ("u2", "t1", "m3", "m7", "gpt-4o", None, "2025-01-01T00:05:00"),
@@ -641,3 +662,30 @@ def test_sqlite_that_is_not_llm(tmp_path):
     db.close()
     assert "not an llm logs.db" in _expect_error(path).message
     assert "SQLite" in _expect_error(path, format="chatgpt").message
+
+
+def test_pretty_json_forced_to_jsonl_is_an_error():
+    error = _expect_error(EXPORTS / "claude/claude-to-sqlite-example.json", format="openai_jsonl")
+    assert "JSONL" in error.message
+
+
+def test_llm_logs_oldest_logs_table(tmp_path):
+    # llm before 0.4 (migrations m007/m008): one `logs` table, conversations grouped by chat_id.
+    path = tmp_path / "logs.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "create table logs (id integer primary key, model text, prompt text, system text, prompt_json text,"
+        " options_json text, response text, response_json text, reply_to_id integer, chat_id integer,"
+        " duration_ms integer, datetime_utc text)"
+    )
+    db.executemany(
+        "insert into logs (id, model, prompt, response, chat_id, datetime_utc) values (?,?,?,?,?,?)",
+        [
+            (1, "gpt-3.5-turbo", "hi", "hello", 1, "2023-06-01T10:00:00"),
+            (2, "gpt-3.5-turbo", "more", "sure", 1, "2023-06-01T10:01:00"),
+        ],
+    )
+    db.commit()
+    db.close()
+    (conv,) = parse_file(path).conversations
+    assert [m.content for m in conv.messages] == ["hi", "hello", "more", "sure"]

@@ -140,10 +140,9 @@ def _load(path: Path, name: str | None) -> tuple[Format, Any]:
         if forced is None and openai_jsonl.sniff_text(text):
             return FORMATS[openai_jsonl.NAME], text
         raise _json_error(path, text, exc) from exc
-    if forced is not None:
-        _check_container(path, data)
-        return forced, data
     _check_container(path, data)
+    if forced is not None:
+        return forced, data
     for fmt in FORMATS.values():
         if fmt.sniff is not None and fmt.sniff(data):
             return fmt, data
@@ -174,12 +173,15 @@ def _check_container(path: Path, data: Any) -> None:
         return
     if isinstance(data, list):
         if not data:
-            raise ImportFormatError(f"{path} holds an empty list: there are no conversations in it", hint="export your history again")
+            raise ImportFormatError(
+                f"{path} holds an empty list: there are no conversations in it", hint="export your history again"
+            )
         if not any(isinstance(item, dict) for item in data):
             kind = type(data[0]).__name__
             raise ImportFormatError(f"{path} is a list of {kind}, not of conversations", hint=_hint_formats())
         return
-    raise ImportFormatError(f"{path} holds a single JSON {type(data).__name__}, not conversations", hint=_hint_formats())
+    kind = type(data).__name__
+    raise ImportFormatError(f"{path} holds a single JSON {kind}, not conversations", hint=_hint_formats())
 
 
 def _check_llm_db(path: Path) -> None:

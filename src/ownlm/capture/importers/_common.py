@@ -7,7 +7,7 @@ file (in `__init__.py` and `llm_logs.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -126,3 +126,24 @@ def walk_to_root(leaf: str, parent_of: Callable[[str], str | None], known: Calla
         node = parent_of(node)
     path.reverse()
     return path
+
+
+def latest_leaf(
+    nodes: Mapping[str, Any], parent_of: Callable[[Any], Any], time_of: Callable[[Any], float | None]
+) -> str | None:
+    """The id of the leaf (a node no other node names as its parent) written last, for trees whose export
+    does not say which branch was on screen. Ties and untimed leaves go to the later one in file order,
+    which is creation order in the exports seen so far. One pass; None only for an empty tree.
+    """
+    parents = {parent_of(node) for node in nodes.values()}
+    best: tuple[float, int] | None = None
+    best_id: str | None = None
+    for position, (node_id, node) in enumerate(nodes.items()):
+        if node_id in parents:
+            continue
+        key = (time_of(node) or float("-inf"), position)
+        if best is None or key > best:
+            best, best_id = key, node_id
+    if best_id is None and nodes:  # every node is somebody's parent: a cycle; take the last one
+        best_id = next(reversed(list(nodes)))
+    return best_id

@@ -35,7 +35,9 @@ def _text_of(obj: Any) -> str:
         return obj["text"].strip()
     parts = obj.get("parts")
     if isinstance(parts, list):
-        return join_text([p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str) and not p.get("thought")])
+        # Parts flagged `thought` are reasoning, as whole chunks with isThought are.
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and not p.get("thought")]
+        return join_text([t for t in texts if isinstance(t, str)])
     return ""
 
 
@@ -45,7 +47,9 @@ def parse(data: Any, progress: Progress | None = None) -> ImportResult:
     result = ImportResult(format=NAME)
     chunks = (data.get("chunkedPrompt") or {}).get("chunks") if isinstance(data, dict) else None
     if not isinstance(chunks, list):
-        raise ImportFormatError("not an AI Studio prompt: no `chunkedPrompt.chunks`", hint="pass the prompt file saved by AI Studio")
+        raise ImportFormatError(
+            "not an AI Studio prompt: no `chunkedPrompt.chunks`", hint="pass the prompt file saved by AI Studio"
+        )
     model_name = str_or_none((data.get("runSettings") or {}).get("model"))
     model = model_name.removeprefix("models/") if model_name else None
 

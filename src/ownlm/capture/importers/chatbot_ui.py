@@ -32,7 +32,9 @@ def parse(data: Any, progress: Progress | None = None) -> ImportResult:
 
     history = data.get("history") if isinstance(data, dict) else data
     if not isinstance(history, list):
-        raise ImportFormatError("not a Chatbot UI export: no `history` list", hint="pass the file that Chatbot UI's Export data saved")
+        raise ImportFormatError(
+            "not a Chatbot UI export: no `history` list", hint="pass the file that Chatbot UI's Export data saved"
+        )
     result = ImportResult(format=NAME)
     for index, item in enumerate(history):
         external_id = str_or_none(item.get("id")) if isinstance(item, dict) else None

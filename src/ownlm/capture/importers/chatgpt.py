@@ -19,7 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import Progress, as_list, conversation_guard, first_dicts, join_text, report, str_or_none, to_timestamp, walk_to_root
+from ._common import (
+    Progress,
+    as_list,
+    conversation_guard,
+    first_dicts,
+    join_text,
+    latest_leaf,
+    report,
+    str_or_none,
+    to_timestamp,
+    walk_to_root,
+)
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "chatgpt"
@@ -55,14 +66,16 @@ def _parse_conversation(raw: Any, index: int, external_id: str | None, result: I
         return
     mapping = raw.get("mapping")
     if not isinstance(mapping, dict):
-        reason = "no `mapping` (the conversation's messages are missing)" if mapping is None else "`mapping` is not an object"
+        reason = "no `mapping` (its messages are missing)" if mapping is None else "`mapping` is not an object"
         result.bad.append(BadConversation(index, external_id, reason))
         return
 
     leaf = _pick_leaf(mapping, raw.get("current_node"))
     path = [] if leaf is None else walk_to_root(leaf, lambda n: _parent(mapping, n), lambda n: n in mapping)
     on_path = set(path)
-    inactive = sum(1 for nid, node in mapping.items() if nid not in on_path and isinstance(node, dict) and node.get("message"))
+    inactive = sum(
+        1 for nid, node in mapping.items() if nid not in on_path and isinstance(node, dict) and node.get("message")
+    )
     if inactive:
         result.skipped["inactive_branch"] += inactive
 
@@ -95,26 +108,15 @@ def _parent(mapping: dict, node_id: str) -> str | None:
 
 
 def _pick_leaf(mapping: dict, current: Any) -> str | None:
-    """The visible leaf: `current_node` when it exists; else the leaf whose message was written last.
-
-    Ties (and leaves without a time) go to the later one in the mapping's order, which is creation order in
-    real exports. One pass over the mapping.
-    """
+    """The visible leaf: `current_node` when it exists in the mapping; else the leaf written last."""
     if isinstance(current, str) and current in mapping:
         return current
-    best: tuple[float, int] | None = None
-    best_id: str | None = None
-    for position, (node_id, node) in enumerate(mapping.items()):
-        if not isinstance(node, dict):
-            continue
-        children = [c for c in node.get("children") or [] if c in mapping]
-        if children:
-            continue
-        message = node.get("message") or {}
-        key = (to_timestamp(message.get("create_time")) or float("-inf"), position)
-        if best is None or key > best:
-            best, best_id = key, node_id
-    return best_id
+    nodes = {key: node for key, node in mapping.items() if isinstance(node, dict)}
+
+    def written(node: dict) -> float | None:
+        return to_timestamp((node.get("message") or {}).get("create_time"))
+
+    return latest_leaf(nodes, lambda n: n.get("parent"), written)
 
 
 def _convert(message: dict, result: ImportResult) -> ImportedMessage | None:

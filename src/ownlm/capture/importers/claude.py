@@ -22,7 +22,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ._common import Progress, as_list, conversation_guard, first_dicts, join_text, report, str_or_none, to_timestamp, walk_to_root
+from ._common import (
+    Progress,
+    as_list,
+    conversation_guard,
+    first_dicts,
+    join_text,
+    latest_leaf,
+    report,
+    str_or_none,
+    to_timestamp,
+    walk_to_root,
+)
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "claude"
@@ -108,9 +119,7 @@ def _visible_order(chat: list, current_leaf: Any, result: ImportResult) -> list[
 
     leaf = current_leaf if isinstance(current_leaf, str) and current_leaf in by_id else None
     if leaf is None:
-        parents = {m.get("parent_message_uuid") for m in items}
-        leaves = [(to_timestamp(m.get("created_at")) or float("-inf"), pos, uid) for pos, (uid, m) in enumerate(by_id.items()) if uid not in parents]
-        leaf = max(leaves)[2] if leaves else next(reversed(by_id))
+        leaf = latest_leaf(by_id, lambda m: m.get("parent_message_uuid"), lambda m: to_timestamp(m.get("created_at")))
     path = walk_to_root(leaf, lambda u: by_id[u].get("parent_message_uuid"), lambda u: u in by_id)
     inactive = len(items) - len(path)
     if inactive:

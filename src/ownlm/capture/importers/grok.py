@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import Progress, conversation_guard, report, str_or_none, to_timestamp, walk_to_root
+from ._common import Progress, conversation_guard, latest_leaf, report, str_or_none, to_timestamp, walk_to_root
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "grok"
@@ -46,7 +46,9 @@ def parse(data: Any, progress: Progress | None = None) -> ImportResult:
     from ownlm.errors import ImportFormatError
 
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
-        raise ImportFormatError("not a Grok export: no top-level `conversations` list", hint="pass the Grok export's JSON file")
+        raise ImportFormatError(
+            "not a Grok export: no top-level `conversations` list", hint="pass the Grok export's JSON file"
+        )
     result = ImportResult(format=NAME)
     items = data["conversations"]
     for index, item in enumerate(items):
@@ -72,10 +74,8 @@ def _parse_item(item: Any, conversation: dict, index: int, external_id: str | No
         result.bad.append(BadConversation(index, external_id, "no responses with an id"))
         return
     leaf = conversation.get("leaf_response_id")
-    if leaf not in nodes:
-        parents = {r.get("parent_response_id") for r in nodes.values()}
-        leaves = [(_time(r.get("create_time")) or float("-inf"), pos, key) for pos, (key, r) in enumerate(nodes.items()) if key not in parents]
-        leaf = max(leaves)[2] if leaves else next(reversed(nodes))
+    if leaf not in nodes:  # null in real exports
+        leaf = latest_leaf(nodes, lambda r: r.get("parent_response_id"), lambda r: _time(r.get("create_time")))
     path = walk_to_root(leaf, lambda k: nodes[k].get("parent_response_id"), lambda k: k in nodes)
     if len(nodes) > len(path):
         result.skipped["inactive_branch"] += len(nodes) - len(path)
@@ -104,4 +104,5 @@ def _parse_item(item: Any, conversation: dict, index: int, external_id: str | No
         result.bad.append(BadConversation(index, external_id, "no messages with text"))
         return
     title = str_or_none(conversation.get("title"))
-    result.conversations.append(ImportedConversation(external_id, title, messages, _time(conversation.get("create_time")), NAME))
+    created = _time(conversation.get("create_time"))
+    result.conversations.append(ImportedConversation(external_id, title, messages, created, NAME))

@@ -94,7 +94,8 @@ def _parse_conversation(item: Any, index: int, external_id: str | None, result: 
         result.bad.append(BadConversation(index, external_id, "no messages with text"))
         return
     created = messages[0].created_at
-    result.conversations.append(ImportedConversation(external_id, str_or_none(item.get("title")), messages, created, NAME))
+    title = str_or_none(item.get("title"))
+    result.conversations.append(ImportedConversation(external_id, title, messages, created, NAME))
 
 
 def _convert(message: dict, default_model: str | None, result: ImportResult) -> ImportedMessage | None:

@@ -48,7 +48,6 @@ _LEGACY = (
     ("log", "chat_id", ("datetime_utc", "timestamp_utc", "timestamp")),
 )
 _STORE_TABLES = {"threads", "messages", "parts"}
-_SKIP_PART = {"reasoning": "reasoning", "tool_call": "tool_call", "tool_result": "tool_result", "attachment": "attachment"}
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
@@ -118,7 +117,9 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in conn.execute(f'pragma table_info("{table}")')}
 
 
-def _legacy_conversations(conn: sqlite3.Connection, spec: tuple, names: set[str], result: ImportResult) -> list[ImportedConversation]:
+def _legacy_conversations(
+    conn: sqlite3.Connection, spec: tuple, names: set[str], result: ImportResult
+) -> list[ImportedConversation]:
     """Legacy rows grouped into conversations, ordered by their first row's time."""
     table, conv_col, time_cols = spec
     cols = _columns(conn, table)
@@ -231,7 +232,7 @@ class _Store:
         for part in parts:
             kind = part["type"]
             if kind != "text":
-                result.skipped[_SKIP_PART.get(kind, str(kind))] += 1
+                result.skipped[str(kind)] += 1  # reasoning, tool_call, tool_result, attachment
                 continue
             if part["text"] is not None:
                 pieces.append(part["text"])
@@ -254,6 +255,8 @@ class _Store:
 
     def _fragment(self, fragment_id: int) -> str:
         if fragment_id not in self.fragments:
-            row = self.conn.execute("select content from fragments where id = ?", [fragment_id]).fetchone() if self.has_fragments else None
+            row = None
+            if self.has_fragments:
+                row = self.conn.execute("select content from fragments where id = ?", [fragment_id]).fetchone()
             self.fragments[fragment_id] = (row["content"] or "") if row else ""
         return self.fragments[fragment_id]

@@ -26,7 +26,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ._common import Progress, as_list, conversation_guard, first_dicts, report, str_or_none, to_timestamp, walk_to_root
+from ._common import (
+    Progress,
+    as_list,
+    conversation_guard,
+    first_dicts,
+    latest_leaf,
+    report,
+    str_or_none,
+    to_timestamp,
+    walk_to_root,
+)
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "open_webui"
@@ -113,9 +123,7 @@ def _visible_branch(chat: dict, result: ImportResult) -> list[dict]:
     nodes = {key: node for key, node in tree.items() if isinstance(node, dict)}
     leaf = chat["history"].get("currentId")
     if leaf not in nodes:
-        parents = {node.get("parentId") for node in nodes.values()}
-        leaves = [(to_timestamp(n.get("timestamp")) or float("-inf"), pos, key) for pos, (key, n) in enumerate(nodes.items()) if key not in parents]
-        leaf = max(leaves)[2] if leaves else next(iter(nodes))
+        leaf = latest_leaf(nodes, lambda n: n.get("parentId"), lambda n: to_timestamp(n.get("timestamp")))
     path = walk_to_root(leaf, lambda k: nodes[k].get("parentId"), lambda k: k in nodes)
     if len(nodes) > len(path):
         result.skipped["inactive_branch"] += len(nodes) - len(path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ownlm.errors import ImportFormatError
+
 from ._common import Progress, conversation_guard, join_text, report
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
@@ -45,6 +47,12 @@ def parse(text: str, progress: Progress | None = None) -> ImportResult:
         with conversation_guard(result, number, None):
             _parse_line(number, line, result)
         report(progress, done, total)
+    if total and not result.conversations and all("not valid JSON" in bad.reason for bad in result.bad):
+        # Not one line parsed: this is not JSONL at all (e.g. a pretty-printed JSON file forced to this format).
+        raise ImportFormatError(
+            "no line of this file is a JSON object, so it is not OpenAI fine-tuning JSONL",
+            hint="let ownlm detect the format, or pass the .jsonl file with one {\"messages\": [...]} per line",
+        )
     return result
 
 
@@ -52,7 +60,8 @@ def _parse_line(number: int, line: str, result: ImportResult) -> None:
     try:
         record = json.loads(line)
     except ValueError as exc:
-        result.bad.append(BadConversation(number, None, f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})"))
+        reason = f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
+        result.bad.append(BadConversation(number, None, reason))
         return
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         result.bad.append(BadConversation(number, None, f"line {number}: no `messages` list"))

@@ -86,4 +86,4 @@ def _parse_record(record: Any, index: int, external_id: str | None, result: Impo
     if not messages:
         result.bad.append(BadConversation(index, external_id, "no non-empty turns"))
         return
-    result.conversations.append(ImportedConversation(external_id=external_id, title=None, messages=messages, source=NAME))
+    result.conversations.append(ImportedConversation(external_id, None, messages, source=NAME))
