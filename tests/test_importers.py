@@ -681,11 +681,24 @@ def test_llm_logs_oldest_logs_table(tmp_path):
     db.executemany(
         "insert into logs (id, model, prompt, response, chat_id, datetime_utc) values (?,?,?,?,?,?)",
         [
-            (1, "gpt-3.5-turbo", "hi", "hello", 1, "2023-06-01T10:00:00"),
+            (1, "gpt-3.5-turbo", "hi", "hello", None, "2023-06-01T10:00:00"),  # a chat's first row: no chat_id
             (2, "gpt-3.5-turbo", "more", "sure", 1, "2023-06-01T10:01:00"),
+            (3, "gpt-4", "other", "chat", None, "2023-06-02T10:00:00"),
         ],
     )
     db.commit()
     db.close()
-    (conv,) = parse_file(path).conversations
+    conv, other = parse_file(path).conversations
     assert [m.content for m in conv.messages] == ["hi", "hello", "more", "sure"]
+    assert other.messages[1].model == "gpt-4"
+
+
+def test_claude_api_object_with_messages_key(tmp_path):
+    data = json.loads((EXPORTS / "claude/claude-chat-viewer-api-conversation.json").read_text())
+    data["messages"] = data.pop("chat_messages")
+    del data["current_leaf_message_uuid"]  # the newest leaf is the same message
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(data))
+    assert detect_format(path) == "claude"
+    result = parse_file(path)
+    assert result.message_count == 4 and result.conversations[0].messages[-1].role == "assistant"

@@ -44,8 +44,16 @@ _ANT_THINKING = re.compile(r"<antThinking>.*?</antThinking>\s*", re.DOTALL)
 
 
 def sniff(data: Any) -> bool:
-    """True when conversations carry `chat_messages` (both Claude shapes do)."""
-    return any("chat_messages" in item for item in first_dicts(data))
+    """True when conversations carry `chat_messages` (both Claude shapes do), or, for API objects saved by
+    other tools, `messages` with Claude's `sender` / `parent_message_uuid` fields."""
+    for item in first_dicts(data):
+        if "chat_messages" in item or "current_leaf_message_uuid" in item:
+            return True
+        messages = item.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            if "sender" in messages[0] and ("parent_message_uuid" in messages[0] or "uuid" in messages[0]):
+                return True
+    return False
 
 
 def parse(data: Any, progress: Progress | None = None) -> ImportResult:

@@ -125,6 +125,8 @@ def _legacy_conversations(
     cols = _columns(conn, table)
     time_col = next((c for c in time_cols if c in cols), None)
     pick = {c: (f'"{c}"' if c in cols else "null") for c in ("id", "model", "prompt", "system", "response")}
+    if "resolved_model" in cols:  # m019: the exact model behind an alias such as "4o"
+        pick["model"] = "coalesce(resolved_model, model)"
     select = ", ".join(f"{expr} as {name}" for name, expr in pick.items())
     conv_expr = f'"{conv_col}"' if conv_col in cols else "null"
     time_expr = f'"{time_col}"' if time_col else "null"
@@ -132,21 +134,24 @@ def _legacy_conversations(
         f'select {select}, {conv_expr} as conv, {time_expr} as at from "{table}" order by at, rowid'
     ).fetchall()
 
-    titles: dict[str, tuple[str | None, str | None]] = {}
+    titles: dict[str, str | None] = {}
     if table == "responses" and "conversations" in names:
-        for row in conn.execute("select id, name, model from conversations"):
-            titles[str(row["id"])] = (row["name"], row["model"])
+        titles = {str(row["id"]): row["name"] for row in conn.execute("select id, name from conversations")}
 
     groups: dict[str, ImportedConversation] = {}
     last_system: dict[str, str] = {}
     for row in rows:
-        key = str(row["conv"]) if row["conv"] is not None else f"{table}:{row['id']}"
+        if row["conv"] is not None:
+            key = str(row["conv"])
+        elif table == "responses":  # ULIDs and conversation ids are different names: keep them apart
+            key = f"{table}:{row['id']}"
+        else:  # the old `logs` table: a chat's first row has no chat_id, its follow-ups name that row's id
+            key = str(row["id"])
         conversation = groups.get(key)
         created = to_timestamp(row["at"])
         if conversation is None:
-            title, _ = titles.get(key, (None, None))
             external = str(row["conv"]) if row["conv"] is not None else str_or_none(row["id"])
-            conversation = groups[key] = ImportedConversation(external, str_or_none(title), [], created, NAME)
+            conversation = groups[key] = ImportedConversation(external, str_or_none(titles.get(key)), [], created, NAME)
         system = (row["system"] or "").strip()
         if system and system != last_system.get(key):
             conversation.messages.append(ImportedMessage("system", system, created))
