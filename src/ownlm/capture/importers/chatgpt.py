@@ -12,7 +12,11 @@ Shape: a list of conversations (or one conversation object). Each conversation i
 The mapping is a tree: edits and regenerations add siblings, and `current_node` is the leaf the person last
 looked at. Only that branch is imported (walking `parent` links up from it); messages on other branches are
 counted as `inactive_branch`. Tool traffic, hidden context and non-text content are skipped and counted by
-reason in `ImportResult.skipped`.
+reason in `ImportResult.skipped`, checked in this order, one reason per node: `tool` (author role tool),
+`system`, the content_type itself for non-text content (`code`, `execution_output`, `thoughts`,
+`reasoning_recap`, `user_editable_context`, `tether_quote`, ...), `hidden` (weight 0 or
+is_visually_hidden_from_conversation), `tool_call` (recipient is a tool, not the person), `unknown_role`,
+`empty`; plus `image` per image part dropped from a multimodal message.
 """
 
 from __future__ import annotations
