@@ -89,3 +89,15 @@ class PrivacyViolation(OwnlmError):
     """An action the user's privacy tier forbids (e.g. sending data off the machine on tier 1)."""
 
     http_status = 403
+
+
+class DeltaMismatch(OwnlmError):
+    """A personal delta that does not fit the model it is applied to (another base, shape or module)."""
+
+    http_status = 409
+
+
+class CorruptArtifact(OwnlmError):
+    """A delta or artifact file that is truncated, altered or inconsistent with its own metadata."""
+
+    http_status = 422
