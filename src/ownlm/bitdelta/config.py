@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from ownlm.errors import ConfigError
 
 MODES = ("lora1", "dense")
-GRANULARITIES = ("row", "col", "matrix")
+GRANULARITIES = ("row", "col", "matrix", "rank")
 SCALE_DTYPES = ("auto", "float16", "float32")
 LOSSES = ("mse", "kl")
 # Every linear projection of a Llama block; matched against the last component of a module's dotted path.
@@ -36,8 +36,9 @@ class CompressConfig:
     )
     scales: str | None = field(
         default=None,
-        metadata={"help": "Scale granularity: 'row' (one scale per output row), 'col' (per input column) or "
-                  "'matrix' (one per matrix). Default: 'row' for lora1, 'matrix' for dense (the paper)."},
+        metadata={"help": "Scale granularity: 'row' (one scale per row), 'col' (one per column), 'matrix' "
+                  "(one per matrix) or, lora1 only, 'rank' (one per rank component: rows of A, columns of B; "
+                  "r scales per factor). Default: 'row' for lora1, 'matrix' for dense (the paper)."},
     )
     scale_dtype: str = field(
         default="auto",
@@ -58,6 +59,8 @@ class CompressConfig:
             self.scales = "row" if self.mode == "lora1" else "matrix"
         if self.scales not in GRANULARITIES:
             raise _bad("scales", self.scales, " or ".join(GRANULARITIES))
+        if self.scales == "rank" and self.mode != "lora1":
+            raise _bad("scales", self.scales, "row, col or matrix in dense mode ('rank' needs LoRA factors)")
         if self.scale_dtype not in SCALE_DTYPES:
             raise _bad("scale_dtype", self.scale_dtype, " or ".join(SCALE_DTYPES))
         if self.mode == "lora1":

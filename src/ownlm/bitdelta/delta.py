@@ -22,6 +22,14 @@ from ownlm.bitdelta.quant import QuantTensor, storage_dtype
 LORA_A, LORA_B = "lora_A", "lora_B"
 
 
+def entry_granularity(granularity: str, key: str) -> str:
+    """Granularity of one quantised entry: 'rank' means rows of A (r, in) and columns of B (out, r), i.e.
+    one scale per rank component; the others apply to every matrix alike."""
+    if granularity != "rank":
+        return granularity
+    return "row" if key.endswith(f".{LORA_A}") else "col"
+
+
 @dataclass
 class Delta:
     mode: str  # 'lora1' | 'dense'

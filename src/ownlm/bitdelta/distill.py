@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from ownlm.bitdelta.apply import check_fits
 from ownlm.bitdelta.config import DistillConfig
 from ownlm.bitdelta.delta import Delta
-from ownlm.bitdelta.quant import expand_scales
+from ownlm.bitdelta.quant import QuantTensor, expand_scales
 
 
 @dataclass
@@ -54,17 +54,17 @@ class _DenseSigns(nn.Module):
 class _LoraSigns(nn.Module):
     """W -> W + scaling * (signs_B * s_B) @ (signs_A * s_A); A: (r, in), B: (out, r)."""
 
-    def __init__(self, a, b, scaling: float, granularity: str):
+    def __init__(self, a: QuantTensor, b: QuantTensor, scaling: float):
         super().__init__()
         self.register_buffer("signs_a", a.signs().to(torch.int8))
         self.register_buffer("signs_b", b.signs().to(torch.int8))
         self.scales_a = nn.Parameter(a.scales.float().clone())
         self.scales_b = nn.Parameter(b.scales.float().clone())
-        self.scaling, self.granularity = scaling, granularity
+        self.scaling, self.granularity_a, self.granularity_b = scaling, a.granularity, b.granularity
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        a = self.signs_a.to(torch.float32) * expand_scales(self.scales_a, self.granularity)
-        b = self.signs_b.to(torch.float32) * expand_scales(self.scales_b, self.granularity)
+        a = self.signs_a.to(torch.float32) * expand_scales(self.scales_a, self.granularity_a)
+        b = self.signs_b.to(torch.float32) * expand_scales(self.scales_b, self.granularity_b)
         return (w.float() + self.scaling * (b @ a)).to(w.dtype)
 
 
@@ -106,7 +106,7 @@ def _attach(student: nn.Module, delta: Delta) -> dict[str, nn.Module]:
     """Parametrize the student's changed weights; key of the returned dict = parameter name."""
     attached = {}
     if delta.mode == "lora1":
-        items = [(name, _LoraSigns(a, b, delta.lora_scaling, delta.granularity))
+        items = [(name, _LoraSigns(a, b, delta.lora_scaling))
                  for name, (a, b) in delta.lora_pairs().items()]
     else:
         items = [(name, _DenseSigns(q.signs(), q.scales, q.granularity)) for name, q in delta.quantised.items()]

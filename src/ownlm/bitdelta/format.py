@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ownlm.basemodel import file_sha256
 from ownlm.bitdelta.config import GRANULARITIES, MODES
-from ownlm.bitdelta.delta import Delta
+from ownlm.bitdelta.delta import Delta, entry_granularity
 from ownlm.bitdelta.pack import packed_nbytes
 from ownlm.bitdelta.quant import QuantTensor, scale_shape
 from ownlm.errors import CorruptArtifact, DeltaMismatch, InvalidInput
@@ -151,8 +151,9 @@ def load_delta(directory: str | Path, expect_base_sha256: str | None = None) -> 
         if len(shape) != 2:
             raise CorruptArtifact(f"quantised entry {key} has shape {shape}, expected a matrix", hint="recompress")
         packed = take(f"{key}.signs", torch.uint8, (packed_nbytes(shape[0] * shape[1]),))
-        scales = take(f"{key}.scales", scale_dtype, scale_shape(shape, granularity))
-        quantised[key] = QuantTensor(packed, shape, scales, granularity)
+        g = entry_granularity(granularity, key)
+        scales = take(f"{key}.scales", scale_dtype, scale_shape(shape, g))
+        quantised[key] = QuantTensor(packed, shape, scales, g)
     full = {}
     for key, shape in meta["full"].items():
         t = tensors.get(f"{key}.full")

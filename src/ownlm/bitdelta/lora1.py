@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ownlm.bitdelta.config import CompressConfig
-from ownlm.bitdelta.delta import LORA_A, LORA_B, Delta, cast_scales
-from ownlm.bitdelta.quant import quantise
+from ownlm.bitdelta.delta import LORA_A, LORA_B, Delta, cast_scales, entry_granularity
+from ownlm.bitdelta.quant import payload_nbytes, quantise
 from ownlm.errors import InvalidInput
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,8 +113,8 @@ def compress_lora(adapter: LoraAdapter, config: CompressConfig, base_sha256: str
         raise ValueError("compress_lora needs a CompressConfig with mode='lora1'")
     quantised, shapes = {}, {}
     for module, (a, b) in adapter.factors.items():
-        quantised[f"{module}.{LORA_A}"] = quantise(a, config.scales)
-        quantised[f"{module}.{LORA_B}"] = quantise(b, config.scales)
+        for key, x in ((f"{module}.{LORA_A}", a), (f"{module}.{LORA_B}", b)):
+            quantised[key] = quantise(x, entry_granularity(config.scales, key))
         shapes[f"{module}.weight"] = (b.shape[0], a.shape[1])  # (out, in) of the base weight
     delta = Delta(
         mode="lora1", granularity=config.scales, base_sha256=base_sha256, target_modules=adapter.target_modules,
@@ -122,3 +122,14 @@ def compress_lora(adapter: LoraAdapter, config: CompressConfig, base_sha256: str
     )
     return cast_scales(delta, config.scale_dtype)
 
+
+
+def lora1_nbytes(weight_shapes: list[tuple[int, int]], r: int, granularity: str, scale_bytes: int = 2) -> int:
+    """Payload bytes of a lora1 delta for LoRA rank r on weights of these (out, in) shapes: per weight,
+    A (r, in) and B (out, r) as signs + scales. E.g. r=8 on q/v of the 135M base (30 x [(576, 576),
+    (192, 576)]) holds 57,600 bytes of signs."""
+    entries = []
+    for out_f, in_f in weight_shapes:
+        entries.append(((r, in_f), entry_granularity(granularity, f"x.{LORA_A}")))
+        entries.append(((out_f, r), entry_granularity(granularity, f"x.{LORA_B}")))
+    return payload_nbytes(entries, scale_bytes)

@@ -101,9 +101,7 @@ def storage_dtype(scales: list[torch.Tensor], choice: str) -> torch.dtype:
     return torch.float16
 
 
-def payload_nbytes(shapes: list[tuple[int, int]], granularity: str, scale_bytes: int = 2) -> int:
-    """Bytes of signs + scales for matrices of these shapes: the size arithmetic, without building them."""
-    total = 0
-    for shape in shapes:
-        total += packed_nbytes(shape[0] * shape[1]) + scale_shape(shape, granularity)[0] * scale_bytes
-    return total
+def payload_nbytes(entries: list[tuple[tuple[int, int], str]], scale_bytes: int = 2) -> int:
+    """Bytes of signs + scales for matrices given as ((rows, cols), granularity): the size arithmetic,
+    without building anything. scale_bytes: 2 for float16 scales, 4 for float32."""
+    return sum(packed_nbytes(r * c) + scale_shape((r, c), g)[0] * scale_bytes for (r, c), g in entries)

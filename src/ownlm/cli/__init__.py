@@ -73,3 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 # Command groups register themselves on `cli` when imported.
 from ownlm.cli import model as _model  # noqa: E402,F401
+from ownlm.cli import bitdelta as _bitdelta  # noqa: E402,F401
