@@ -374,8 +374,15 @@ def test_cli_dense_with_distillation(tiny_base, finetuned_dir, tmp_path):
 
 def test_cli_errors_are_one_line(tiny_base, saved_dir, tmp_path):
     (saved_dir / TENSORS).write_bytes((saved_dir / TENSORS).read_bytes()[:50])
-    r = run_cli("apply", str(saved_dir), "--base", str(tiny_base), "--out", str(tmp_path / "m"))
+    r = run_cli("inspect", str(saved_dir))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "truncated" in lines[0], r.stderr
+
+
+def test_cli_apply_refuses_delta_for_another_base(tiny_base, saved_dir, tmp_path):
+    from ownlm.cli import cli
+
+    r = CliRunner().invoke(cli, ["apply", str(saved_dir), "--base", str(tiny_base), "--out", str(tmp_path / "m")])
+    assert isinstance(r.exception, DeltaMismatch) and "made for base" in str(r.exception)
     assert not (tmp_path / "m").exists()
