@@ -95,3 +95,15 @@ class ModelUnavailable(OwnlmError):
     """A request needs a model but this node runs without one (capture only)."""
 
     http_status = 503
+
+
+class DeltaMismatch(OwnlmError):
+    """A personal delta that does not fit the model it is applied to (another base, shape or module)."""
+
+    http_status = 409
+
+
+class CorruptArtifact(OwnlmError):
+    """A delta or artifact file that is truncated, altered or inconsistent with its own metadata."""
+
+    http_status = 422
