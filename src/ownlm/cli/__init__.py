@@ -76,3 +76,4 @@ from ownlm.cli import model as _model  # noqa: E402,F401
 from ownlm.cli import serve as _serve  # noqa: E402,F401
 from ownlm.cli import store as _store  # noqa: E402,F401
 from ownlm.cli import bitdelta as _bitdelta  # noqa: E402,F401
+from ownlm.cli import dataset as _dataset  # noqa: E402,F401

@@ -6,11 +6,12 @@ import os
 
 from ownlm.settings import Settings
 from ownlm.store.conversations import CaptureResult, ConversationsMixin, NewMessage
+from ownlm.store.datasets import DatasetsMixin
 from ownlm.store.db import DB_FILE, StoreBase
 from ownlm.store.users import User, UsersMixin
 
 
-class Store(UsersMixin, ConversationsMixin, StoreBase):
+class Store(UsersMixin, ConversationsMixin, DatasetsMixin, StoreBase):
     """One handle on `home/store.db`. Thread-safe; one per process."""
 
 

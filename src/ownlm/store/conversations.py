@@ -225,6 +225,11 @@ class ConversationsMixin:
         rows = self.query("SELECT id FROM messages WHERE conversation_id = ? ORDER BY rowid DESC LIMIT 1", (conversation_id,))
         return rows[0][0] if rows else None
 
+    def _blank_examples(self, db, conversation_ids: list[str]) -> None:
+        """Drop the text of dataset examples made from these conversations (their hashes stay for the audit)."""
+        for cid in conversation_ids:
+            db.execute("UPDATE dataset_examples SET messages = NULL WHERE conversation_id = ?", (cid,))
+
     def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None) -> dict:
         """Delete the user's conversations: all of them, every message created before `before` (unix s),
         or one conversation. Feedback goes with its message. Returns counts; the audit log records them."""
@@ -237,10 +242,15 @@ class ConversationsMixin:
                 ).fetchone():
                     raise NotFound(f"no conversation {conversation_id}")
                 scope = {"scope": "conversation", "conversation_id": conversation_id}
+                self._blank_examples(db, [conversation_id])
                 n_msg = db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
             elif before is not None:
                 scope = {"scope": "before", "before": before}
+                touched = [r[0] for r in db.execute(
+                    "SELECT DISTINCT conversation_id FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)
+                )]
+                self._blank_examples(db, touched)
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)).rowcount
                 n_conv = db.execute(
                     "DELETE FROM conversations WHERE user_id = ? AND NOT EXISTS"
@@ -249,6 +259,10 @@ class ConversationsMixin:
                 ).rowcount
             else:
                 scope = {"scope": "all"}
+                db.execute(
+                    "UPDATE dataset_examples SET messages = NULL WHERE dataset_id IN"
+                    " (SELECT id FROM datasets WHERE user_id = ?)", (user_id,),
+                )
                 db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount

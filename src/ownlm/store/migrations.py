@@ -115,3 +115,34 @@ def m001_initial(db) -> None:
         CREATE INDEX audit_user ON audit(user_id, at);
         """
     )
+
+
+@migration
+def m002_datasets(db) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,                 -- ds_YYYYMMDD_HHMMSS_xxxx
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            merkle_root TEXT NOT NULL,
+            n_train INTEGER NOT NULL,
+            n_heldout INTEGER NOT NULL,
+            config TEXT NOT NULL,                -- JSON DatasetConfig
+            stats TEXT NOT NULL                  -- JSON counts
+        );
+        CREATE INDEX datasets_user ON datasets(user_id, created_at);
+        CREATE TABLE dataset_examples (
+            dataset_id TEXT NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,                -- leaf position in the Merkle tree
+            split TEXT NOT NULL CHECK (split IN ('train', 'heldout')),
+            augmented INTEGER NOT NULL DEFAULT 0,
+            conversation_id TEXT NOT NULL,       -- not a foreign key: the hash outlives a deleted conversation
+            sha256 TEXT NOT NULL,
+            messages TEXT,                       -- JSON, NULL once the conversation was deleted
+            PRIMARY KEY (dataset_id, idx)
+        );
+        CREATE INDEX dataset_examples_conversation ON dataset_examples(conversation_id)
+        """,
+    )
