@@ -107,3 +107,21 @@ class CorruptArtifact(OwnlmError):
     """A delta or artifact file that is truncated, altered or inconsistent with its own metadata."""
 
     http_status = 422
+
+
+class SignatureError(OwnlmError):
+    """A manifest whose signature is missing, invalid, or made by a key this node does not trust."""
+
+    http_status = 403
+
+
+class WrongRecipient(OwnlmError):
+    """A bundle sealed to another node's key."""
+
+    http_status = 422
+
+
+class VersionConflict(OwnlmError):
+    """A model version that is not newer than the installed one (a replay), without an explicit rollback."""
+
+    http_status = 409

@@ -146,3 +146,50 @@ def m002_datasets(db) -> None:
         CREATE INDEX dataset_examples_conversation ON dataset_examples(conversation_id)
         """,
     )
+
+
+@migration
+def m003_keys_and_models(db) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE node_key (
+            id INTEGER PRIMARY KEY CHECK (id = 1),  -- one HPKE key pair per node
+            mlkem_seed BLOB NOT NULL,
+            x25519 BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE signing_keys (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            key_id TEXT NOT NULL UNIQUE,
+            alg TEXT NOT NULL,
+            public_pem TEXT NOT NULL,
+            private_der BLOB NOT NULL,           -- PKCS8, inside the encrypted database
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE trusted_signers (
+            key_id TEXT PRIMARY KEY,
+            alg TEXT NOT NULL,
+            public_pem TEXT NOT NULL,
+            label TEXT,
+            added_at REAL NOT NULL
+        );
+        CREATE TABLE models (
+            id TEXT PRIMARY KEY,                 -- the manifest's model.id
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            previous TEXT,
+            path TEXT NOT NULL,                  -- directory under home/models
+            size_bytes INTEGER NOT NULL,
+            signer_key_id TEXT NOT NULL,
+            manifest TEXT NOT NULL,              -- JSON, as signed
+            installed_at REAL NOT NULL,
+            UNIQUE (user_id, version)
+        );
+        CREATE TABLE routing (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            model_id TEXT REFERENCES models(id) ON DELETE SET NULL,  -- NULL: the base model
+            updated_at REAL NOT NULL
+        )
+        """,
+    )
