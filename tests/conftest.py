@@ -83,3 +83,30 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> su
     return subprocess.run(
         [sys.executable, "-m", "ownlm", *args], capture_output=True, text=True, env=full_env, input=input, timeout=300
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_delta(tiny_base, tmp_path_factory):
+    """A lora1 BitDelta (delta.safetensors + delta.json) of a random LoRA r=8 q/v adapter on `tiny_base`,
+    with a training report, as the trainer would produce them."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ownlm.basemodel import base_sha256, resolve_base
+    from ownlm.bitdelta import CompressConfig, compress_lora, read_adapter, save_delta
+
+    root = tmp_path_factory.mktemp("tiny-delta")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(root / "adapter")
+    sha = base_sha256(resolve_base(str(tiny_base)), root / "home")
+    delta = compress_lora(read_adapter(root / "adapter"), CompressConfig(mode="lora1"), sha)
+    save_delta(delta, root / "delta")
+    report = {"samples": 12, "tokens": 3456, "duration_s": 1.5, "loss": 2.1, "heldout_loss_base": 3.2,
+              "heldout_loss_personal": 2.9, "dataset": {"merkle_root": "ab" * 32}}
+    (root / "report.json").write_text(json.dumps(report))
+    return root
