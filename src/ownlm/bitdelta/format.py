@@ -1,13 +1,19 @@
 """The delta on disk: `delta.safetensors` (tensors) + `delta.json` (metadata). Never pickle.
 
-delta.safetensors holds, per quantised entry KEY (see delta.py): `KEY.signs` uint8 (ceil(numel / 8),) and
-`KEY.scales` float16/float32; per full-precision entry KEY: `KEY.full`. Its safetensors header metadata
-repeats the format name, mode and base hash so the file identifies itself.
+Compact by design, because a personal model should be kilobytes: a lora1 delta of the 135M model is 57,600
+bytes of signs, and per-module tensor names and shape lists would add half as much again. So
+delta.safetensors holds just two tensors for all quantised entries — `signs` (uint8, every entry's packed
+signs concatenated) and `scales` (every entry's scales concatenated, float16/float32) — plus, in dense mode,
+one `full.<param name>` tensor per full-precision entry. Offsets follow from the shapes, in metadata order.
+Its safetensors header metadata repeats the format name, mode and base hash so the file identifies itself.
 
 delta.json holds: format, version, mode, bits, scales (granularity), scale_dtype, base_sha256,
-target_modules, lora {r, alpha} (lora1), quantised {KEY: shape}, full {KEY: shape}, params {parameter name:
-base shape}, tensor_file {name, bytes, sha256} and metadata_sha256 (sha256 of the canonical JSON of all the
-other fields, so an edited or damaged JSON is caught too).
+target_modules, and
+- lora1: lora {r, alpha} and modules [[module path, out_features, in_features], ...]; each module has
+  entries '<path>.lora_A' (r, in) and '<path>.lora_B' (out, r) and changes '<path>.weight' (out, in);
+- dense: quantised [[param name, rows, cols], ...] and full [[param name, shape], ...];
+plus tensor_file {name, bytes, sha256} and metadata_sha256 (sha256 of the canonical JSON of all the other
+fields, so an edited or damaged JSON is caught too).
 
 load_delta checks all of it before returning anything: a truncated or altered file, a missing or extra
 tensor, a shape or dtype that contradicts the metadata -> CorruptArtifact; a delta for another base ->
@@ -27,13 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from ownlm.basemodel import file_sha256
 from ownlm.bitdelta.config import GRANULARITIES, MODES
-from ownlm.bitdelta.delta import Delta, entry_granularity
+from ownlm.bitdelta.delta import LORA_A, LORA_B, Delta, entry_granularity
 from ownlm.bitdelta.pack import packed_nbytes
 from ownlm.bitdelta.quant import QuantTensor, scale_shape
 from ownlm.errors import CorruptArtifact, DeltaMismatch, InvalidInput
 
 FORMAT = "ownlm-bitdelta"
-VERSION = 1
+VERSION = 2
 TENSORS = "delta.safetensors"
 METADATA = "delta.json"
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -55,12 +61,13 @@ def save_delta(delta: Delta, directory: str | Path) -> Path:
     dtypes = {q.scales.dtype for q in delta.quantised.values()}
     if len(dtypes) > 1 or not dtypes <= set(SCALE_DTYPES.values()):
         raise ValueError(f"scales must share one dtype of float16/float32, got {dtypes}")
+    keys = _entry_order(delta)
     tensors: dict[str, torch.Tensor] = {}
-    for key, q in delta.quantised.items():
-        tensors[f"{key}.signs"] = q.packed.contiguous()
-        tensors[f"{key}.scales"] = q.scales.detach().cpu().contiguous()
+    if keys:
+        tensors["signs"] = torch.cat([delta.quantised[k].packed.reshape(-1) for k in keys]).contiguous()
+        tensors["scales"] = torch.cat([delta.quantised[k].scales.detach().cpu().reshape(-1) for k in keys]).contiguous()
     for key, t in delta.full.items():
-        tensors[f"{key}.full"] = t.detach().cpu().contiguous()
+        tensors[f"full.{key}"] = t.detach().cpu().contiguous()
     tmp = directory / f".{TENSORS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "mode": delta.mode, "base_sha256": delta.base_sha256})
     os.replace(tmp, directory / TENSORS)
@@ -69,18 +76,27 @@ def save_delta(delta: Delta, directory: str | Path) -> Path:
         "format": FORMAT, "version": VERSION, "mode": delta.mode, "bits": delta.bits,
         "scales": delta.granularity, "scale_dtype": scale_dtype, "base_sha256": delta.base_sha256,
         "target_modules": list(delta.target_modules),
-        "lora": {"r": delta.lora_r, "alpha": delta.lora_alpha} if delta.mode == "lora1" else None,
-        "quantised": {k: list(q.shape) for k, q in delta.quantised.items()},
-        "full": {k: list(t.shape) for k, t in delta.full.items()},
-        "params": {k: list(s) for k, s in delta.param_shapes.items()},
-        "tensor_file": {"name": TENSORS, "bytes": (directory / TENSORS).stat().st_size,
-                        "sha256": file_sha256(directory / TENSORS)},
     }
+    if delta.mode == "lora1":
+        meta["lora"] = {"r": delta.lora_r, "alpha": delta.lora_alpha}
+        meta["modules"] = [[name.removesuffix(".weight"), *delta.param_shapes[name]] for name in delta.lora_pairs()]
+    else:
+        meta["quantised"] = [[k, *delta.quantised[k].shape] for k in keys]
+        meta["full"] = [[k, list(t.shape)] for k, t in delta.full.items()]
+    meta["tensor_file"] = {"name": TENSORS, "bytes": (directory / TENSORS).stat().st_size,
+                           "sha256": file_sha256(directory / TENSORS)}
     meta["metadata_sha256"] = _canonical_sha(meta)
     tmp = directory / f".{METADATA}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(json.dumps(meta, separators=(",", ":")))
     os.replace(tmp, directory / METADATA)
     return directory
+
+
+def _entry_order(delta: Delta) -> list[str]:
+    """The order entries are concatenated in: per module A then B (lora1), or the quantised keys (dense)."""
+    if delta.mode == "lora1":
+        return [f"{name.removesuffix('.weight')}.{f}" for name in delta.lora_pairs() for f in (LORA_A, LORA_B)]
+    return list(delta.quantised)
 
 
 def read_metadata(directory: str | Path) -> dict:
@@ -135,41 +151,55 @@ def load_delta(directory: str | Path, expect_base_sha256: str | None = None) -> 
     tensors = _check_tensor_file(directory, meta)
     granularity, scale_dtype = meta["scales"], SCALE_DTYPES[meta["scale_dtype"]]
 
-    def take(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(name: str, dtype: torch.dtype | None, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensors.pop(name, None)
         if t is None:
-            raise CorruptArtifact(f"{directory / TENSORS} lacks tensor {name} (a module is missing)",
-                                  hint="recompress the delta")
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise CorruptArtifact(f"tensor {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}",
+            raise CorruptArtifact(f"{directory / TENSORS} lacks tensor {name}", hint="recompress the delta")
+        if (dtype is not None and t.dtype != dtype) or tuple(t.shape) != shape:
+            raise CorruptArtifact(f"tensor {name} is {t.dtype} {tuple(t.shape)}, expected {dtype or t.dtype} {shape}",
                                   hint="recompress the delta")
         return t
 
-    quantised = {}
-    for key, shape in meta["quantised"].items():
-        shape = tuple(shape)
-        if len(shape) != 2:
-            raise CorruptArtifact(f"quantised entry {key} has shape {shape}, expected a matrix", hint="recompress")
-        packed = take(f"{key}.signs", torch.uint8, (packed_nbytes(shape[0] * shape[1]),))
-        g = entry_granularity(granularity, key)
-        scales = take(f"{key}.scales", scale_dtype, scale_shape(shape, g))
-        quantised[key] = QuantTensor(packed, shape, scales, g)
-    full = {}
-    for key, shape in meta["full"].items():
-        t = tensors.get(f"{key}.full")
-        full[key] = take(f"{key}.full", t.dtype if t is not None else torch.float32, tuple(shape))
+    try:
+        entries, params, full_shapes, lora = _entries(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptArtifact(f"{directory / METADATA} lists its entries wrongly ({e})", hint="recompress the delta") from None
+    grans = [entry_granularity(granularity, k) for k, _ in entries]
+    n_signs = sum(packed_nbytes(r * c) for _, (r, c) in entries)
+    n_scales = sum(scale_shape(shape, g)[0] for (_, shape), g in zip(entries, grans))
+    signs = take("signs", torch.uint8, (n_signs,)) if entries else torch.zeros(0, dtype=torch.uint8)
+    scales = take("scales", scale_dtype, (n_scales,)) if entries else torch.zeros(0, dtype=scale_dtype)
+    quantised, s_pos, c_pos = {}, 0, 0
+    for (key, shape), g in zip(entries, grans):
+        ns, nc = packed_nbytes(shape[0] * shape[1]), scale_shape(shape, g)[0]
+        quantised[key] = QuantTensor(signs[s_pos : s_pos + ns].clone(), shape, scales[c_pos : c_pos + nc].clone(), g)
+        s_pos, c_pos = s_pos + ns, c_pos + nc
+    full = {key: take(f"full.{key}", None, shape) for key, shape in full_shapes.items()}
     if tensors:
         raise CorruptArtifact(f"{directory / TENSORS} holds tensors its metadata does not list: {sorted(tensors)[:3]}",
                               hint="recompress the delta")
-    lora = meta["lora"] or {}
     delta = Delta(
         mode=meta["mode"], granularity=granularity, base_sha256=meta["base_sha256"],
-        target_modules=tuple(meta["target_modules"]), quantised=quantised,
-        param_shapes={k: tuple(v) for k, v in meta["params"].items()}, full=full,
+        target_modules=tuple(meta["target_modules"]), quantised=quantised, param_shapes=params, full=full,
         lora_r=lora.get("r"), lora_alpha=lora.get("alpha"),
     )
     _check_consistent(directory, delta)
     return delta
+
+
+def _entries(meta: dict) -> tuple[list[tuple[str, tuple[int, int]]], dict, dict, dict]:
+    """(quantised entries [(key, (rows, cols))] in file order, changed params {name: shape}, full shapes, lora)."""
+    if meta["mode"] == "lora1":
+        lora = meta["lora"]
+        r = int(lora["r"])
+        entries, params = [], {}
+        for path, out_f, in_f in meta["modules"]:
+            entries += [(f"{path}.{LORA_A}", (r, int(in_f))), (f"{path}.{LORA_B}", (int(out_f), r))]
+            params[f"{path}.weight"] = (int(out_f), int(in_f))
+        return entries, params, {}, lora
+    entries = [(k, (int(a), int(b))) for k, a, b in meta["quantised"]]
+    full = {k: tuple(int(x) for x in shape) for k, shape in meta["full"]}
+    return entries, {**{k: s for k, s in entries}, **full}, full, {}
 
 
 def _check_consistent(directory: Path, delta: Delta) -> None:
