@@ -85,10 +85,9 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> su
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_delta(tiny_base, tmp_path_factory):
-    """A lora1 BitDelta (delta.safetensors + delta.json) of a random LoRA r=8 q/v adapter on `tiny_base`,
-    with a training report, as the trainer would produce them."""
+def make_tiny_delta(tiny_base: Path, root: Path, seed: int = 1, scale: float = 1.0) -> Path:
+    """A lora1 BitDelta (root/delta) of a random LoRA r=8 q/v adapter on `tiny_base`, plus root/report.json,
+    as the trainer would produce them. `scale` multiplies the LoRA B factor (a larger or smaller change)."""
     import json
 
     import torch
@@ -98,10 +97,13 @@ def tiny_delta(tiny_base, tmp_path_factory):
     from ownlm.basemodel import base_sha256, resolve_base
     from ownlm.bitdelta import CompressConfig, compress_lora, read_adapter, save_delta
 
-    root = tmp_path_factory.mktemp("tiny-delta")
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
     peft_model.save_pretrained(root / "adapter")
     sha = base_sha256(resolve_base(str(tiny_base)), root / "home")
     delta = compress_lora(read_adapter(root / "adapter"), CompressConfig(mode="lora1"), sha)
@@ -110,3 +112,9 @@ def tiny_delta(tiny_base, tmp_path_factory):
               "heldout_loss_personal": 2.9, "dataset": {"merkle_root": "ab" * 32}}
     (root / "report.json").write_text(json.dumps(report))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_delta(tiny_base, tmp_path_factory):
+    """See make_tiny_delta."""
+    return make_tiny_delta(tiny_base, tmp_path_factory.mktemp("tiny-delta"))

@@ -60,38 +60,51 @@ class TorchEngine:
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         with self._lock:
-            input_ids = torch.tensor([prompt], device=self.model.device)
-            past = None
-            produced: list[int] = []
-            emitted = ""
-            out.finish_reason = "length"
-            for _ in range(params.max_tokens):
-                res = self.model(input_ids=input_ids, cache=past, use_cache=True)
-                past = res.cache
-                logits = res.logits[0, -1].float()  # (vocab,)
-                token = _sample(logits, params, gen)
-                if token in self._eos_ids:
-                    out.finish_reason = "stop"
-                    break
-                produced.append(token)
-                out.completion_tokens = len(produced)
-                text = self.tokenizer.decode(produced, skip_special_tokens=True)
-                stop_at = _find_stop(text, params.stop)
-                if stop_at is not None:
-                    if stop_at > len(emitted):
-                        yield text[len(emitted) : stop_at]
-                    out.finish_reason = "stop"
-                    break
-                # Hold back an incomplete UTF-8 sequence and any tail that could begin a stop string.
-                safe = len(text) - _held_back(text, params.stop)
-                if safe > len(emitted):
-                    yield text[len(emitted) : safe]
-                    emitted = text[:safe]
-                input_ids = torch.tensor([[token]], device=self.model.device)
-            else:
-                text = self.tokenizer.decode(produced, skip_special_tokens=True)
-                if len(text) > len(emitted):
-                    yield text[len(emitted) :]
+            self._begin(out)
+            try:
+                yield from self._decode(prompt, params, out, gen)
+            finally:
+                self._end(out)
+
+    def _begin(self, stream: GenerationStream) -> None:
+        """Called with the engine lock held, before a request's first forward pass (subclasses select weights)."""
+
+    def _end(self, stream: GenerationStream) -> None:
+        """Called with the engine lock held when a request's stream ends or is closed."""
+
+    def _decode(self, prompt: list[int], params: GenerationParams, out: GenerationStream, gen: torch.Generator) -> Iterator[str]:
+        input_ids = torch.tensor([prompt], device=self.model.device)
+        past = None
+        produced: list[int] = []
+        emitted = ""
+        out.finish_reason = "length"
+        for _ in range(params.max_tokens):
+            res = self.model(input_ids=input_ids, cache=past, use_cache=True)
+            past = res.cache
+            logits = res.logits[0, -1].float()  # (vocab,)
+            token = _sample(logits, params, gen)
+            if token in self._eos_ids:
+                out.finish_reason = "stop"
+                break
+            produced.append(token)
+            out.completion_tokens = len(produced)
+            text = self.tokenizer.decode(produced, skip_special_tokens=True)
+            stop_at = _find_stop(text, params.stop)
+            if stop_at is not None:
+                if stop_at > len(emitted):
+                    yield text[len(emitted) : stop_at]
+                out.finish_reason = "stop"
+                break
+            # Hold back an incomplete UTF-8 sequence and any tail that could begin a stop string.
+            safe = len(text) - _held_back(text, params.stop)
+            if safe > len(emitted):
+                yield text[len(emitted) : safe]
+                emitted = text[:safe]
+            input_ids = torch.tensor([[token]], device=self.model.device)
+        else:
+            text = self.tokenizer.decode(produced, skip_special_tokens=True)
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
 
 
 def _sample(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:

@@ -175,7 +175,7 @@ def m003_keys_and_models(db) -> None:
             added_at REAL NOT NULL
         );
         CREATE TABLE models (
-            id TEXT PRIMARY KEY,                 -- the manifest's model.id
+            id TEXT NOT NULL,                    -- the manifest's model.id (pm_YYYY_MM_DD_HH_MM_vN)
             user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
             version INTEGER NOT NULL,
             previous TEXT,
@@ -184,12 +184,14 @@ def m003_keys_and_models(db) -> None:
             signer_key_id TEXT NOT NULL,
             manifest TEXT NOT NULL,              -- JSON, as signed
             installed_at REAL NOT NULL,
+            PRIMARY KEY (user_id, id),
             UNIQUE (user_id, version)
         );
         CREATE TABLE routing (
             user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
-            model_id TEXT REFERENCES models(id) ON DELETE SET NULL,  -- NULL: the base model
-            updated_at REAL NOT NULL
+            model_id TEXT,                       -- NULL: the base model
+            updated_at REAL NOT NULL,
+            FOREIGN KEY (user_id, model_id) REFERENCES models(user_id, id)
         )
         """,
     )

@@ -83,7 +83,7 @@ class ModelsMixin:
         db.execute("INSERT OR REPLACE INTO routing (user_id, model_id, updated_at) VALUES (?, ?, ?)", (user_id, model_id, time.time()))
 
     def active_model(self, user_id: str) -> dict | None:
-        rows = self.query("SELECT m.id FROM routing r JOIN models m ON m.id = r.model_id WHERE r.user_id = ?", (user_id,))
+        rows = self.query("SELECT m.id FROM routing r JOIN models m ON m.id = r.model_id AND m.user_id = r.user_id WHERE r.user_id = ?", (user_id,))
         return self.model(user_id, rows[0][0]) if rows else None
 
     def model(self, user_id: str, model_id_or_version: str) -> dict:
