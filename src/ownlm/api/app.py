@@ -74,6 +74,8 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
         description="Capture conversations, serve your personal model (OpenAI-compatible), control your data.",
     )
     app.state.settings, app.state.store, app.state.engine = settings, store, engine
+    # after a deploy or rollback the engine re-reads the routing table
+    app.state.on_model_change = getattr(engine, "refresh", None)
 
     @app.exception_handler(OwnlmError)
     async def _ownlm_error(request: Request, exc: OwnlmError) -> JSONResponse:

@@ -65,7 +65,16 @@ class ChatRequest(BaseModel):
 
 
 def served_models(engine) -> list[str]:
-    return [USER_MODEL, engine.model_name]
+    """'ownlm' (the caller's personal model, or the base until one is deployed) and the base by name."""
+    return [USER_MODEL, getattr(engine, "base_name", engine.model_name)]
+
+
+def start(engine, messages, params, user_id: str, model: str | None):
+    """Begin generation with the model the request names: personal ('ownlm', default) or the base."""
+    if hasattr(engine, "model_for"):
+        use = "base" if model not in (None, USER_MODEL) else "personal"
+        return engine.stream(messages, params, user_id=user_id, use=use)
+    return engine.stream(messages, params)
 
 
 @router.get("/v1/models")
@@ -80,12 +89,12 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
         raise NotFound(f"model {req.model!r} is not served here", hint=f"use one of {served_models(engine)}")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     params = req.params()
-    stream = engine.stream(messages, params)  # validates roles and parameters before anything is sent
+    stream = start(engine, messages, params, user.id, req.model)  # validates roles and parameters first
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL
 
     def record(answer: str) -> dict:
         history = [NewMessage(m["role"], m["content"]) for m in messages]
-        history.append(NewMessage("assistant", answer, model=engine.model_name))
+        history.append(NewMessage("assistant", answer, model=_answered_by(stream, engine)))
         res = store.submit(lambda db: store.capture(user.id, history, source="api", seed="live", db=db)).result()
         return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
 
@@ -121,6 +130,12 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
                 close()  # a client that hung up must not keep the engine busy
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _answered_by(stream, engine) -> str:
+    """Which model wrote a reply, as stored with it: a personal model's id, or the base's name."""
+    mid = getattr(stream, "model_id", None)
+    return mid[1] if mid else getattr(engine, "base_name", engine.model_name)
 
 
 def _usage(stream) -> dict:

@@ -20,6 +20,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ownlm.api.app import error_body
 from ownlm.api.deps import bearer
+from ownlm.api.openai_routes import _answered_by, start
 from ownlm.engine import GenerationParams
 from ownlm.errors import InvalidInput, ModelUnavailable, OwnlmError
 from ownlm.store import NewMessage
@@ -33,6 +34,7 @@ class WsMessage(BaseModel):
     max_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.7, ge=0, le=2)
     seed: int | None = None
+    model: str | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
 
 
 @router.websocket("/ws/chat")
@@ -80,12 +82,12 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
     await ws.send_json({"type": "start", "conversation_id": res.conversation_id, "message_id": user_msg})
     params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed)
     prompt = [{"role": h["role"], "content": h["content"]} for h in history] + [{"role": "user", "content": msg.content}]
-    stream = engine.stream(prompt, params)
+    stream = start(engine, prompt, params, user.id, msg.model)
     parts = []
     async for piece in iterate_in_threadpool(iter(stream)):
         parts.append(piece)
         await ws.send_json({"type": "token", "content": piece})
-    answer = NewMessage("assistant", "".join(parts), model=engine.model_name)
+    answer = NewMessage("assistant", "".join(parts), model=_answered_by(stream, engine))
     res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
     await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,
                         "completion_tokens": stream.completion_tokens})

@@ -20,11 +20,13 @@ def serve(ctx: Context, base, device, host, port, no_model) -> None:
     import uvicorn
 
     from ownlm.api.app import create_app
-    from ownlm.engine import TorchEngine
+    from ownlm.engine.personal import PersonalEngine
+    from ownlm.node import recover
 
     settings = ctx.settings(base=base, device=device, host=host, port=port)
     store = cli_store(settings)
-    engine = None if no_model else TorchEngine(load_with_status(settings))
+    recover(store, settings)  # leftovers of an install that was killed
+    engine = None if no_model else PersonalEngine(load_with_status(settings), store)
     app = create_app(settings, store, engine)
     model = engine.model_name if engine else "none (capture only)"
     console.print(f"ownlm node on http://{settings.host}:{settings.port} — model: {model}; API docs at /docs")
