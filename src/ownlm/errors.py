@@ -125,3 +125,9 @@ class VersionConflict(OwnlmError):
     """A model version that is not newer than the installed one (a replay), without an explicit rollback."""
 
     http_status = 409
+
+
+class Busy(OwnlmError):
+    """Something that is already running for this user (a training job)."""
+
+    http_status = 409

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,10 +33,34 @@ def default_home() -> Path:
     return Path(xdg) / "ownlm"
 
 
+class Personalization(BaseModel):
+    """The learning loop, in the seed's node-configuration shape (`[personalization]` in settings.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(default=True, description="Run the scheduled learning loop in `ownlm serve`.")
+    interval: float = Field(default=3600, gt=0, description="Seconds between loop checks for each user.")
+    min_samples: int = Field(default=100, ge=1, description="New assistant replies needed to start a round.")
+    privacy_tier: int = Field(default=1, ge=0, le=3, description="Default tier of new users (0 cloud, 1 edge, 2 TEE, 3 FHE).")
+    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps per round (None: one epoch).")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Cap on training seconds per round.")
+    epochs: int = Field(default=1, ge=1, le=20, description="Passes over the training examples per round.")
+    lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
+    gate_min_gain: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="The compressed personal model must lower held-out NLL by more than this share of the base's.")
+    gate_max_kl: float = Field(
+        default=0.25, gt=0, description="Largest allowed drift KL(base || personal) on generic prompts, nats/token.")
+    gate_min_fidelity: float = Field(
+        default=0.5, ge=0, le=1, description="Smallest share of the LoRA's held-out NLL gain the 1-bit delta must keep.")
+    keep_versions: int = Field(default=5, ge=1, description="Installed versions kept per user (for rollback).")
+
+
 class Settings(BaseSettings):
     """Node settings. Field docs are what `ownlm info` and the docs show."""
 
-    model_config = SettingsConfigDict(env_prefix="OWNLM_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OWNLM_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
 
     home: Path = Field(
         default_factory=default_home,
@@ -56,6 +80,9 @@ class Settings(BaseSettings):
     user: str = Field(default="me", description="The user that CLI commands act for on this node.")
     host: str = Field(default="127.0.0.1", description="Address `ownlm serve` binds to.")
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
+    personalization: Personalization = Field(
+        default_factory=Personalization, description="The learning loop (env: OWNLM_PERSONALIZATION__INTERVAL=...)."
+    )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."
     )

@@ -8,11 +8,12 @@ from ownlm.settings import Settings
 from ownlm.store.conversations import CaptureResult, ConversationsMixin, NewMessage
 from ownlm.store.datasets import DatasetsMixin
 from ownlm.store.db import DB_FILE, StoreBase
+from ownlm.store.jobs import JobsMixin
 from ownlm.store.models import ModelsMixin
 from ownlm.store.users import User, UsersMixin
 
 
-class Store(UsersMixin, ConversationsMixin, DatasetsMixin, ModelsMixin, StoreBase):
+class Store(UsersMixin, ConversationsMixin, DatasetsMixin, ModelsMixin, JobsMixin, StoreBase):
     """One handle on `home/store.db`. Thread-safe; one per process."""
 
 

@@ -195,3 +195,31 @@ def m003_keys_and_models(db) -> None:
         )
         """,
     )
+
+
+@migration
+def m004_jobs(db) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'deployed', 'refused', 'failed')),
+            stage TEXT,                          -- dataset | train | compress | gate | bundle | deploy
+            progress REAL NOT NULL DEFAULT 0,    -- 0..1 within the stage
+            reason TEXT,                         -- why it was started, or why it was refused / failed
+            watermark INTEGER,                   -- highest message rowid the job's dataset saw
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            result TEXT                          -- JSON: losses, gate figures, model id, sizes
+        );
+        CREATE INDEX jobs_user ON jobs(user_id, created_at);
+        CREATE UNIQUE INDEX jobs_one_open_per_user ON jobs(user_id) WHERE state IN ('queued', 'running');
+        CREATE TABLE loop_state (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            next_run_at REAL
+        )
+        """,
+    )

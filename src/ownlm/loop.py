@@ -1,0 +1,190 @@
+"""The continuous learning loop: dataset → train → compress → quality gate → sign → seal → deploy.
+
+One round is a persisted job (store table `jobs`): its stage and progress are visible in
+/api/personalization/status while it runs, and a node restarted mid-round re-queues it (training resumes
+from its checkpoint in home/jobs/<job id>/). The scheduler checks each user every `interval` seconds and
+starts a round when at least `min_samples` new assistant replies were captured since the last deployed
+model. Rounds run one at a time in a worker thread; serving goes on meanwhile.
+
+The quality gate deploys a model only if, on the user's held-out conversations, the *compressed* personal
+model has a lower assistant-token NLL than the base, its drift from the base on generic prompts stays under
+`gate_max_kl`, and the 1-bit delta keeps at least `gate_min_fidelity` of the LoRA's NLL gain. Otherwise the
+previous model keeps serving and the job records exactly why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from ownlm.errors import OwnlmError
+from ownlm.settings import Settings
+from ownlm.store import Store
+
+log = logging.getLogger(__name__)
+STAGES = ("dataset", "train", "compress", "gate", "bundle", "deploy")
+
+
+class GateRefused(Exception):
+    def __init__(self, reason: str, figures: dict):
+        super().__init__(reason)
+        self.reason, self.figures = reason, figures
+
+
+def previous_adapter(settings: Settings, user_id: str) -> Path:
+    """Where the fp32 adapter of the user's last deployed round is kept (the trainer's side of continual learning)."""
+    return settings.home / "adapters" / user_id
+
+
+def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable[[str], None] | None = None) -> dict:
+    """Run one round to its end; the job row says how it ended ('deployed', 'refused' or 'failed')."""
+    from ownlm.basemodel import load_base
+    from ownlm.dataset import DatasetConfig, build, config_dict, tokenize
+    from ownlm.train import TrainConfig, train
+
+    job = store.job(job_id)
+    user = store.get_user(job["user_id"])
+    cfg = settings.personalization
+    work = settings.home / "jobs" / job_id
+    store.update_job(job_id, state="running", started_at=time.time(), stage="dataset", progress=0.0)
+    figures: dict = {}
+    try:
+        # 1. dataset (deterministic, so a resumed job rebuilds the same one and its training checkpoint fits)
+        watermark = job["watermark"] or store.message_watermark(user.id)
+        conversations, feedback = store.training_view(user.id)
+        base = load_base(settings)
+        dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10))
+        built = build(conversations, feedback, base.tokenizer, dcfg)
+        ds_id = store.save_dataset(user.id, built, config_dict(dcfg))
+        store.update_job(job_id, watermark=watermark, stage="train", progress=0.0)
+        train_ex, held_ex = tokenize(built.split("train"), base.tokenizer), tokenize(built.split("heldout"), base.tokenizer)
+        if not held_ex:
+            raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
+        figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
+
+        # 2. train
+        tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s)
+
+        def on_progress(p) -> None:
+            if p.phase == "train" and p.total_steps:
+                store.update_job(job_id, progress=round(p.step / p.total_steps, 3))
+
+        report = train(base, train_ex, held_ex, tcfg, work / "train", progress=on_progress,
+                       dataset={"id": ds_id, "merkle_root": built.merkle_root})
+        figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
+                       heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
+                       tokens_per_s=report.tokens_per_s, steps=report.steps)
+        store.update_job(job_id, stage="compress", progress=0.0)
+
+        # 3. compress, 4. gate
+        from ownlm.gate import compress_adapter, judge
+
+        delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
+        store.update_job(job_id, stage="gate", progress=0.0)
+        verdict = judge(base, delta, held_ex, report, cfg)
+        figures.update(verdict)
+        if not verdict["passed"]:
+            raise GateRefused(verdict["reason"], figures)
+
+        # 5. bundle (signed with the user's key, sealed to this node), 6. deploy
+        store.update_job(job_id, stage="bundle", progress=0.0)
+        from ownlm.artifact.bundle import make_bundle
+        from ownlm.node import install
+
+        latest = store.models(user.id)
+        report_dict = json.loads(report.to_json())
+        report_dict["samples"] = report.samples
+        report_dict["heldout_loss_personal"] = verdict["heldout_loss_compressed"]
+        data, manifest = make_bundle(
+            delta_dir=work / "delta", report=report_dict, user_name=user.name, signing_key=store.signing_key(user.id),
+            recipient=store.node_key().public_json(), base_name=base.source.name,
+            version=store.max_version(user.id) + 1, previous=latest[0]["id"] if latest else None,
+        )
+        store.update_job(job_id, stage="deploy", progress=0.0)
+        res = install(store, settings, data, keep=cfg.keep_versions)
+        figures.update(model_id=res.model_id, version=res.version, bundle_bytes=len(data),
+                       artifact_bytes=sum(f["size"] for f in manifest["files"].values()) + len(json.dumps(manifest)))
+        keep = previous_adapter(settings, user.id)
+        if keep.exists():
+            shutil.rmtree(keep)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(work / "train" / "adapter", keep)
+        store.update_job(job_id, state="deployed", stage=None, progress=1.0, finished_at=time.time(), result=figures,
+                         reason=f"deployed {res.model_id}")
+        with store.tx() as db:
+            store.audit(db, user.id, "trained", job=job_id, dataset=ds_id, model=res.model_id, merkle_root=built.merkle_root)
+        if on_deployed:
+            on_deployed(user.id)
+    except GateRefused as e:
+        store.update_job(job_id, state="refused", finished_at=time.time(), result=e.figures or figures, reason=e.reason)
+    except OwnlmError as e:
+        store.update_job(job_id, state="failed", finished_at=time.time(), result=figures, reason=str(e))
+    except Exception as e:  # a bug: record it, keep the node serving
+        log.error("job %s failed: %s", job_id, traceback.format_exc())
+        store.update_job(job_id, state="failed", finished_at=time.time(), result=figures, reason=f"internal error: {e!r}")
+    finally:
+        if store.job(job_id)["state"] != "running":
+            shutil.rmtree(work, ignore_errors=True)
+    return store.job(job_id)
+
+
+class Scheduler:
+    """Checks every user each `interval` seconds and runs due rounds one at a time in a background thread."""
+
+    def __init__(self, store: Store, settings: Settings, on_deployed: Callable[[str], None] | None = None,
+                 tick: float | None = None):
+        self.store, self.settings, self.on_deployed = store, settings, on_deployed
+        self.interval = settings.personalization.interval
+        self.tick = tick or min(10.0, self.interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ownlm-loop")
+        self.current: str | None = None
+
+    def start(self) -> "Scheduler":
+        for job in self.store.open_jobs():  # a restart: resume what was running
+            if job["state"] == "running":
+                self.store.update_job(job["id"], state="queued", reason=(job["reason"] or "") + " (resumed after a restart)")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def due(self, now: float) -> list[str]:
+        """Users whose interval has passed and who have enough new samples; schedules their next check."""
+        cfg, out = self.settings.personalization, []
+        for user in self.store.list_users():
+            nxt = self.store.next_run_at(user.id)
+            if nxt is None:
+                self.store.set_next_run(user.id, now + self.interval)
+                continue
+            if now < nxt:
+                continue
+            self.store.set_next_run(user.id, now + self.interval)
+            if self.store.samples_since(user.id) >= cfg.min_samples and not any(
+                    j["user_id"] == user.id for j in self.store.open_jobs()):
+                out.append(user.id)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.settings.personalization.enabled:
+                    for uid in self.due(time.time()):
+                        self.store.enqueue_job(uid, f"scheduled: {self.store.samples_since(uid)} new samples")
+                for job in self.store.open_jobs():
+                    if self._stop.is_set():
+                        break
+                    self.current = job["id"]
+                    run_job(self.store, self.settings, job["id"], self.on_deployed)
+                    self.current = None
+            except Exception:
+                log.error("scheduler: %s", traceback.format_exc())
+            self._stop.wait(self.tick)
