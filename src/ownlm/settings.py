@@ -40,7 +40,7 @@ class Personalization(BaseModel):
     enabled: bool = Field(default=True, description="Run the scheduled learning loop in `ownlm serve`.")
     interval: float = Field(default=3600, gt=0, description="Seconds between loop checks for each user.")
     min_samples: int = Field(default=100, ge=1, description="New assistant replies needed to start a round.")
-    privacy_tier: int = Field(default=1, ge=0, le=3, description="Default tier of new users (0 cloud, 1 edge, 2 TEE, 3 FHE).")
+    privacy_tier: int = Field(default=1, ge=0, le=3, description="Privacy tier given to users this node creates (0 cloud, 1 edge, 2 TEE, 3 FHE).")
     max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps per round (None: one epoch).")
     time_budget_s: float | None = Field(default=None, gt=0, description="Cap on training seconds per round.")
     epochs: int = Field(default=1, ge=1, le=20, description="Passes over the training examples per round.")

@@ -66,7 +66,7 @@ class BodyLimit:
 
 def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastAPI:
     """The node app. `engine` may be None for a capture-only node (generation endpoints then answer 503)."""
-    from ownlm.api import openai_routes, personalization, ws
+    from ownlm.api import loop_routes, models_routes, openai_routes, personalization, ws
 
     app = FastAPI(
         title="ownlm node",
@@ -96,6 +96,8 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
 
     app.include_router(openai_routes.router)
     app.include_router(personalization.router)
+    app.include_router(models_routes.router)
+    app.include_router(loop_routes.router)
     app.include_router(ws.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -6,8 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
@@ -119,43 +118,3 @@ def delete_data(
     """Right to delete: everything (no parameters), messages before a date, or one conversation."""
     return {"deleted": store.delete_data(user.id, before=before.timestamp() if before else None, conversation_id=conversation_id)}
 
-
-@router.post("/deploy")
-async def deploy(request: Request, user: UserDep, store: StoreDep, rollback: bool = False) -> dict:
-    """Install a sealed bundle (body: the .ownlm bytes) for the authenticated user; route them to it."""
-    from ownlm.node import install
-
-    data = await request.body()
-    settings = request.app.state.settings
-    res = await run_in_threadpool(install, store, settings, data, expect_user_id=user.id, rollback=rollback)
-    reload = getattr(request.app.state, "on_model_change", None)
-    if reload:
-        await run_in_threadpool(reload, user.id)
-    return {"model_id": res.model_id, "version": res.version, "signer": res.signer, "seconds": res.seconds}
-
-
-@router.get("/models")
-def models(user: UserDep, store: StoreDep) -> dict:
-    trusted = store.trusted_signers()
-    out = []
-    for m in store.models(user.id):
-        t = m["manifest"].get("training", {})
-        out.append({"id": m["id"], "version": m["version"], "installed_at": m["installed_at"], "size_bytes": m["size_bytes"],
-                    "active": m["active"], "signature_verified": m["signer"] in trusted, "signer": m["signer"],
-                    "training": t, "merkle_root": m["manifest"].get("dataset", {}).get("merkle_root")})
-    return {"models": out, "active": next((m["id"] for m in out if m["active"]), None)}
-
-
-class RollbackBody(BaseModel):
-    target: str | None = Field(default=None, description="version, model id or 'base'; default: the previous version")
-
-
-@router.post("/rollback")
-def rollback(body: RollbackBody, request: Request, user: UserDep, store: StoreDep) -> dict:
-    from ownlm.node import rollback as do_rollback
-
-    m = do_rollback(store, user.id, body.target)
-    reload = getattr(request.app.state, "on_model_change", None)
-    if reload:
-        reload(user.id)
-    return {"active": m["id"] if m else None}

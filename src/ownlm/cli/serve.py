@@ -28,11 +28,15 @@ def serve(ctx: Context, base, device, host, port, no_model) -> None:
     recover(store, settings)  # leftovers of an install that was killed
     engine = None if no_model else PersonalEngine(load_with_status(settings), store)
     app = create_app(settings, store, engine)
+    from ownlm.loop import Scheduler
+
+    scheduler = Scheduler(store, settings, on_deployed=engine.refresh if engine else None).start()
     model = engine.model_name if engine else "none (capture only)"
     console.print(f"ownlm node on http://{settings.host}:{settings.port} — model: {model}; API docs at /docs")
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=4 * 1024 * 1024)
     finally:
+        scheduler.stop()
         store.close()
 
 
@@ -49,7 +53,7 @@ def token_create(ctx: Context, user: str, label: str | None) -> None:
     """Create USER if needed and print a new token for them (shown once)."""
     settings = ctx.settings()
     with cli_store(settings) as store:
-        u = store.get_or_create_user(user)
+        u = store.get_or_create_user(user, tier=settings.personalization.privacy_tier)
         click.echo(store.create_token(u.id, label))
 
 

@@ -26,7 +26,7 @@ def token_sha256(token: str) -> str:
 
 
 class UsersMixin:
-    def create_user(self, name: str) -> User:
+    def create_user(self, name: str, tier: int = 1) -> User:
         if not NAME_RE.match(name):
             raise InvalidInput(
                 f"user name {name!r} is not allowed", hint="use 1-64 letters, digits, '_', '.', '@' or '-'"
@@ -35,9 +35,10 @@ class UsersMixin:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise InvalidInput(f"user {name!r} already exists", hint="pick another name or use that user")
             uid = "user_" + secrets.token_hex(6)
-            db.execute("INSERT INTO users (id, name, created_at) VALUES (?, ?, ?)", (uid, name, time.time()))
-            self.audit(db, uid, "user_created")
-        return User(uid, name, 1)
+            db.execute("INSERT INTO users (id, name, created_at, privacy_tier) VALUES (?, ?, ?, ?)",
+                       (uid, name, time.time(), tier))
+            self.audit(db, uid, "user_created", privacy_tier=tier)
+        return User(uid, name, tier)
 
     def get_user(self, name_or_id: str) -> User:
         rows = self.query(
@@ -47,11 +48,11 @@ class UsersMixin:
             raise NotFound(f"no user {name_or_id!r}", hint="create one with `ownlm token create NAME`")
         return User(*rows[0])
 
-    def get_or_create_user(self, name: str) -> User:
+    def get_or_create_user(self, name: str, tier: int = 1) -> User:
         try:
             return self.get_user(name)
         except NotFound:
-            return self.create_user(name)
+            return self.create_user(name, tier)
 
     def list_users(self) -> list[User]:
         return [User(*r) for r in self.query("SELECT id, name, privacy_tier FROM users ORDER BY created_at")]

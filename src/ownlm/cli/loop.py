@@ -1,0 +1,110 @@
+"""`ownlm train` (one learning round now), `ownlm status`, `ownlm privacy`."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import click
+from rich.table import Table
+
+from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli.model import console
+from ownlm.cli.store import cli_store
+
+
+@cli.command("train")
+@click.option("--user", help="Whose model (default: the settings' user).")
+@click.option("--max-steps", type=int, help="Cap on optimizer steps.")
+@click.option("--time-budget", type=float, help="Cap on training seconds.")
+@click.option("--epochs", type=int, help="Passes over the data.")
+@pass_ctx
+def train_cmd(ctx: Context, user, max_steps, time_budget, epochs) -> None:
+    """Run one learning round now: dataset → train → compress → quality gate → sign → seal → deploy."""
+    import threading
+
+    from ownlm.loop import run_job
+
+    settings = ctx.settings(user=user)
+    overrides = {k: v for k, v in {"max_steps": max_steps, "time_budget_s": time_budget, "epochs": epochs}.items() if v}
+    settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(update=overrides)})
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+        job_id = store.enqueue_job(u.id, "requested on the command line")
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(run_job(store, settings, job_id)))
+        worker.start()
+        with console.status("starting…") as status:
+            while worker.is_alive():
+                j = store.job(job_id)
+                status.update(f"{j['stage'] or j['state']}: {j['progress'] * 100:.0f}%")
+                worker.join(0.5)
+    _print_result(result)
+
+
+def _print_result(job: dict) -> None:
+    r = job.get("result") or {}
+    table = Table(title=f"round {job['id']}: {job['state']}", show_header=False)
+    table.add_row("outcome", job["reason"] or "")
+    for key in ("train_examples", "heldout_examples", "steps", "train_seconds", "tokens_per_s", "heldout_loss_base",
+                "heldout_loss_lora", "heldout_loss_compressed", "personalization_score", "fidelity", "kl_drift",
+                "artifact_bytes", "model_id"):
+        if r.get(key) is not None:
+            v = r[key]
+            table.add_row(key.replace("_", " "), f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    if job["state"] != "deployed":
+        raise SystemExit(2)
+
+
+@cli.command()
+@click.option("--user", help="Whose status (default: the settings' user).")
+@pass_ctx
+def status(ctx: Context, user) -> None:
+    """Samples since the last model, the next check, the running or last round and why it ended."""
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+        since, nxt, jobs, active = store.samples_since(u.id), store.next_run_at(u.id), store.jobs(u.id, 5), store.active_model(u.id)
+    cfg = settings.personalization
+    console.print(f"user {u.name}: privacy tier {u.privacy_tier}; serving {active['id'] if active else 'the base model'}")
+    console.print(f"{since} new samples since the last model (a round needs {cfg.min_samples}); next check "
+                  + (datetime.fromtimestamp(nxt).isoformat(' ', 'seconds') if nxt else "when the node runs"))
+    for j in jobs:
+        when = datetime.fromtimestamp(j["created_at"]).isoformat(" ", "seconds")
+        console.print(f"  {when} {j['id']} {j['state']}{' (' + j['stage'] + ')' if j['stage'] else ''}: {j['reason']}")
+
+
+@cli.group()
+def privacy() -> None:
+    """Where your conversations may go (tiers 0-3)."""
+
+
+@privacy.command("show")
+@click.option("--user", help="Whose tier.")
+@pass_ctx
+def privacy_show(ctx: Context, user) -> None:
+    """Show the tier and what each tier means."""
+    from ownlm.privacy import TIERS
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+    for tier, meaning in TIERS.items():
+        console.print(f"{'●' if tier == u.privacy_tier else ' '} {tier}  {meaning}")
+
+
+@privacy.command("set")
+@click.argument("tier", type=click.IntRange(0, 3))
+@click.option("--confirm", is_flag=True, help="Required to lower the tier (let data go further).")
+@click.option("--user", help="Whose tier.")
+@pass_ctx
+def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
+    """Set the privacy tier (recorded in the audit log)."""
+    from ownlm.privacy import set_tier
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        res = set_tier(store, store.get_user(settings.user), tier, confirm)
+    console.print(f"privacy tier {res['previous']} → {res['tier']}: {res['meaning']}")

@@ -1,0 +1,46 @@
+"""Privacy tiers as enforced policy: where may a user's raw conversations go?
+
+- 0 cloud: to a configured remote trainer over verified TLS, redacted.
+- 1 edge (default): nowhere; every remote path refuses.
+- 2 TEE: only to a trainer whose attestation verifies against the node's policy.
+- 3 homomorphic: no party but the user computes on plaintext; not available on these machines (see docs).
+Every code path that would send conversation data off the machine calls `check_may_send` first.
+"""
+
+from __future__ import annotations
+
+from ownlm.errors import InvalidInput, PrivacyViolation
+
+TIERS = {
+    0: "cloud: training data may go to your configured remote trainer over verified TLS, redacted",
+    1: "edge: nothing leaves this machine; training runs here",
+    2: "TEE: training data goes only to a trainer whose hardware attestation verifies",
+    3: "homomorphic: nobody computes on your plaintext (not available yet: training stays local)",
+}
+
+
+def check_may_send(tier: int, destination: str, attested: bool = False) -> None:
+    """Raise PrivacyViolation unless conversation data may go to `destination` under `tier`."""
+    if tier == 0:
+        return
+    if tier == 2 and attested:
+        return
+    what = {1: "tier 1 (edge) keeps all conversation data on this machine",
+            2: "tier 2 (TEE) sends data only to an attested trainer",
+            3: "tier 3 (homomorphic) never sends plaintext"}[tier]
+    raise PrivacyViolation(f"refused to send training data to {destination}: {what}",
+                           hint="train on this node, or change the tier with `ownlm privacy set` (lowering needs --confirm)")
+
+
+def set_tier(store, user, tier: int, confirm: bool) -> dict:
+    if tier not in TIERS:
+        raise InvalidInput(f"privacy tier {tier} does not exist", hint="use 0, 1, 2 or 3")
+    if tier < user.privacy_tier and not confirm:
+        raise PrivacyViolation(
+            f"lowering the privacy tier from {user.privacy_tier} to {tier} lets data go where it could not before",
+            hint="confirm it explicitly (confirm=true, or --confirm on the CLI)",
+        )
+    with store.tx() as db:
+        db.execute("UPDATE users SET privacy_tier = ? WHERE id = ?", (tier, user.id))
+        store.audit(db, user.id, "privacy_tier_changed", old=user.privacy_tier, new=tier)
+    return {"tier": tier, "previous": user.privacy_tier, "meaning": TIERS[tier]}
