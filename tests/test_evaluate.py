@@ -279,6 +279,39 @@ def test_speed_counts_completion_tokens_per_second():
     assert len(engine.calls) == 1 + 3 * 2  # warm-up + runs x prompts
 
 
+# ---------------------------------------------------------------- the report
+
+
+def test_report_derives_scores_round_trips_and_tabulates():
+    from ownlm.eval_report import COLUMNS, EvalReport, ModelScores
+
+    report = EvalReport(
+        base=ModelScores(heldout_nll=2.0, arc_easy=0.46, tokens_per_s=10.0),
+        personal=ModelScores(heldout_nll=1.5, kl_drift=0.05, arc_easy=0.44, behaviour=0.5),
+        compressed=ModelScores(heldout_nll=1.6, kl_drift=0.04),
+        heldout_tokens=1234, items={"arc_easy": 50}, notes={"device": "cpu"},
+    )
+    assert report.personalization_score == pytest.approx(0.25)
+    assert report.perplexity_ratio == pytest.approx(math.exp(-0.5))
+    assert report.kept_gain == pytest.approx(0.8)
+    d = json.loads(report.to_json())
+    assert d["derived"]["kept_gain"] == pytest.approx(0.8)
+    assert d["personal"]["wikitext_perplexity"] is None  # not computed -> null
+    assert EvalReport.from_dict(d) == report
+    columns, rows = report.to_table()
+    assert columns == COLUMNS
+    by_label = {r[0]: r[1:] for r in rows}
+    assert by_label["ARC-Easy accuracy"] == ["46.0%", "44.0%", "—"]
+    assert by_label["kept gain (compressed / personal)"] == ["—", "—", "80.0%"]
+    assert not any("WikiText" in label for label in by_label)  # a metric nobody measured has no row
+    assert all(len(r) == len(columns) for r in rows)
+    # Only the base measured: nothing derived, and the table still works.
+    assert EvalReport(base=ModelScores(heldout_nll=2.0)).kept_gain is None
+    assert len(EvalReport(base=ModelScores(heldout_nll=2.0)).to_table()[1]) == 1
+    with pytest.raises(ValueError, match="finite"):
+        ModelScores(heldout_nll=float("nan"))
+
+
 # ---------------------------------------------------------------- the real model
 
 
@@ -289,9 +322,9 @@ def test_embedded_model_general_ability(embedded_checkpoint):
     tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint))
     model = AutoModelForCausalLM.from_pretrained(str(embedded_checkpoint), dtype=torch.float32).eval()
     acc = multiple_choice_accuracy(model, tok, mc_items("arc_easy", n=50))
-    ppl = general_perplexity(model, tok, block=256, max_blocks=20)
+    ppl = general_perplexity(model, tok, block=256, max_blocks=8)
     print(f"\nembedded SmolLM2-135M-Instruct: ARC-Easy acc_norm(chars) on 50 items = {acc:.3f}; "
-          f"WikiText-2 per-token perplexity (20 x 256-token blocks, {ppl.n_tokens} tokens) = "
+          f"WikiText-2 per-token perplexity (8 x 256-token blocks, {ppl.n_tokens} tokens) = "
           f"{ppl.perplexity:.2f} (NLL {ppl.mean_nll:.3f})")
     assert acc > 0.25  # chance with 4 choices
     assert math.isfinite(ppl.perplexity) and 5 < ppl.perplexity < 100
