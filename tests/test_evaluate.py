@@ -17,7 +17,7 @@ from ownlm.eval_general import (
     load_general, mc_items, multiple_choice_accuracy, pick_choice,
 )
 from ownlm.evaluate import (
-    Scored, assistant_nll, behaviour_score, delta_applied, kept_gain, kl_drift, kl_from_logprobs,
+    assistant_nll, behaviour_score, delta_applied, kept_gain, kl_drift, kl_from_logprobs,
     next_token_logprobs, personalization_score, perplexity_ratio, speed,
 )
 from ownlm.engine.base import GenerationStream

@@ -6,7 +6,14 @@ and as table rows. A metric that was not computed is None (JSON null, "—" in t
     json.dumps(report.to_dict())          # derived scores included
     columns, rows = report.to_table()     # rich: Table(*columns); for r in rows: table.add_row(*r)
 
-Definitions of the metrics: see `ownlm.evaluate`.
+Definitions of the metrics: see `ownlm.evaluate`. Filling one from a base and a delta, one model in memory:
+
+    base = load_base(settings); m, tok = base.model, base.tokenizer
+    b = ModelScores(heldout_nll=assistant_nll(m, heldout).mean_nll, arc_easy=multiple_choice_accuracy(
+        m, tok, mc_items("arc_easy")))
+    with delta_applied(m, delta, base.sha256):
+        p = ModelScores(heldout_nll=assistant_nll(m, heldout).mean_nll, ...)
+    p.kl_drift = kl_drift(m, delta, dolly_examples(tok), base_sha256=base.sha256)
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class Scored:
 
     @classmethod
     def from_example(cls, ex: TokenizedExample) -> Scored:
-        """Positions t whose next token t + 1 carries loss (labels are unshifted: label t is token t's)."""
+        """Positions t whose next token t + 1 carries loss (labels are unshifted: label t is token t's).
+        A label at position 0 has no prefix to predict it from and is not scored."""
         pos = [t - 1 for t in range(1, len(ex.labels)) if ex.labels[t] != IGNORE]
         return cls(list(ex.input_ids), pos, [ex.labels[t + 1] for t in pos])
 
