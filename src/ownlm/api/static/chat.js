@@ -144,7 +144,8 @@ function answerCard(turn, label) {
       },
     }, pressed);
   const edit = el("button", { type: "button", class: "secondary", onclick: () => openEditor() }, "Edit the answer");
-  actions.append(thumb(1, "Good answer", "👍"), thumb(-1, "Bad answer", "👎"), edit);
+  // text symbols, not emoji: many Linux machines have no emoji font and would show empty boxes
+  actions.append(thumb(1, "Good answer", "✔ Good"), thumb(-1, "Bad answer", "✘ Bad"), edit);
 
   // The edit replaces the model's reply in training: the user writes what it should have said.
   function openEditor() {

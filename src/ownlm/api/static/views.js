@@ -95,11 +95,11 @@ function modelRow(m) {
   return el("tr", { class: m.active ? "active" : "", "data-version": m.version },
     el("th", { scope: "row" }, `v${m.version}`),
     el("td", {}, when(m.installed_at)),
-    el("td", {}, kb(m.size_bytes)),
+    el("td", { class: "nowrap" }, kb(m.size_bytes)),
     el("td", {}, t.samples ?? "—"),
     el("td", {}, `${loss(t.heldout_loss_base)} → ${loss(t.heldout_loss_personal)}`),
-    el("td", {}, m.signature_verified ? "✔ verified" : "✘ not verified"),
-    el("td", {}, m.active ? el("strong", {}, "● active") : ""),
+    el("td", { class: "nowrap" }, m.signature_verified ? "✔ verified" : "✘ not verified"),
+    el("td", { class: "nowrap" }, m.active ? el("strong", {}, "● active") : ""),
     el("td", {}, action));
 }
 
