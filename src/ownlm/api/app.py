@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from ownlm import __version__
 from ownlm.engine import Engine
 from ownlm.errors import OwnlmError
 from ownlm.settings import Settings
 from ownlm.store import Store
+
+
+STATIC = Path(__file__).parent / "static"
+# The dashboard loads nothing from anywhere but this node: the policy makes a stray external URL fail loudly.
+DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                 "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 def error_body(kind: str, message: str, hint: str | None) -> dict:
@@ -94,6 +103,11 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
     def health() -> dict:
         return {"status": "ok", "version": __version__, "model": engine.model_name if engine else None}
 
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(openai_routes.router)
     app.include_router(personalization.router)
     app.include_router(models_routes.router)

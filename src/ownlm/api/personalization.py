@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
-from ownlm.errors import InvalidInput
+from ownlm.errors import InvalidInput, OwnlmError
 from ownlm.store import NewMessage
 
 router = APIRouter(prefix="/api/personalization", tags=["personalization"])
@@ -108,6 +112,53 @@ def audit(user: UserDep, store: StoreDep, limit: int = Query(100, ge=1, le=1000)
     return {"events": store.audit_log(user.id, limit)}
 
 
+@router.post("/import")
+def import_export(
+    user: UserDep,
+    store: StoreDep,
+    file: UploadFile = File(..., description="a chat-history export (ChatGPT, Claude, llm logs.db, ShareGPT, ...)"),
+    format: str | None = Form(None, description="the export format; default: detected from the file"),
+) -> dict:
+    """Import an uploaded export for the authenticated user; returns what was stored, skipped and refused."""
+    from ownlm.capture.importers import parse_file
+    from ownlm.capture.ingest import import_into
+
+    name = Path(file.filename or "upload").name
+    # the importers read paths (SQLite needs one, .jsonl is told by its suffix): keep the upload's suffix
+    fd, tmp = tempfile.mkstemp(prefix="ownlm-import-", suffix=Path(name).suffix[:16])
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(file.file, out)
+        try:
+            result = parse_file(tmp, format or None)
+        except OwnlmError as e:  # the messages name the temp file; the user knows their file by its name
+            e.message = e.message.replace(tmp, name)
+            raise
+        counts = import_into(store, user.id, result, name)
+    finally:
+        os.unlink(tmp)
+    return {
+        "file": name, "format": result.format, "conversations": len(result.conversations),
+        "messages": result.message_count, **counts, "skipped": dict(result.skipped),
+        "bad": [{"index": b.index, "external_id": b.external_id, "reason": b.reason} for b in result.bad],
+    }
+
+
+def _before(before: datetime | None) -> float | None:
+    return before.timestamp() if before else None
+
+
+@router.get("/delete-preview")
+def delete_preview(
+    user: UserDep,
+    store: StoreDep,
+    before: datetime | None = Query(None, description="as DELETE /data"),
+    conversation_id: str | None = Query(None, description="as DELETE /data"),
+) -> dict:
+    """What DELETE /data with the same parameters would remove (counts only; nothing is changed)."""
+    return {"would_delete": store.delete_preview(user.id, before=_before(before), conversation_id=conversation_id)}
+
+
 @router.delete("/data")
 def delete_data(
     user: UserDep,
@@ -116,5 +167,5 @@ def delete_data(
     conversation_id: str | None = Query(None, description="delete only this conversation"),
 ) -> dict:
     """Right to delete: everything (no parameters), messages before a date, or one conversation."""
-    return {"deleted": store.delete_data(user.id, before=before.timestamp() if before else None, conversation_id=conversation_id)}
+    return {"deleted": store.delete_data(user.id, before=_before(before), conversation_id=conversation_id)}
 

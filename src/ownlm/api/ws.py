@@ -1,7 +1,9 @@
 """WebSocket /ws/chat: the client sends a message, the server streams the answer token by token.
 
 Protocol (JSON text frames):
-  client -> {"content": "...", "conversation_id"?: id from an earlier "start", "max_tokens"?, "temperature"?, "seed"?}
+  client -> {"content": "...", "conversation_id"?: id from an earlier "start", "max_tokens"?, "temperature"?, "seed"?,
+             "model"?: "ownlm" | the base's name, "after"?: message id to continue from (default: the latest),
+             "reply_to"?: one of your user messages to answer again, as a sibling reply (side by side)}
   server -> {"type": "start", "conversation_id", "message_id"}   the user's message is stored
             {"type": "token", "content": "..."}                  zero or more
             {"type": "done", "message_id", "finish_reason", "completion_tokens"}   the answer is stored
@@ -29,12 +31,14 @@ router = APIRouter()
 
 
 class WsMessage(BaseModel):
-    content: str = Field(min_length=1, max_length=200_000)
+    content: str | None = Field(default=None, max_length=200_000, description="the question; not with reply_to")
     conversation_id: str | None = None
     max_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.7, ge=0, le=2)
     seed: int | None = None
     model: str | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
+    after: str | None = Field(default=None, description="continue the conversation after this message (default: latest)")
+    reply_to: str | None = Field(default=None, description="answer this user message again; no new message is stored")
 
 
 @router.websocket("/ws/chat")
@@ -65,23 +69,13 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         msg = WsMessage.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as e:
         raise InvalidInput(f"bad message: {str(e).splitlines()[0]}", hint='send {"content": "..."}') from None
-    history: list[dict] = []
-    if msg.conversation_id:
-        last = await run_in_threadpool(store.latest_message, user.id, msg.conversation_id)
-        history = await run_in_threadpool(store.thread, user.id, last) if last else []
-        res = await run_in_threadpool(
-            store.capture, user.id, [NewMessage("user", msg.content)], source="ws", after=last,
-            seed=None if last else f"ws:{uuid.uuid4().hex}",
-        )
+    if msg.reply_to:
+        conversation_id, user_msg, history = await run_in_threadpool(_reply_context, store, user.id, msg.reply_to)
     else:
-        # A new chat gets its own namespace: one that opens like an earlier chat is still a new conversation.
-        res = await run_in_threadpool(
-            store.capture, user.id, [NewMessage("user", msg.content)], source="ws", seed=f"ws:{uuid.uuid4().hex}"
-        )
-    user_msg = res.message_ids[-1]
-    await ws.send_json({"type": "start", "conversation_id": res.conversation_id, "message_id": user_msg})
+        conversation_id, user_msg, history = await run_in_threadpool(_store_question, store, user.id, msg)
+    await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg})
     params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed)
-    prompt = [{"role": h["role"], "content": h["content"]} for h in history] + [{"role": "user", "content": msg.content}]
+    prompt = [{"role": h["role"], "content": h["content"]} for h in history]
     stream = start(engine, prompt, params, user.id, msg.model)
     parts = []
     async for piece in iterate_in_threadpool(iter(stream)):
@@ -91,3 +85,30 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
     res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
     await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,
                         "completion_tokens": stream.completion_tokens})
+
+
+def _store_question(store, user_id: str, msg: WsMessage) -> tuple[str, str, list[dict]]:
+    """Store the user's message; returns (conversation id, its message id, the thread up to and with it)."""
+    if not msg.content:
+        raise InvalidInput("the message is empty", hint='send {"content": "..."}')
+    last = None
+    if msg.conversation_id:
+        last = msg.after or store.latest_message(user_id, msg.conversation_id)
+        if msg.after and store.message_place(user_id, msg.after)[0] != msg.conversation_id:
+            raise InvalidInput(f"message {msg.after} is not in conversation {msg.conversation_id}")
+    elif msg.after:
+        raise InvalidInput("'after' needs the conversation_id it belongs to")
+    history = store.thread(user_id, last) if last else []
+    # A new chat gets its own namespace: one that opens like an earlier chat is still a new conversation.
+    res = store.capture(user_id, [NewMessage("user", msg.content)], source="ws", after=last,
+                        seed=None if last else f"ws:{uuid.uuid4().hex}")
+    question = {"role": "user", "content": msg.content}
+    return res.conversation_id, res.message_ids[-1], [*history, question]
+
+
+def _reply_context(store, user_id: str, message_id: str) -> tuple[str, str, list[dict]]:
+    """For a second answer to an existing question: (conversation id, the question's id, the thread to it)."""
+    conversation_id, role = store.message_place(user_id, message_id)
+    if role != "user":
+        raise InvalidInput(f"reply_to must name a user message; {message_id} is a {role} message")
+    return conversation_id, message_id, store.thread(user_id, message_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from datetime import datetime
@@ -12,6 +11,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ownlm.capture.ingest import import_into
 from ownlm.cli import Context, cli, pass_ctx
 from ownlm.cli.model import console
 from ownlm.errors import InvalidInput
@@ -27,41 +27,6 @@ def cli_store(settings: Settings):
     if passphrase is None and is_passphrase_protected(settings.home) and sys.stdin.isatty():
         passphrase = click.prompt("store passphrase", hide_input=True)
     return Store(settings.home, passphrase)
-
-
-def import_seed(fmt: str, conv) -> str:
-    """Dedup namespace of an imported conversation: the export's own id, else its opening messages."""
-    if conv.external_id:
-        return f"import:{fmt}:{conv.external_id}"
-    head = "\0".join(f"{m.role}:{m.content}" for m in conv.messages[:2])
-    return f"import:{fmt}:{conv.created_at}:" + hashlib.sha256(head.encode()).hexdigest()
-
-
-def import_into(store, user_id: str, result, file_name: str, progress=None) -> dict:
-    """Store an ImportResult for `user_id`; returns the counts (also written to the audit log)."""
-    from ownlm.store import NewMessage
-
-    counts = {"conversations_new": 0, "conversations_known": 0, "messages_new": 0, "messages_duplicate": 0}
-    convs = [c for c in result.conversations if c.messages]
-    for start in range(0, len(convs), 200):  # one transaction per 200 conversations
-        with store.tx() as db:
-            for conv in convs[start : start + 200]:
-                msgs = [NewMessage(m.role, m.content, m.created_at, m.model) for m in conv.messages]
-                res = store.capture(
-                    user_id, msgs, source=f"import:{result.format}", seed=import_seed(result.format, conv),
-                    title=conv.title, external_id=conv.external_id, created_at=conv.created_at, db=db,
-                )
-                counts["messages_new"] += res.added
-                counts["messages_duplicate"] += res.duplicates
-                counts["conversations_new" if res.duplicates == 0 and res.added else "conversations_known"] += 1
-            if progress:
-                progress(min(start + 200, len(convs)), len(convs))
-    with store.tx() as db:
-        store.audit(
-            db, user_id, "imported", format=result.format, file=file_name, skipped=sum(result.skipped.values()),
-            bad=len(result.bad), **counts,
-        )
-    return counts
 
 
 @cli.command("import")

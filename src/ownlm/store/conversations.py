@@ -225,10 +225,40 @@ class ConversationsMixin:
         rows = self.query("SELECT id FROM messages WHERE conversation_id = ? ORDER BY rowid DESC LIMIT 1", (conversation_id,))
         return rows[0][0] if rows else None
 
+    def message_place(self, user_id: str, message_id: str) -> tuple[str, str]:
+        """(conversation id, role) of one of the user's messages; another user's looks like a missing one."""
+        rows = self.query("SELECT conversation_id, role FROM messages WHERE id = ? AND user_id = ?", (message_id, user_id))
+        if not rows:
+            raise NotFound(f"no message {message_id}")
+        return rows[0][0], rows[0][1]
+
     def _blank_examples(self, db, conversation_ids: list[str]) -> None:
         """Drop the text of dataset examples made from these conversations (their hashes stay for the audit)."""
         for cid in conversation_ids:
             db.execute("UPDATE dataset_examples SET messages = NULL WHERE conversation_id = ?", (cid,))
+
+    def delete_preview(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None) -> dict:
+        """What `delete_data` with the same arguments would remove, counted and nothing changed."""
+        if before is not None and conversation_id is not None:
+            raise InvalidInput("give either a date or a conversation, not both")
+        if conversation_id is not None:
+            if not self.query("SELECT 1 FROM conversations WHERE id = ? AND user_id = ?", (conversation_id, user_id)):
+                raise NotFound(f"no conversation {conversation_id}")
+            where, params = "m.conversation_id = ?", (conversation_id,)
+            n_conv = 1
+        elif before is not None:
+            where, params = "m.user_id = ? AND m.created_at < ?", (user_id, before)
+            # a conversation goes when none of its messages is newer (delete_data drops the emptied ones)
+            (n_conv,), = self.query(
+                "SELECT count(*) FROM conversations c WHERE c.user_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.created_at >= ?)", (user_id, before),
+            )
+        else:
+            where, params = "m.user_id = ?", (user_id,)
+            (n_conv,), = self.query("SELECT count(*) FROM conversations WHERE user_id = ?", (user_id,))
+        (n_msg,), = self.query(f"SELECT count(*) FROM messages m WHERE {where}", params)
+        (n_fb,), = self.query(f"SELECT count(*) FROM feedback f JOIN messages m ON m.id = f.message_id WHERE {where}", params)
+        return {"messages": n_msg, "conversations": n_conv, "feedback": n_fb}
 
     def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None) -> dict:
         """Delete the user's conversations: all of them, every message created before `before` (unix s),
