@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ownlm-installed
 DEMO_HOME ?= $(CURDIR)/.ownlm-demo
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,16 @@ demo: setup
 	OWNLM_HOME=$(DEMO_HOME) $(VENV)/bin/ownlm chat --temperature 0 --max-tokens 80 \
 		"In two sentences, what is a language model?"
 
-test: setup
+# The dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser). Installed
+# here when missing and we are root (CI); elsewhere those tests skip and say how to install it.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "note: /usr/bin/chromium missing; browser tests will skip (apt-get install chromium)"; fi; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

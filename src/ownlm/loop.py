@@ -79,7 +79,7 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
                        dataset={"id": ds_id, "merkle_root": built.merkle_root})
         figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
                        heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
-                       tokens_per_s=report.tokens_per_s, steps=report.steps)
+                       tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
         store.update_job(job_id, stage="compress", progress=0.0)
 
         # 3. compress, 4. gate
