@@ -107,3 +107,15 @@ class CorruptArtifact(OwnlmError):
     """A delta or artifact file that is truncated, altered or inconsistent with its own metadata."""
 
     http_status = 422
+
+
+class NotEnoughData(OwnlmError):
+    """Too few usable training examples (none, or fewer than the configured minimum)."""
+
+    http_status = 422
+
+
+class TrainingDiverged(OwnlmError):
+    """Training produced a non-finite loss, gradient or weight; the run was stopped and nothing was replaced."""
+
+    http_status = 500
