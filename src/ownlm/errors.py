@@ -131,3 +131,15 @@ class Busy(OwnlmError):
     """Something that is already running for this user (a training job)."""
 
     http_status = 409
+
+
+class NotEnoughData(OwnlmError):
+    """Too few usable training examples (none, or fewer than the configured minimum)."""
+
+    http_status = 422
+
+
+class TrainingDiverged(OwnlmError):
+    """Training produced a non-finite loss, gradient or weight; the run was stopped and nothing was replaced."""
+
+    http_status = 500

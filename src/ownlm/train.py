@@ -1,0 +1,373 @@
+"""Train: LoRA on the base model from tokenized examples -> out_dir/adapter/ + out_dir/report.json.
+
+    report = train(base, train_examples, heldout, TrainConfig(), out_dir, progress=cb, dataset={...})
+
+Fast on a CPU because (measured in bench/train_speed.py): batches are grouped by length under a token budget
+(little padding), the LM head runs only at positions whose next token is a target, batches are collated once,
+the base is frozen (no weight gradients) and torch uses one thread per physical core. On CUDA the forward
+runs under bf16 autocast with fp32 LoRA weights.
+
+Resumable: every `checkpoint_every_steps` steps and at the end, out_dir/checkpoint/ gets the adapter, the
+AdamW state and the loop position (see ownlm.train_loop); running the same call again after a crash continues
+from there and ends with the same weights as an uninterrupted run (CPU). A non-finite loss or gradient raises
+TrainingDiverged and leaves any previous out_dir/adapter untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ownlm.basemodel import BaseModel
+from ownlm.batching import epoch_order, make_batches, prepare
+from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
+from ownlm.tokens import TokenizedExample
+from ownlm.train_loop import (
+    all_finite, atomic_write_text, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
+    restore_optimizer, save_checkpoint, set_rng_state, supports_target_only_head, target_nll,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is validated in __post_init__; the error names the field and the bad value."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank. r=8 on q/v of the 135M base is 460,800 parameters."})
+    alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r (here 2)."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout in [0, 1). 0 keeps steps deterministic and cheap."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Exact names of the linear modules that get LoRA (the BitDelta lora1 mode expects q/v)."},
+    )
+    lr: float = field(
+        default=2e-4,
+        metadata={"help": "Peak AdamW learning rate. 2e-4 is the usual LoRA rate (LoRA, QLoRA) at alpha/r = 2: "
+                  "fast enough to learn a style in a few hundred steps, slow enough not to wreck the base's "
+                  "general ability (the quality gate checks drift)."},
+    )
+    epochs: int = field(default=1, metadata={"help": "Passes over the training examples."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (None: epochs decide)."})
+    time_budget_s: float | None = field(
+        default=None, metadata={"help": "Stop after this many seconds of training in this call (None: no limit)."}
+    )
+    batch_tokens: int = field(
+        default=1024,
+        metadata={"help": "Token budget per batch: rows x longest row (padding included) stays under it. 1024 "
+                  "gave the best CPU throughput in bench/train_speed.py (less padding than 4096: 3.9 % vs 14 % on "
+                  "the bench data) and 3x more optimizer steps per epoch, which small personal data sets need."},
+    )
+    max_seq_len: int = field(
+        default=512, metadata={"help": "Longer examples keep their last max_seq_len tokens (the start is cut)."}
+    )
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps with a linear LR warmup."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA weights."})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "Clip the gradient's global norm (None: no clip)."})
+    seed: int = field(default=0, metadata={"help": "Seeds LoRA init, batch grouping and batch order."})
+    checkpoint_every_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
+    min_examples: int = field(default=1, metadata={"help": "Refuse to train on fewer usable examples than this."})
+    eval_batch_tokens: int = field(default=8192, metadata={"help": "Token budget per held-out batch (no gradients)."})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid training setting {name}={getattr(self, name)!r}: {why}",
+                               hint=f"fix {name} ({_help(name)})")
+
+        for name in ("r", "epochs", "batch_tokens", "max_seq_len", "checkpoint_every_steps", "min_examples",
+                     "eval_batch_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise bad("max_steps", "must be a positive integer or None")
+        for name in ("alpha", "lr"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise bad(name, "must be a positive number")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "must be in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise bad("grad_clip", "must be positive or None")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise bad("time_budget_s", "must be positive or None")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise bad("target_modules", "must be a non-empty list of module names")
+        self.target_modules = list(self.target_modules)
+        if self.max_seq_len > self.batch_tokens:
+            raise bad("max_seq_len", f"must be <= batch_tokens ({self.batch_tokens}) so that any example fits a batch")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}", hint=f"use: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def _help(name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(TrainConfig) if f.name == name)
+
+
+# Fields that do not change the computation, so a checkpoint stays valid when only they change.
+_RESUME_NEUTRAL = {"time_budget_s", "checkpoint_every_steps", "eval_batch_tokens", "min_examples"}
+
+
+@dataclass
+class TrainProgress:
+    """What the `progress` callback receives: phase is 'eval_base', 'train' or 'eval_personal'."""
+
+    phase: str
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float | None
+
+
+@dataclass
+class TrainReport:
+    samples: int  # training examples used
+    tokens: int  # real tokens processed (all epochs)
+    loss_tokens: int  # target tokens processed (all epochs)
+    steps: int
+    epochs_completed: float
+    duration_s: float  # training loop only (this call), without evaluation
+    tokens_per_s: float
+    loss: float | None  # mean train loss of the last epoch's steps (or last up to 10 steps)
+    loss_curve: list[float]  # mean target-token loss per step
+    heldout_samples: int
+    heldout_loss_base: float | None
+    heldout_loss_personal: float | None
+    base_sha256: str
+    config: dict
+    dataset: dict | None
+    stopped: str  # 'completed' | 'max_steps' | 'time_budget'
+    resumed_from_step: int | None
+    dropped_no_target: int
+    truncated: int  # examples cut from the left to max_seq_len
+    batches_per_epoch: int
+    padding_fraction: float  # padded positions / all positions in the training batches
+    wall_s: float  # the whole call, evaluation and saving included
+    adapter_dir: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def _fingerprint(base_sha: str, config: TrainConfig, examples: list[TokenizedExample]) -> str:
+    h = hashlib.sha256(base_sha.encode())
+    h.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUME_NEUTRAL}, sort_keys=True).encode())
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()
+
+
+def check_examples(train_examples: list[TokenizedExample], usable: int, config: TrainConfig) -> None:
+    if not train_examples:
+        raise NotEnoughData("no training examples", hint="capture or import conversations first (ownlm import ...)")
+    if usable < config.min_examples:
+        raise NotEnoughData(
+            f"{usable} usable training example(s) (with at least one assistant target), at least "
+            f"{config.min_examples} needed",
+            hint="capture or import more conversations, or lower min_examples",
+        )
+
+
+def train(
+    base: BaseModel,
+    train_examples: list[TokenizedExample],
+    heldout: list[TokenizedExample],
+    config: TrainConfig,
+    out_dir: Path,
+    progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = True,
+    dataset: dict | None = None,
+) -> TrainReport:
+    """Train a LoRA adapter; write out_dir/adapter/ and out_dir/report.json only on success.
+
+    `dataset` is recorded as is in the report (e.g. {"merkle_root": ...}). `resume=False` ignores an
+    existing checkpoint. The base model is left as it was (the LoRA layers are removed at the end).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    wall0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    data = prepare(train_examples, config.max_seq_len)
+    check_examples(train_examples, len(data.examples), config)
+    held = prepare(heldout, config.max_seq_len)
+    device = base.device.device
+    if not supports_target_only_head(base.model):
+        raise ConfigError("this base post-processes its logits (soft-capping or scaling)",
+                          hint="use a Llama-style base (SmolLM2, Llama, Qwen, Mistral)")
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id
+
+    batches = make_batches(data.examples, config.batch_tokens, config.seed, pad_id)
+    held_batches = make_batches(held.examples, config.eval_batch_tokens, config.seed, pad_id)
+    n_batches = len(batches)
+    total_steps = config.epochs * n_batches
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = int(config.warmup_ratio * total_steps)
+    padded = sum(b.input_ids.numel() for b in batches)
+    fingerprint = _fingerprint(base.sha256, config, data.examples)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base.model, lora)
+    try:
+        causal_lm = model.get_base_model()  # the *ForCausalLM with LoRA layers injected
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+
+        # Loop state, restored from a checkpoint when there is a matching one.
+        step, loss_curve, tokens_seen, loss_tokens_seen = 0, [], 0, 0
+        heldout_base: float | None = None
+        resumed_from = None
+        ckpt_root = out_dir / CHECKPOINT_DIR
+        ckpt = load_checkpoint(ckpt_root) if resume else None
+        if ckpt is not None and ckpt[0].get("fingerprint") == fingerprint:
+            state, adapter_t, opt_t = ckpt
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(adapter_t[n])
+            restore_optimizer(optimizer, state, opt_t)
+            set_rng_state(state["rng"])
+            step, loss_curve = state["step"], state["loss_curve"]
+            tokens_seen, loss_tokens_seen = state["tokens_seen"], state["loss_tokens_seen"]
+            heldout_base = state.get("heldout_loss_base")
+            resumed_from = step
+            log.info("resuming from step %d of %d", step, total_steps)
+        elif ckpt is not None:
+            log.warning("ignoring the checkpoint in %s: it was made for other data, config or base", ckpt_root)
+
+        def report_progress(phase: str, loss: float | None, t_rate: float, elapsed: float) -> None:
+            if progress is None:
+                return
+            rate = t_rate
+            left = total_steps - step
+            eta = elapsed / max(1, step - (resumed_from or 0)) * left if step > (resumed_from or 0) else None
+            progress(TrainProgress(phase, step, total_steps, step // max(1, n_batches), loss, rate, elapsed, eta))
+
+        model.eval()
+        if heldout_base is None and held_batches:
+            report_progress("eval_base", None, 0.0, 0.0)
+            with model.disable_adapter():
+                heldout_base = mean_nll(causal_lm, held_batches, device)
+
+        stopped = "completed" if total_steps == config.epochs * n_batches else "max_steps"
+        model.train()
+        t0 = time.perf_counter()
+        call_tokens = 0
+        while step < total_steps:
+            epoch, k = divmod(step, n_batches)
+            order = epoch_order(n_batches, config.seed, epoch)
+            batch = batches[order[k]]
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, config.lr, total_steps, warmup)
+            nll = target_nll(causal_lm, batch, device)
+            loss = nll / batch.n_loss_tokens
+            loss_value = loss.detach().item()
+            if not is_finite(loss_value):
+                raise _diverged(step, f"loss is {loss_value}", config)
+            loss.backward()
+            if config.grad_clip is not None:
+                norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
+            else:
+                norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()])))
+            if not is_finite(norm):
+                raise _diverged(step, f"gradient norm is {norm}", config)
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # AdamW's step size itself overflows float32 at absurd learning rates
+                if "overflow" not in str(e):
+                    raise
+                raise _diverged(step, f"the optimizer step overflowed ({e})", config) from None
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_curve.append(loss_value)
+            tokens_seen += batch.n_tokens
+            loss_tokens_seen += batch.n_loss_tokens
+            call_tokens += batch.n_tokens
+            elapsed = time.perf_counter() - t0
+            report_progress("train", loss_value, call_tokens / elapsed, elapsed)
+            over_budget = config.time_budget_s is not None and elapsed >= config.time_budget_s
+            if step % config.checkpoint_every_steps == 0 or step == total_steps or over_budget:
+                if not all_finite(params.values()):
+                    raise _diverged(step, "a LoRA weight is not finite", config)
+                save_checkpoint(ckpt_root, step, params, optimizer, {
+                    "fingerprint": fingerprint, "loss_curve": loss_curve, "tokens_seen": tokens_seen,
+                    "loss_tokens_seen": loss_tokens_seen, "heldout_loss_base": heldout_base,
+                    "epoch": step // n_batches, "batch_in_epoch": step % n_batches,
+                    "epoch_order": epoch_order(n_batches, config.seed, step // n_batches),
+                    "batches": [b.indices for b in batches], "total_steps": total_steps,
+                })
+            if over_budget and step < total_steps:
+                stopped = "time_budget"
+                break
+        duration = time.perf_counter() - t0
+
+        if not all_finite(params.values()):
+            raise _diverged(step, "a LoRA weight is not finite", config)
+        model.eval()
+        heldout_personal = None
+        if held_batches:
+            report_progress("eval_personal", loss_curve[-1] if loss_curve else None, call_tokens / max(duration, 1e-9), duration)
+            heldout_personal = mean_nll(causal_lm, held_batches, device)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{ADAPTER_DIR}.tmp-"))
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            replace_dir(tmp, out_dir / ADAPTER_DIR)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = loss_curve[-n_batches:] if n_batches <= len(loss_curve) else loss_curve[-10:]
+        report = TrainReport(
+            samples=len(data.examples), tokens=tokens_seen, loss_tokens=loss_tokens_seen, steps=step,
+            epochs_completed=round(step / n_batches, 4), duration_s=round(duration, 3),
+            tokens_per_s=round(call_tokens / duration, 1) if duration > 0 else 0.0,
+            loss=sum(last) / len(last) if last else None, loss_curve=loss_curve,
+            heldout_samples=len(held.examples), heldout_loss_base=heldout_base, heldout_loss_personal=heldout_personal,
+            base_sha256=base.sha256, config=config.to_dict(), dataset=dataset, stopped=stopped,
+            resumed_from_step=resumed_from, dropped_no_target=data.dropped_no_target, truncated=data.truncated,
+            batches_per_epoch=n_batches, padding_fraction=round(1 - data.tokens / padded, 4) if padded else 0.0,
+            wall_s=round(time.perf_counter() - wall0, 3), adapter_dir=str(out_dir / ADAPTER_DIR),
+        )
+        atomic_write_text(out_dir / REPORT_FILE, report.to_json())
+        return report
+    finally:
+        model.unload()  # removes the LoRA layers: base.model is the plain base again
+        base.model.eval()
+
+
+def _diverged(step: int, what: str, config: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged at step {step + 1}: {what} (lr={config.lr:g}); the previous adapter was kept",
+        hint="lower lr (e.g. 1e-4), keep grad_clip on, or check the examples for garbage",
+    )
