@@ -42,6 +42,9 @@ def _quiet_libraries(debug: bool) -> None:
     """transformers prints progress bars and deprecation chatter that mean nothing to a user."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not user news
         try:
             from transformers.utils import logging as hf_logging
 

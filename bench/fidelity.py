@@ -1,0 +1,160 @@
+"""Compression fidelity on the embedded model: how much of a persona LoRA survives 1 bit per weight?
+
+Trains a LoRA r=8 on q/v of SmolLM2-135M on a persona's conversations (the persona fixtures shipped with
+ownlm), then compares, on the persona's held-out conversations (split by conversation):
+
+    fp32 LoRA | fp16 LoRA | lora1 (scales per matrix / rank / row / col) ± scale distillation |
+    dense BitDelta of the merged fine-tune (q/v, scale per matrix) ± scale distillation
+
+For each: bytes on disk, held-out assistant-token NLL, the share of the fp32 LoRA's NLL gain over the base
+that survives ("kept gain"), and KL(fine-tuned || compressed) on the held-out conversations. Distillation
+follows the paper (signs frozen, scales trained with Adam on logit MSE) on the user's own training prompts.
+Goals: the default personal artifact (delta files + manifest) <= 64 KB, keeping >= 95% of the gain.
+
+    .venv/bin/python bench/fidelity.py [--persona bram] [--steps 150] [--distill-steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ownlm.basemodel import load_base  # noqa: E402
+from ownlm.bitdelta import (  # noqa: E402
+    CompressConfig, DistillConfig, compress_dense, compress_lora, distill, load_delta, read_adapter, save_delta, weight_deltas,
+)
+from ownlm.bitdelta.distill import text_batches  # noqa: E402
+from ownlm.capture.importers import parse_file  # noqa: E402
+from ownlm.dataset import DatasetConfig, build, tokenize  # noqa: E402
+from ownlm.evaluate import assistant_nll, kept_gain, kl_drift  # noqa: E402
+from ownlm.personas import DATA_DIR  # noqa: E402
+from ownlm.settings import load_settings  # noqa: E402
+from ownlm.train import TrainConfig, train  # noqa: E402
+
+
+@contextmanager
+def added(model, deltas: dict[str, torch.Tensor]):
+    """model weights += deltas for the block, restored exactly afterwards (copies of the touched weights)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in deltas}
+    with torch.no_grad():
+        for n, d in deltas.items():
+            params[n].add_(d.to(params[n].dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+def lora_deltas(adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dense fp32 deltas s * B @ A from the adapter's factors, rounded to `dtype` first (fp16 LoRA)."""
+    ad = read_adapter(adapter_dir)
+    s = ad.alpha / ad.r
+    return {f"{p}.weight": s * (b.to(dtype).float() @ a.to(dtype).float()) for p, (a, b) in ad.factors.items()}
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
+    ap.add_argument("--persona", default="bram")
+    ap.add_argument("--steps", type=int, default=150, help="LoRA training steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--distill-steps", type=int, default=60)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    settings = load_settings(home=args.home)
+    base = load_base(settings)
+    tok = base.tokenizer
+    result = parse_file(DATA_DIR / f"{args.persona}.jsonl")
+    conversations = {}
+    for i, c in enumerate(result.conversations):
+        rows, parent = [], None
+        for j, m in enumerate(c.messages):
+            rows.append({"id": f"{i}-{j}", "parent_id": parent, "role": m.role, "content": m.content})
+            parent = f"{i}-{j}"
+        conversations[f"c{i:04d}"] = rows
+    built = build(conversations, {}, tok, DatasetConfig(heldout_fraction=0.15))
+    train_ex, held = tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok)
+    print(f"persona {args.persona}: {len(train_ex)} training / {len(held)} held-out examples; "
+          f"{sum(len(e) for e in train_ex):,} training tokens")
+    work = Path(tempfile.mkdtemp())
+    report = train(base, train_ex, held, TrainConfig(max_steps=args.steps, lr=args.lr), work / "train")
+    print(f"trained {report.steps} steps in {report.duration_s:.0f} s ({report.tokens_per_s:.0f} tokens/s)")
+    adapter = work / "train" / "adapter"
+    model = base.model
+    nll_base = assistant_nll(model, held).mean_nll
+    fp32 = lora_deltas(adapter, torch.float32)
+    with added(model, fp32):
+        nll_lora = assistant_nll(model, held).mean_nll
+
+    # the teacher: a second copy with the fp32 LoRA merged (for KL and distillation)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(base.model.name_or_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        tp = dict(teacher.named_parameters())
+        for n, d in fp32.items():
+            tp[n].add_(d)
+    prompts = [t for e in train_ex for t in e.input_ids]
+    dcfg = DistillConfig(steps=args.distill_steps, lr=1e-4)
+    rows = []
+
+    def measure(name: str, deltas: dict[str, torch.Tensor], nbytes: int, note: str = "") -> None:
+        with added(model, deltas):
+            nll = assistant_nll(model, held).mean_nll
+            kl = kl_drift(teacher, model, held, max_positions=1024)
+        rows.append({"variant": name, "bytes": nbytes, "heldout_nll": nll, "kept_gain": kept_gain(nll_base, nll_lora, nll),
+                     "kl_finetuned_compressed": kl, "note": note})
+        print(f"  {name:<34} {nbytes:>10,} B  NLL {nll:.4f}  kept {rows[-1]['kept_gain'] or 0:7.1%}  KL {kl:.5f}")
+
+    print(f"held-out NLL: base {nll_base:.4f}, fp32 LoRA {nll_lora:.4f} (gain {nll_base - nll_lora:.4f} nats/token)")
+    measure("fp32 LoRA (adapter file)", fp32, (adapter / "adapter_model.safetensors").stat().st_size)
+    fp16 = lora_deltas(adapter, torch.float16)
+    measure("fp16 LoRA", fp16, (adapter / "adapter_model.safetensors").stat().st_size // 2)
+    for gran in ("matrix", "rank", "row", "col"):
+        delta = compress_lora(read_adapter(adapter), CompressConfig(mode="lora1", scales=gran), base.sha256)
+        d = save_delta(delta, work / f"lora1-{gran}")
+        measure(f"lora1 scales={gran}", weight_deltas(delta), dir_bytes(d), "default" if gran == "rank" else "")
+        if gran in ("rank", "matrix") and args.distill_steps:
+            distilled, rep = distill(model, teacher, delta, text_batches(prompts, dcfg), dcfg)
+            d = save_delta(distilled, work / f"lora1-{gran}-distilled")
+            measure(f"lora1 scales={gran} + distill", weight_deltas(distilled), dir_bytes(d),
+                    f"logit MSE {rep.loss_before:.4g} -> {rep.loss_after:.4g}")
+    dense = compress_dense(model, teacher, CompressConfig(mode="dense", target_modules=("q_proj", "v_proj")), base.sha256)
+    d = save_delta(dense, work / "dense")
+    measure("dense BitDelta q/v (paper)", weight_deltas(dense), dir_bytes(d))
+    if args.distill_steps:
+        distilled, rep = distill(model, teacher, dense, text_batches(prompts, dcfg), dcfg)
+        d = save_delta(distilled, work / "dense-distilled")
+        measure("dense BitDelta q/v + distill", weight_deltas(distilled), dir_bytes(d),
+                f"logit MSE {rep.loss_before:.4g} -> {rep.loss_after:.4g}")
+    manifest_bytes = 1500  # measured by bench/deploy.py / the demo: a signed manifest is ~1.2-1.5 KB
+    default = next(r for r in rows if r["variant"] == "lora1 scales=rank")
+    print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
+    print(f"goal 1 (default artifact <= 64 KB): delta {default['bytes']:,} B + manifest ~{manifest_bytes} B -> "
+          f"{'met' if default['bytes'] + manifest_bytes <= 64_000 else 'NOT met'}")
+    best = max((r for r in rows if r["variant"].startswith("lora1")), key=lambda r: r["kept_gain"] or 0)
+    print(f"goal 2 (>= 95% of the gain kept at 1 bit): default keeps {default['kept_gain'] or 0:.1%}, best 1-bit "
+          f"lora1 variant ({best['variant']}) {best['kept_gain'] or 0:.1%} -> "
+          f"{'met' if (default['kept_gain'] or 0) >= 0.95 else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps({"nll_base": nll_base, "nll_lora": nll_lora, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
