@@ -225,6 +225,9 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
     no_targets = [TokenizedExample([1, 2, 3], [IGNORE] * 3)] * 4
     with pytest.raises(NotEnoughData, match="0 usable"):
         train(tiny, no_targets, [], quick(), tmp_path / "o")
+    with pytest.raises(ConfigError, match="target_modules"):
+        train(tiny, examples(tiny.tokenizer, range(3)), [], quick(target_modules=["qproj"]), tmp_path / "o")
+    assert not any(type(m).__name__.startswith("Lora") for m in tiny.model.modules())
     with pytest.raises(ConfigError, match="lr=-1"):
         TrainConfig(lr=-1)
     with pytest.raises(ConfigError, match="max_seq_len"):

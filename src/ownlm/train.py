@@ -239,7 +239,11 @@ def train(
     random.seed(config.seed)
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base.model, lora)
+    try:
+        model = get_peft_model(base.model, lora)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise ConfigError(f"invalid training setting target_modules={config.target_modules!r}: {e}",
+                          hint="name linear modules of the base, e.g. q_proj, k_proj, v_proj, o_proj") from None
     try:
         causal_lm = model.get_base_model()  # the *ForCausalLM with LoRA layers injected
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
