@@ -116,3 +116,25 @@ def test_restart_requeues_a_running_job(home, tiny_base):
         scheduler.start()
         job = store.job(job_id)
         assert job["state"] == "queued" and "resumed after a restart" in job["reason"]
+
+
+def test_eval_after_a_round(home, tiny_base, tmp_path):
+    from tests.conftest import run_cli
+
+    settings = loop_settings(tiny_base)
+    with Store(home) as store:
+        user = store.create_user("bram")
+        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
+        job = run_job(store, settings, store.enqueue_job(user.id, "test"))
+        assert job["state"] == "deployed", job["reason"]
+    env = {"OWNLM_BASE": str(tiny_base), "OWNLM_USER": "bram"}
+    r = run_cli("eval", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["personal"]["heldout_nll"] < doc["base"]["heldout_nll"]
+    assert doc["personal"]["kl_drift"] > 0 and doc["base"]["behaviour"] is not None
+    assert doc["derived"]["personalization_score"] > 0 and doc["artifact"]["ratio_to_fp16_lora"] > 10
+    plot = tmp_path / "versions.png"
+    r = run_cli("eval", "--quick", "--plot", str(plot), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "held-out assistant NLL" in r.stdout and plot.read_bytes()[:4] == b"\x89PNG"

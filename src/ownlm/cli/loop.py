@@ -125,3 +125,34 @@ def demo(ctx: Context, persona: str, time_budget: float) -> None:
     result = demo_mod.run(settings, persona)
     if result.get("state") != "deployed":
         raise SystemExit(2)
+
+
+@cli.command("eval")
+@click.option("--model", "model", help="Version or id of the model (default: the active one).")
+@click.option("--user", help="Whose model (default: the settings' user).")
+@click.option("--quick", is_flag=True, help="Skip the general-ability benchmarks (WikiText-2, ARC-Easy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of held-out loss per version.")
+@pass_ctx
+def eval_cmd(ctx: Context, model, user, quick, as_json, plot) -> None:
+    """Measure the personal model against the base: personalization, behaviour, drift, compression, speed."""
+    from ownlm.eval_run import evaluate_user, plot_versions, to_json
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+        report, extras = evaluate_user(store, settings, u, model, quick,
+                                       progress=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
+    if plot:
+        plot_versions(extras, plot)
+    if as_json:
+        click.echo(to_json(report, extras))
+        return
+    columns, rows = report.to_table()
+    table = Table(*columns, title=f"{u.name}: {extras['model']} vs base")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"artifact {extras['artifact_bytes']:,} B on disk (1-bit payload {extras['delta_payload_bytes']:,} B: "
+                  f"{extras['ratio_to_fp16_lora']:.0f}x smaller than the fp16 LoRA, {extras['ratio_to_fp16_base']:,.0f}x "
+                  f"smaller than the fp16 base)")
