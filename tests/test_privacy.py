@@ -99,8 +99,10 @@ def test_tier0_trains_remotely_over_verified_tls_and_the_trainer_erases_the_job(
     assert len(seen_jobs) == 1 and MARKER.encode() in seen_jobs[0]
     assert b"example.com" not in seen_jobs[0] and b"[EMAIL]" in seen_jobs[0]
     assert ("POST", "/trainer/jobs") in app.seen
-    # ... and kept nothing of it: no file under the trainer's home holds the marker, no job dir is left
+    # ... and kept nothing of it: no file under the trainer's home holds the marker or the dataset's Merkle root
+    # (the root is in the training report the job dir holds while it runs), and no job dir is left
     assert files_containing(t.settings.home, MARKER.encode()) == []
+    assert files_containing(t.settings.home, built.merkle_root.encode()) == []
     assert list((t.settings.home / "trainer" / "jobs").iterdir()) == []
     # the transfer and the receipt are audited (what, where, how much; never content)
     log = actions(store, user.id)
@@ -265,3 +267,37 @@ def test_tier2_without_evidence_or_policy_sends_nothing(node, make_trainer, pki)
             remote.train_remotely(store, settings, user, built, srv.url, ca.pem, verifier=InsecureTestVerifier(),
                                   policy=AttestationPolicy(allowed_measurements=[MEASUREMENT]))
     assert ("POST", "/trainer/jobs") not in app.seen
+
+
+def test_trainer_erases_the_job_when_it_fails_midway(node, make_trainer, monkeypatch):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    t = make_trainer()
+    import json
+
+    from ownlm import gate
+    from ownlm.artifact.seal import seal
+
+    def boom(*a, **k):
+        raise RuntimeError("compression crashed")
+
+    monkeypatch.setattr(gate, "compress_adapter", boom)  # after training wrote its adapter and report
+    doc = remote.job_document(user, built, store.node_key().public_json(), t.base.sha256, settings, 1, None)
+    with pytest.raises(RuntimeError, match="compression crashed"):
+        t.run(seal({"job.json": json.dumps(doc).encode()}, t.pubkey()))
+    assert files_containing(t.settings.home, built.merkle_root.encode()) == []
+    assert list((t.settings.home / "trainer" / "jobs").iterdir()) == []
+
+
+def test_remote_settings_and_cli(tmp_path, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("OWNLM_REMOTE__TRAINER_URL", "https://trainer.example:8443/")
+    monkeypatch.setenv("OWNLM_REMOTE__CA_FILE", str(tmp_path / "ca.pem"))
+    s = load_settings()
+    assert s.remote.trainer_url == "https://trainer.example:8443" and s.remote.ca_file == tmp_path / "ca.pem"
+    monkeypatch.setenv("OWNLM_REMOTE__TRAINER_URL", "http://trainer.example")
+    with pytest.raises(Exception, match="https://"):
+        load_settings()
+    out = run_cli("trainer", "--help")
+    assert out.returncode == 0 and "--ssl-certfile" in out.stdout
