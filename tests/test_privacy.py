@@ -301,3 +301,39 @@ def test_remote_settings_and_cli(tmp_path, monkeypatch):
         load_settings()
     out = run_cli("trainer", "--help")
     assert out.returncode == 0 and "--ssl-certfile" in out.stdout
+
+
+def test_cli_remote_round_on_tier1_contacts_nobody(home, node, make_trainer, pki):
+    """`ownlm train --remote` (a second remote path) under the default tier 1: refused, the trainer sees nothing."""
+    from tests.conftest import run_cli
+
+    settings, store, _ = node
+    store.create_user("me")  # default tier 1
+    store.close()
+    ca, cert = pki
+    app, srv = serve(make_trainer(), cert)
+    with srv:
+        out = run_cli("train", "--remote", env={"OWNLM_REMOTE__TRAINER_URL": srv.url, "OWNLM_REMOTE__CA_FILE": str(ca.pem),
+                                               "OWNLM_BASE": str(settings.base)})
+    assert out.returncode == 1 and "tier 1 (edge)" in out.stderr and srv.url in out.stderr, out.stderr
+    assert app.seen == []
+
+
+def test_remote_round_from_the_store_on_tier0(home, node, make_trainer, pki):
+
+    settings, store, _ = node
+    user = store.create_user("ann", tier=0)
+    from ownlm.capture.importers import parse_file
+    from ownlm.capture.ingest import import_into
+    from ownlm.personas import DATA_DIR
+
+    path = home.parent / "bram.jsonl"
+    path.write_text("\n".join((DATA_DIR / "bram.jsonl").read_text().splitlines()[:30]))
+    import_into(store, user.id, parse_file(path), "bram")
+    t = make_trainer()
+    store.trust(t.signing_key_pem())
+    ca, cert = pki
+    with serve(t, cert)[1] as srv:
+        built, res = remote.remote_round(store, settings, user, trainer_url=srv.url, ca_file=ca.pem)
+    assert built.config.redact and res.version == 1
+    assert actions(store, user.id)["remote_training_sent"]["merkle_root"] == built.merkle_root

@@ -104,6 +104,27 @@ def job_document(user: User, built, node_pubkey: dict, base_sha256: str, setting
     }
 
 
+def check_tier(store: Store, user: User, destination: str | None) -> int:
+    """The user's current tier; raises PrivacyViolation right away where it forbids any remote step (1, 3)."""
+    tier = store.get_user(user.id).privacy_tier  # the current tier, not the one `user` was read with
+    if tier != 2:  # tier 2 may talk to the trainer (for evidence) but sends data only after it verifies
+        privacy.check_may_send(tier, destination or "a remote trainer")
+    return tier
+
+
+def remote_round(store: Store, settings: Settings, user: User, **kw):
+    """One round on the remote trainer from the user's stored conversations (redacted dataset); see train_remotely.
+    The tier is checked before the dataset is even built."""
+    from ownlm.basemodel import load_tokenizer
+    from ownlm.dataset import DatasetConfig, build
+
+    check_tier(store, user, kw.get("trainer_url") or settings.remote.trainer_url)
+    conversations, feedback = store.training_view(user.id)
+    dcfg = DatasetConfig(min_examples=min(settings.personalization.min_samples, 10), redact=True)
+    built = build(conversations, feedback, load_tokenizer(settings), dcfg)
+    return built, train_remotely(store, settings, user, built, **kw)
+
+
 def train_remotely(store: Store, settings: Settings, user: User, built, trainer_url: str | None = None,
                    ca_file: Path | str | None = None, *, verifier=None, policy=None):
     """Train `built` (a redacted BuiltDataset of `user`) on the remote trainer and install the result.
@@ -116,11 +137,9 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     from ownlm.basemodel import base_sha256, resolve_base
     from ownlm.node import install
 
-    tier = store.get_user(user.id).privacy_tier  # the current tier, not the one this object was read with
     url = trainer_url or settings.remote.trainer_url
     destination = url or "a remote trainer"
-    if tier != 2:  # tier 2 may talk to the trainer (for evidence) but sends data only after it verifies
-        privacy.check_may_send(tier, destination)
+    tier = check_tier(store, user, url)
     if not built.config.redact:
         raise PrivacyViolation(f"refused to send an unredacted dataset to {destination}",
                                hint="build the dataset with redaction on (DatasetConfig(redact=True))")
