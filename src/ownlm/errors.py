@@ -143,3 +143,15 @@ class TrainingDiverged(OwnlmError):
     """Training produced a non-finite loss, gradient or weight; the run was stopped and nothing was replaced."""
 
     http_status = 500
+
+
+class RemoteTrainerError(OwnlmError):
+    """A remote trainer that cannot be reached safely (unverifiable TLS certificate, wrong host) or that failed a job."""
+
+    http_status = 502
+
+
+class AttestationFailed(OwnlmError):
+    """A trainer's attestation evidence that does not verify, does not meet the policy, or does not bind its key."""
+
+    http_status = 403

@@ -55,6 +55,30 @@ class Personalization(BaseModel):
     keep_versions: int = Field(default=5, ge=1, description="Installed versions kept per user (for rollback).")
 
 
+class Remote(BaseModel):
+    """Where a remote trainer is, for privacy tiers 0 (cloud) and 2 (TEE) (`[remote]` in settings.toml).
+
+    Tier 1 (the default) never uses it: every remote path refuses before connecting.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    trainer_url: str | None = Field(
+        default=None, description="Base URL of the trainer (`ownlm trainer`), https:// only, e.g. https://trainer.example:8443.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM file of the CA certificate(s) the trainer's TLS certificate must chain to.")
+    attestation_policy: Path | None = Field(
+        default=None, description="JSON policy for tier 2: allowed measurements, TCB statuses, verifier "
+        "(see ownlm.attest.AttestationPolicy). Without it tier 2 refuses to send.")
+    timeout_s: float = Field(default=3600, gt=0, description="Seconds to wait for the trainer to return a bundle.")
+
+    @field_validator("trainer_url")
+    @classmethod
+    def _https_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("https://"):
+            raise ValueError(f"trainer_url {v!r} must start with https:// (data goes only over verified TLS)")
+        return v.rstrip("/") if v else v
+
+
 class Settings(BaseSettings):
     """Node settings. Field docs are what `ownlm info` and the docs show."""
 
@@ -82,6 +106,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
     personalization: Personalization = Field(
         default_factory=Personalization, description="The learning loop (env: OWNLM_PERSONALIZATION__INTERVAL=...)."
+    )
+    remote: Remote = Field(
+        default_factory=Remote, description="The remote trainer for tiers 0 and 2 (env: OWNLM_REMOTE__TRAINER_URL=...)."
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."

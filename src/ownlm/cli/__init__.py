@@ -82,3 +82,4 @@ from ownlm.cli import bitdelta as _bitdelta  # noqa: E402,F401
 from ownlm.cli import dataset as _dataset  # noqa: E402,F401
 from ownlm.cli import models as _models  # noqa: E402,F401
 from ownlm.cli import loop as _loop  # noqa: E402,F401
+from ownlm.cli import trainer as _trainer  # noqa: E402,F401

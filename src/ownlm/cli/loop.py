@@ -19,8 +19,10 @@ from ownlm.cli.store import cli_store
 @click.option("--max-steps", type=int, help="Cap on optimizer steps.")
 @click.option("--time-budget", type=float, help="Cap on training seconds.")
 @click.option("--epochs", type=int, help="Passes over the data.")
+@click.option("--remote", is_flag=True,
+              help="Train on the remote trainer (remote.trainer_url); only tiers 0 and 2 allow it, tier 1 refuses.")
 @pass_ctx
-def train_cmd(ctx: Context, user, max_steps, time_budget, epochs) -> None:
+def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> None:
     """Run one learning round now: dataset → train → compress → quality gate → sign → seal → deploy."""
     import threading
 
@@ -29,6 +31,14 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs) -> None:
     settings = ctx.settings(user=user)
     overrides = {k: v for k, v in {"max_steps": max_steps, "time_budget_s": time_budget, "epochs": epochs}.items() if v}
     settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(update=overrides)})
+    if remote:
+        from ownlm.remote import remote_round
+
+        with cli_store(settings) as store:
+            built, res = remote_round(store, settings, store.get_user(settings.user))
+        console.print(f"remote round: {len(built.examples)} redacted examples sent; installed {res.model_id} "
+                      f"(version {res.version}, signed by {res.signer}). No quality gate ran on the remote path.")
+        return
     with cli_store(settings) as store:
         u = store.get_user(settings.user)
         job_id = store.enqueue_job(u.id, "requested on the command line")

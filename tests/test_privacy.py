@@ -1,0 +1,339 @@
+"""Privacy tiers 0-2 enforced: remote training over verified TLS (tier 0), refused on tier 1, attested on tier 2.
+
+A real trainer app (`ownlm.api.trainer_app`) runs under uvicorn with TLS on 127.0.0.1, with certificates made
+here by a test CA; the node side is `ownlm.remote.train_remotely` on a real store, tiny model, 2 steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ownlm import remote, trainer as trainer_mod
+from ownlm.api.trainer_app import create_trainer_app
+from ownlm.attest import AttestationPolicy, InsecureTestAttester, InsecureTestVerifier, report_data
+from ownlm.basemodel import load_tokenizer
+from ownlm.dataset import DatasetConfig, build
+from ownlm.errors import AttestationFailed, DeltaMismatch, PrivacyViolation, RemoteTrainerError, SignatureError
+from ownlm.privacy import set_tier
+from ownlm.settings import load_settings
+from ownlm.store import Store
+from tests.tls import CertAuthority, RequestLog, TLSThreadServer
+
+MARKER = "QUOKKA-7731-MARKER"
+MEASUREMENT = "ab" * 48
+
+
+def settings_for(home, tiny_base):
+    s = load_settings(home=str(home), base=str(tiny_base), device="cpu")
+    return s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 2, "lr": 5e-3})})
+
+
+def conversations() -> dict:
+    convs = {}
+    for i in range(12):
+        convs[f"c{i:02d}"] = [
+            {"id": f"m{i}a", "parent_id": None, "role": "user",
+             "content": f"Question {i} about {MARKER}: mail me at bob{i}@example.com"},
+            {"id": f"m{i}b", "parent_id": f"m{i}a", "role": "assistant", "content": f"Answer {i}: {MARKER} is a small animal."},
+        ]
+    return convs
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = CertAuthority(tmp_path / "pki", "trusted")
+    return ca, ca.issue("trainer")
+
+
+@pytest.fixture
+def node(home, tiny_base):
+    settings = settings_for(home, tiny_base)
+    store = Store(home)
+    built = build(conversations(), {}, load_tokenizer(settings), DatasetConfig(min_examples=2, heldout_fraction=0.2))
+    yield settings, store, built
+    store.close()
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tiny_base):
+    def make(attester=None, name="trainer-home"):
+        return trainer_mod.Trainer(settings_for(tmp_path / name, tiny_base), attester=attester)
+    return make
+
+
+def serve(t, cert):
+    app = RequestLog(create_trainer_app(t))
+    return app, TLSThreadServer(app, *cert)
+
+
+def files_containing(root, needle: bytes) -> list:
+    hits = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p) and needle in open(p, "rb").read():
+                hits.append(p)
+    return hits
+
+
+def actions(store, user_id):
+    return {a["action"]: a["detail"] for a in reversed(store.audit_log(user_id, limit=100))}
+
+
+def test_tier0_trains_remotely_over_verified_tls_and_the_trainer_erases_the_job(node, make_trainer, pki, monkeypatch):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    t = make_trainer()
+    store.trust(t.signing_key_pem(), label="test trainer")
+    seen_jobs = []
+    real_parse = trainer_mod.parse_job
+    monkeypatch.setattr(trainer_mod, "parse_job", lambda raw: seen_jobs.append(raw) or real_parse(raw))
+    ca, cert = pki
+    app, srv = serve(t, cert)
+    with srv:
+        res = remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+    assert res.version == 1 and store.active_model(user.id)["id"] == res.model_id
+    # the trainer got the data, redacted: the marker yes, the e-mail addresses no
+    assert len(seen_jobs) == 1 and MARKER.encode() in seen_jobs[0]
+    assert b"example.com" not in seen_jobs[0] and b"[EMAIL]" in seen_jobs[0]
+    assert ("POST", "/trainer/jobs") in app.seen
+    # ... and kept nothing of it: no file under the trainer's home holds the marker or the dataset's Merkle root
+    # (the root is in the training report the job dir holds while it runs), and no job dir is left
+    assert files_containing(t.settings.home, MARKER.encode()) == []
+    assert files_containing(t.settings.home, built.merkle_root.encode()) == []
+    assert list((t.settings.home / "trainer" / "jobs").iterdir()) == []
+    # the transfer and the receipt are audited (what, where, how much; never content)
+    log = actions(store, user.id)
+    sent = log["remote_training_sent"]
+    assert sent["destination"] == srv.url and sent["merkle_root"] == built.merkle_root
+    assert sent["examples"] == len(built.examples) and sent["tier"] == 0
+    assert log["remote_bundle_received"]["destination"] == srv.url and log["remote_bundle_received"]["bytes"] > 0
+    assert "model_installed" in log
+    assert MARKER not in str(store.audit_log(user.id, limit=100))
+
+
+def test_bundle_from_an_untrusted_trainer_is_not_installed(node, make_trainer, pki):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    ca, cert = pki
+    with serve(make_trainer(), cert)[1] as srv:
+        with pytest.raises(SignatureError, match="does not trust"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+    assert store.active_model(user.id) is None
+
+
+@pytest.mark.parametrize("case", ["stranger_ca", "wrong_host"])
+def test_unverifiable_certificate_refuses_the_job(node, make_trainer, pki, tmp_path, case):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    ca, cert = pki
+    if case == "stranger_ca":  # the trainer's certificate is signed by a CA the node does not know
+        cert = CertAuthority(tmp_path / "stranger", "stranger").issue("trainer")
+    else:  # signed by the right CA, but for another host name
+        cert = ca.issue("elsewhere", dns=["trainer.example.org"], ips=[])
+    app, srv = serve(make_trainer(), cert)
+    with srv:
+        with pytest.raises(RemoteTrainerError, match="TLS certificate does not verify"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+    assert app.seen == []  # the handshake failed: not one request, let alone data
+    assert "remote_training_sent" not in actions(store, user.id)
+
+
+def test_http_url_is_refused(node):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    with pytest.raises(Exception, match="https"):
+        remote.train_remotely(store, settings, user, built, "http://127.0.0.1:9", "ca.pem")
+
+
+def test_unredacted_dataset_is_refused(node, tiny_base):
+    settings, store, _ = node
+    user = store.create_user("ann", tier=0)
+    raw = build(conversations(), {}, load_tokenizer(settings), DatasetConfig(min_examples=2, redact=False))
+    with pytest.raises(PrivacyViolation, match="unredacted"):
+        remote.train_remotely(store, settings, user, raw, "https://127.0.0.1:9", "ca.pem")
+
+
+@pytest.mark.parametrize("tier", [1, 3])
+def test_tier1_and_3_send_nothing(node, make_trainer, pki, tier):
+    settings, store, built = node
+    user = store.create_user("ann", tier=tier)
+    ca, cert = pki
+    t = make_trainer(attester=InsecureTestAttester(MEASUREMENT))
+    app, srv = serve(t, cert)
+    with srv:
+        with pytest.raises(PrivacyViolation, match=f"tier {tier}"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+        # even with an attestation policy and verifier at hand (the tier-2 path), nothing is contacted
+        with pytest.raises(PrivacyViolation, match=f"tier {tier}"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem, verifier=InsecureTestVerifier(),
+                                  policy=AttestationPolicy(allowed_measurements=[MEASUREMENT]))
+    assert app.seen == []
+    assert "remote_training_sent" not in actions(store, user.id)
+
+
+def test_lowered_tier_is_read_at_send_time(node, make_trainer, pki):
+    """A User object read while the tier was 0 does not let data out after the user raised it to 1."""
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    set_tier(store, user, 1, confirm=False)
+    ca, cert = pki
+    app, srv = serve(make_trainer(), cert)
+    with srv:
+        with pytest.raises(PrivacyViolation, match="tier 1"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+    assert app.seen == []
+    assert actions(store, user.id)["privacy_tier_changed"] == {"old": 0, "new": 1}
+
+
+def test_trainer_refuses_a_job_for_another_base_and_erases_it(node, make_trainer):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    t = make_trainer()
+    doc = remote.job_document(user, built, store.node_key().public_json(), "00" * 32, settings, 1, None)
+    import json
+
+    from ownlm.artifact.seal import seal
+
+    with pytest.raises(DeltaMismatch, match="base"):
+        t.run(seal({"job.json": json.dumps(doc).encode()}, t.pubkey()))
+    assert files_containing(t.settings.home, MARKER.encode()) == []
+
+
+# --- tier 2 -------------------------------------------------------------------------------------------------
+
+class OtherKeyAttester(InsecureTestAttester):
+    """Evidence that binds some other key than the one the trainer offers (a man in the middle)."""
+
+    def evidence(self, pubkey_json, nonce):
+        return {**super().evidence(pubkey_json, nonce), "report_data": report_data({"other": "key"}, nonce).hex()}
+
+
+class ReplayAttester(InsecureTestAttester):
+    """Evidence recorded once, replayed for every nonce."""
+
+    def evidence(self, pubkey_json, nonce):
+        return super().evidence(pubkey_json, b"\x01" * 32)
+
+
+def test_tier2_sends_only_after_attestation_binds_key_and_nonce(node, make_trainer, pki):
+    settings, store, built = node
+    user = store.create_user("ann", tier=2)
+    t = make_trainer(attester=InsecureTestAttester(MEASUREMENT))
+    store.trust(t.signing_key_pem())
+    ca, cert = pki
+    app, srv = serve(t, cert)
+    policy = AttestationPolicy(allowed_measurements=[MEASUREMENT])
+    with srv:
+        res = remote.train_remotely(store, settings, user, built, srv.url, ca.pem, verifier=InsecureTestVerifier(), policy=policy)
+    assert res.version == 1
+    paths = [p for _, p in app.seen]
+    assert paths.index("/trainer/attestation") < paths.index("/trainer/jobs")
+    sent = actions(store, user.id)["remote_training_sent"]
+    assert sent["tier"] == 2 and sent["measurement"] == MEASUREMENT and sent["verifier"] == "insecure-test"
+    assert files_containing(t.settings.home, MARKER.encode()) == []
+
+
+@pytest.mark.parametrize("attester,policy_measurement,match", [
+    (OtherKeyAttester(MEASUREMENT), MEASUREMENT, "does not bind the trainer's public key"),
+    (ReplayAttester(MEASUREMENT), MEASUREMENT, "nonce"),
+    (InsecureTestAttester(MEASUREMENT), "cd" * 48, "not in the policy's allow-list"),
+    (InsecureTestAttester(MEASUREMENT, tcb_status="OutOfDate"), MEASUREMENT, "TCB status OutOfDate"),
+])
+def test_tier2_refuses_bad_evidence_before_sending(node, make_trainer, pki, attester, policy_measurement, match):
+    settings, store, built = node
+    user = store.create_user("ann", tier=2)
+    ca, cert = pki
+    app, srv = serve(make_trainer(attester=attester), cert)
+    with srv:
+        with pytest.raises(AttestationFailed, match=match):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem, verifier=InsecureTestVerifier(),
+                                  policy=AttestationPolicy(allowed_measurements=[policy_measurement]))
+    assert ("POST", "/trainer/jobs") not in app.seen
+    assert "remote_training_sent" not in actions(store, user.id)
+
+
+def test_tier2_without_evidence_or_policy_sends_nothing(node, make_trainer, pki):
+    settings, store, built = node
+    user = store.create_user("ann", tier=2)
+    ca, cert = pki
+    app, srv = serve(make_trainer(attester=None), cert)
+    with srv:
+        with pytest.raises(AttestationFailed, match="needs an attestation policy"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem)
+        with pytest.raises(RemoteTrainerError, match="no TEE"):
+            remote.train_remotely(store, settings, user, built, srv.url, ca.pem, verifier=InsecureTestVerifier(),
+                                  policy=AttestationPolicy(allowed_measurements=[MEASUREMENT]))
+    assert ("POST", "/trainer/jobs") not in app.seen
+
+
+def test_trainer_erases_the_job_when_it_fails_midway(node, make_trainer, monkeypatch):
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    t = make_trainer()
+    import json
+
+    from ownlm import gate
+    from ownlm.artifact.seal import seal
+
+    def boom(*a, **k):
+        raise RuntimeError("compression crashed")
+
+    monkeypatch.setattr(gate, "compress_adapter", boom)  # after training wrote its adapter and report
+    doc = remote.job_document(user, built, store.node_key().public_json(), t.base.sha256, settings, 1, None)
+    with pytest.raises(RuntimeError, match="compression crashed"):
+        t.run(seal({"job.json": json.dumps(doc).encode()}, t.pubkey()))
+    assert files_containing(t.settings.home, built.merkle_root.encode()) == []
+    assert list((t.settings.home / "trainer" / "jobs").iterdir()) == []
+
+
+def test_remote_settings_and_cli(tmp_path, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("OWNLM_REMOTE__TRAINER_URL", "https://trainer.example:8443/")
+    monkeypatch.setenv("OWNLM_REMOTE__CA_FILE", str(tmp_path / "ca.pem"))
+    s = load_settings()
+    assert s.remote.trainer_url == "https://trainer.example:8443" and s.remote.ca_file == tmp_path / "ca.pem"
+    monkeypatch.setenv("OWNLM_REMOTE__TRAINER_URL", "http://trainer.example")
+    with pytest.raises(Exception, match="https://"):
+        load_settings()
+    out = run_cli("trainer", "--help")
+    assert out.returncode == 0 and "--ssl-certfile" in out.stdout
+
+
+def test_cli_remote_round_on_tier1_contacts_nobody(home, node, make_trainer, pki):
+    """`ownlm train --remote` (a second remote path) under the default tier 1: refused, the trainer sees nothing."""
+    from tests.conftest import run_cli
+
+    settings, store, _ = node
+    store.create_user("me")  # default tier 1
+    store.close()
+    ca, cert = pki
+    app, srv = serve(make_trainer(), cert)
+    with srv:
+        out = run_cli("train", "--remote", env={"OWNLM_REMOTE__TRAINER_URL": srv.url, "OWNLM_REMOTE__CA_FILE": str(ca.pem),
+                                               "OWNLM_BASE": str(settings.base)})
+    assert out.returncode == 1 and "tier 1 (edge)" in out.stderr and srv.url in out.stderr, out.stderr
+    assert app.seen == []
+
+
+def test_remote_round_from_the_store_on_tier0(home, node, make_trainer, pki):
+
+    settings, store, _ = node
+    user = store.create_user("ann", tier=0)
+    from ownlm.capture.importers import parse_file
+    from ownlm.capture.ingest import import_into
+    from ownlm.personas import DATA_DIR
+
+    path = home.parent / "bram.jsonl"
+    path.write_text("\n".join((DATA_DIR / "bram.jsonl").read_text().splitlines()[:30]))
+    import_into(store, user.id, parse_file(path), "bram")
+    t = make_trainer()
+    store.trust(t.signing_key_pem())
+    ca, cert = pki
+    with serve(t, cert)[1] as srv:
+        built, res = remote.remote_round(store, settings, user, trainer_url=srv.url, ca_file=ca.pem)
+    assert built.config.redact and res.version == 1
+    assert actions(store, user.id)["remote_training_sent"]["merkle_root"] == built.merkle_root
