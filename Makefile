@@ -38,5 +38,17 @@ browser:
 test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Every figure in bench/README.md, on the embedded model (about 20 minutes on 2 cores). BENCH_HOME keeps the
+# converted base model between runs.
+BENCH_HOME ?= $(CURDIR)/.ownlm-bench
+bench: setup
+	mkdir -p $(BENCH_HOME)
+	OWNLM_HOME=$(BENCH_HOME) $(VENV)/bin/ownlm info >/dev/null
+	$(PY) bench/capture.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/deploy.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/fidelity.py
+
 clean:
 	rm -rf $(VENV) .ownlm-test-cache test-output .pytest_cache
