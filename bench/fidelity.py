@@ -11,7 +11,7 @@ that survives ("kept gain"), and KL(fine-tuned || compressed) on the held-out co
 follows the paper (signs frozen, scales trained with Adam on logit MSE) on the user's own training prompts.
 Goals: the default personal artifact (delta files + manifest) <= 64 KB, keeping >= 95% of the gain.
 
-    .venv/bin/python bench/fidelity.py [--persona bram] [--steps 150] [--distill-steps 60]
+    .venv/bin/python bench/fidelity.py [--persona bram] [--steps 40] [--distill-steps 30]
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
     ap.add_argument("--persona", default="bram")
-    ap.add_argument("--steps", type=int, default=150, help="LoRA training steps")
+    ap.add_argument("--steps", type=int, default=40, help="LoRA training steps (1,024-token batches)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--distill-steps", type=int, default=60)
+    ap.add_argument("--distill-steps", type=int, default=30)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     t0 = time.perf_counter()

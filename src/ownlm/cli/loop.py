@@ -124,14 +124,16 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
 @click.option("--persona", type=click.Choice(["bram", "mira", "chiara"]), default="bram", show_default=True,
               help="Which fictional user's history to learn from.")
 @click.option("--time-budget", type=float, default=150, show_default=True, help="Training seconds at most.")
+@click.option("--lr", type=float, default=1e-3, show_default=True,
+              help="LoRA learning rate: higher than the loop's default so a short demo round shows the persona.")
 @pass_ctx
-def demo(ctx: Context, persona: str, time_budget: float) -> None:
+def demo(ctx: Context, persona: str, time_budget: float, lr: float) -> None:
     """The whole loop from an EMPTY home (keeps only the model cache): import, learn, gate, deploy, compare."""
     from ownlm import demo as demo_mod
 
     settings = ctx.settings()
     settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(
-        update={"time_budget_s": time_budget})})
+        update={"time_budget_s": time_budget, "lr": lr})})
     result = demo_mod.run(settings, persona)
     if result.get("state") != "deployed":
         raise SystemExit(2)
