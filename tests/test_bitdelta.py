@@ -124,7 +124,7 @@ def test_config_validation_names_the_bad_value():
         CompressConfig(mode="dense", scales="rank")
     with pytest.raises(ConfigError, match="'lr'"):
         DistillConfig(lr=0)
-    assert CompressConfig().scales == "rank" and CompressConfig(mode="dense").scales == "matrix"
+    assert CompressConfig().scales == "matrix" and CompressConfig(mode="dense").scales == "matrix"
 
 
 # --- lora1 -----------------------------------------------------------------------------------------------

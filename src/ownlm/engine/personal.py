@@ -74,8 +74,8 @@ class PersonalEngine(TorchEngine):
         self._merged: LoadedDelta | None = None
         self._active: list[tuple[LoadedDelta, float]] = []  # what the hooks add during the current request
         self._refresh_lock = threading.Lock()
-        self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.model.named_modules()
-                       if isinstance(m, nn.Linear)]
+        self._modules = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        self._handles: list = []  # hooks of the current request; none at all when the resident weights serve it
         self.refresh()
 
     def _hook(self, module_name: str):
@@ -123,6 +123,13 @@ class PersonalEngine(TorchEngine):
         if target is not None and (merged is None or target != merged.model_id):
             active.append((self._deltas[target], +1.0))
         self._active = active
+        # Hook only the layers the active deltas change, and only for this request: a merged node's own
+        # requests run with no hooks at all (a hooked module takes PyTorch's slower call path).
+        touched = {name for loaded, _ in active for name in loaded.factors}
+        self._handles = [self._modules[n].register_forward_hook(self._hook(n)) for n in touched if n in self._modules]
 
     def _end(self, stream: GenerationStream) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self._active = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from ownlm.errors import StoreError, WrongPassphrase
+from ownlm.fsutil import atomic_write
 
 KEY_FILE = "store.key"
 WRAPPED_KEY_FILE = "store.key.json"
@@ -44,14 +44,8 @@ def _kek(passphrase: str, salt: bytes, params: dict) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600 from the first byte (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path`, mode 0600 from the first byte, atomically."""
+    atomic_write(path, data)
 
 
 def wrap_key(key: bytes, passphrase: str) -> dict:
