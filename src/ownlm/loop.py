@@ -73,7 +73,9 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
 
         def on_progress(p) -> None:
             if p.phase == "train" and p.total_steps:
-                store.update_job(job_id, progress=round(p.step / p.total_steps, 3))
+                live = {**figures, "live": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss,
+                                            "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}}
+                store.update_job(job_id, progress=round(p.step / p.total_steps, 3), result=live)
 
         report = train(base, train_ex, held_ex, tcfg, work / "train", progress=on_progress,
                        dataset={"id": ds_id, "merkle_root": built.merkle_root})
@@ -168,7 +170,7 @@ class Scheduler:
             if now < nxt:
                 continue
             self.store.set_next_run(user.id, now + self.interval)
-            if self.store.samples_since(user.id) >= cfg.min_samples and not any(
+            if self.store.samples_since(user.id, since="attempt") >= cfg.min_samples and not any(
                     j["user_id"] == user.id for j in self.store.open_jobs()):
                 out.append(user.id)
         return out
@@ -178,7 +180,7 @@ class Scheduler:
             try:
                 if self.settings.personalization.enabled:
                     for uid in self.due(time.time()):
-                        self.store.enqueue_job(uid, f"scheduled: {self.store.samples_since(uid)} new samples")
+                        self.store.enqueue_job(uid, f"scheduled: {self.store.samples_since(uid, 'attempt')} new samples")
                 for job in self.store.open_jobs():
                     if self._stop.is_set():
                         break

@@ -48,7 +48,13 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
         with console.status("starting…") as status:
             while worker.is_alive():
                 j = store.job(job_id)
-                status.update(f"{j['stage'] or j['state']}: {j['progress'] * 100:.0f}%")
+                text = f"{j['stage'] or j['state']}: {j['progress'] * 100:.0f}%"
+                live = (j.get("result") or {}).get("live") if j["stage"] == "train" else None
+                if live and live.get("loss") is not None:
+                    eta = f", ETA {live['eta_s']:.0f} s" if live.get("eta_s") is not None else ""
+                    text += (f" — step {live['step']}/{live['total_steps']}, loss {live['loss']:.3f}, "
+                             f"{live['tokens_per_s']:.0f} tokens/s{eta}")
+                status.update(text)
                 worker.join(0.5)
     _print_result(result)
 

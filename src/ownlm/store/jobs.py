@@ -52,9 +52,12 @@ class JobsMixin:
         d["result"] = json.loads(d["result"]) if d["result"] else None
         return d
 
-    def samples_since(self, user_id: str) -> int:
-        """Assistant replies captured after the last finished job's dataset (the loop's trigger)."""
-        mark = self.query("SELECT coalesce(max(watermark), 0) FROM jobs WHERE user_id = ? AND state = 'deployed'", (user_id,))[0][0]
+    def samples_since(self, user_id: str, since: str = "deployed") -> int:
+        """Assistant replies captured after the dataset of the last deployed round (since='deployed', what
+        status shows) or of the last round that got as far as its dataset, deployed or refused
+        (since='attempt', the scheduler's trigger: a refused round is not retried on the same data)."""
+        states = "('deployed')" if since == "deployed" else "('deployed', 'refused', 'failed')"
+        mark = self.query(f"SELECT coalesce(max(watermark), 0) FROM jobs WHERE user_id = ? AND state IN {states}", (user_id,))[0][0]
         return self.query("SELECT count(*) FROM messages WHERE user_id = ? AND role = 'assistant' AND rowid > ?",
                           (user_id, mark))[0][0]
 
