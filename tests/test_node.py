@@ -210,7 +210,7 @@ def test_cli_round_trip_trainer_to_node(tmp_path, tiny_base, tiny_delta):
     assert r.returncode == 0, r.stderr
     listing = run_cli("models", env=env_n).stdout
     assert "verified" in listing and "●" in listing
-    shown = run_cli("models", "1", env=env_n).stdout
+    shown = run_cli("models", "show", "1", env=env_n).stdout
     assert "merkle_root" in shown and "base_sha256" in shown and "signature: verified" in shown
     r = run_cli("deploy", str(bundle), env=env_n)
     assert r.returncode == 1 and "not newer" in r.stderr

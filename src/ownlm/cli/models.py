@@ -83,11 +83,16 @@ def deploy(ctx: Context, bundle_file: Path, node_url: str | None, token: str | N
 
 
 @cli.command("models")
-@click.argument("model", required=False)
+@click.argument("model", nargs=-1)
 @click.option("--user", help="Whose models (default: the settings' user).")
 @pass_ctx
-def models_cmd(ctx: Context, model: str | None, user) -> None:
-    """List the user's installed models; with MODEL (id or version), show its manifest."""
+def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
+    """List the user's installed models; `ownlm models [show] ID` (id or version) shows its manifest."""
+    if model[:1] == ("show",):
+        model = model[1:]
+    if len(model) > 1:
+        raise InvalidInput("give one model id or version", hint="ownlm models show ID")
+    model = model[0] if model else None
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
         u = store.get_user(settings.user)
