@@ -29,7 +29,7 @@ LATEST = "LATEST"  # file in out_dir/checkpoint/ naming the newest complete step
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU (measured slower there without AVX512-BF16/AMX, see bench)."""
+    """bf16 autocast on CUDA; nothing on CPU (observed much slower in an ad-hoc run on this AVX2-only CPU without AVX512-BF16/AMX; no committed benchmark)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
