@@ -63,6 +63,19 @@ def lora_deltas(adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
     return {f"{p}.weight": s * (b.to(dtype).float() @ a.to(dtype).float()) for p, (a, b) in ad.factors.items()}
 
 
+def signed_manifest_bytes(delta_dir: Path, report, base) -> int:
+    """Size of the manifest the node would install with this delta (built and signed as the loop does)."""
+    from ownlm.artifact.manifest import build_manifest, canonical
+    from ownlm.artifact.sign import generate, sign_manifest
+    from ownlm.bitdelta.format import METADATA, TENSORS, read_metadata
+
+    files = {n: (delta_dir / n).read_bytes() for n in (TENSORS, METADATA)}
+    manifest = build_manifest(user="bench", base_name=base.source.name, base_sha256=base.sha256, files=files,
+                              delta_meta=read_metadata(delta_dir), training=json.loads(report.to_json()),
+                              merkle_root="0" * 64, version=1, previous=None)
+    return len(canonical(sign_manifest(manifest, generate())))
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
 
@@ -143,10 +156,10 @@ def main() -> None:
         d = save_delta(distilled, work / "dense-distilled")
         measure("dense BitDelta q/v + distill", weight_deltas(distilled), dir_bytes(d),
                 f"logit MSE {rep.loss_before:.4g} -> {rep.loss_after:.4g}")
-    manifest_bytes = 1500  # measured by bench/deploy.py / the demo: a signed manifest is ~1.2-1.5 KB
     default = next(r for r in rows if r["variant"] == "lora1 scales=matrix")
+    manifest_bytes = signed_manifest_bytes(work / "lora1-matrix", report, base)
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
-    print(f"goal 1 (default artifact <= 64 KB): delta {default['bytes']:,} B + manifest ~{manifest_bytes} B -> "
+    print(f"goal 1 (default artifact <= 64 KB): delta {default['bytes']:,} B + signed manifest {manifest_bytes:,} B -> "
           f"{'met' if default['bytes'] + manifest_bytes <= 64_000 else 'NOT met'}")
     best = max((r for r in rows if r["variant"].startswith("lora1")), key=lambda r: r["kept_gain"] or 0)
     print(f"goal 2 (>= 95% of the gain kept at 1 bit): default keeps {default['kept_gain'] or 0:.1%}, best 1-bit "

@@ -7,7 +7,8 @@
 Examples files are JSONL, one TokenizedExample per line: {"input_ids": [...], "labels": [...],
 "conversation_id": "...", "sha256": "..."}. Running the same command again after a crash (even kill -9)
 resumes from out_dir/checkpoint/. Exit status 0 on success, 1 with one `error: ...` line on an OwnlmError.
-The `ownlm train` CLI calls `run_training` (same thing, in process).
+`run_training` is the same thing in process (`ownlm train` runs a whole learning round instead, see
+ownlm.loop, which calls `ownlm.train.train` directly).
 """
 
 from __future__ import annotations
