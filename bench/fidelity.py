@@ -21,39 +21,22 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import added, persona_conversations  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import (  # noqa: E402
     CompressConfig, DistillConfig, compress_dense, compress_lora, distill, load_delta, read_adapter, save_delta, weight_deltas,
 )
 from ownlm.bitdelta.distill import text_batches  # noqa: E402
-from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.dataset import DatasetConfig, build, tokenize  # noqa: E402
 from ownlm.evaluate import assistant_nll, kept_gain, kl_drift  # noqa: E402
-from ownlm.personas import DATA_DIR  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.train import TrainConfig, train  # noqa: E402
-
-
-@contextmanager
-def added(model, deltas: dict[str, torch.Tensor]):
-    """model weights += deltas for the block, restored exactly afterwards (copies of the touched weights)."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in deltas}
-    with torch.no_grad():
-        for n, d in deltas.items():
-            params[n].add_(d.to(params[n].dtype))
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
 
 
 def lora_deltas(adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -93,14 +76,7 @@ def main() -> None:
     settings = load_settings(home=args.home)
     base = load_base(settings)
     tok = base.tokenizer
-    result = parse_file(DATA_DIR / f"{args.persona}.jsonl")
-    conversations = {}
-    for i, c in enumerate(result.conversations):
-        rows, parent = [], None
-        for j, m in enumerate(c.messages):
-            rows.append({"id": f"{i}-{j}", "parent_id": parent, "role": m.role, "content": m.content})
-            parent = f"{i}-{j}"
-        conversations[f"c{i:04d}"] = rows
+    conversations = persona_conversations(args.persona)
     built = build(conversations, {}, tok, DatasetConfig(heldout_fraction=0.15))
     train_ex, held = tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok)
     print(f"persona {args.persona}: {len(train_ex)} training / {len(held)} held-out examples; "

@@ -83,6 +83,10 @@ def test_scheduler_deploys_only_when_the_gate_passes(home, tiny_base, tmp_path):
             assert httpx.post(srv.url + "/api/personalization/train", headers=auth).status_code in (200, 409)
             wait_for(lambda: store.active_model(user.id)["version"] == 2, what="round 3")
             assert engine.model_for(user.id)[1] == store.active_model(user.id)["id"]
+            # continual learning: round 3 continued v1's adapter on the new conversations plus a replayed sample
+            plan = store.jobs(user.id)[0]["result"]["continual"]
+            assert plan["strategy"] == "replay" and v1["id"] in plan["why"], plan
+            assert 0 < plan["new"] < plan["examples"] and plan["replayed"] == plan["examples"] - plan["new"]
             chat = httpx.post(srv.url + "/v1/chat/completions", headers=auth, timeout=60,
                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
             assert chat["choices"][0]["message"]["content"] is not None

@@ -10,6 +10,10 @@ The quality gate deploys a model only if, on the user's held-out conversations, 
 model has a lower assistant-token NLL than the base, its drift from the base on generic prompts stays under
 `gate_max_kl`, and the 1-bit delta keeps at least `gate_min_fidelity` of the LoRA's NLL gain. Otherwise the
 previous model keeps serving and the job records exactly why.
+
+Continual learning (continual.py): by default a round continues the serving model's fp32 adapter on the new
+examples plus a replayed sample of older ones, instead of retraining on the whole history; the job's result
+says which strategy ran and why (a round retrains from scratch after a delete, a rollback or a base change).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
+from ownlm.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapter, plan_round, read_lineage
 from ownlm.errors import OwnlmError
 from ownlm.settings import Settings
 from ownlm.store import Store
@@ -35,11 +39,6 @@ class GateRefused(Exception):
     def __init__(self, reason: str, figures: dict):
         super().__init__(reason)
         self.reason, self.figures = reason, figures
-
-
-def previous_adapter(settings: Settings, user_id: str) -> Path:
-    """Where the fp32 adapter of the user's last deployed round is kept (the trainer's side of continual learning)."""
-    return settings.home / "adapters" / user_id
 
 
 def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable[[str], None] | None = None) -> dict:
@@ -57,6 +56,7 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
     try:
         # 1. dataset (deterministic, so a resumed job rebuilds the same one and its training checkpoint fits)
         watermark = job["watermark"] or store.message_watermark(user.id)
+        audit_mark = store.audit_mark()  # a delete after this point makes this round's adapter unfit to continue
         conversations, feedback = store.training_view(user.id)
         base = load_base(settings)
         dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10))
@@ -68,8 +68,10 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
             raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
         figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
 
-        # 2. train
+        # 2. train: from the serving model's adapter on the new data, or afresh (continual.py says when)
         tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s)
+        plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
+        figures.update(continual=plan.summary())
 
         def on_progress(p) -> None:
             if p.phase == "train" and p.total_steps:
@@ -77,8 +79,8 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
                                             "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}}
                 store.update_job(job_id, progress=round(p.step / p.total_steps, 3), result=live)
 
-        report = train(base, train_ex, held_ex, tcfg, work / "train", progress=on_progress,
-                       dataset={"id": ds_id, "merkle_root": built.merkle_root})
+        report = train(base, plan.examples, held_ex, tcfg, work / "train", progress=on_progress,
+                       dataset={"id": ds_id, "merkle_root": built.merkle_root}, init_adapter=plan.init_adapter)
         figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
                        heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
                        tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
@@ -112,11 +114,8 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
         res = install(store, settings, data, keep=cfg.keep_versions)
         figures.update(model_id=res.model_id, version=res.version, bundle_bytes=len(data),
                        artifact_bytes=sum(f["size"] for f in manifest["files"].values()) + len(json.dumps(manifest)))
-        keep = previous_adapter(settings, user.id)
-        if keep.exists():
-            shutil.rmtree(keep)
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(work / "train" / "adapter", keep)
+        keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
+            model_id=res.model_id, dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg), audit_mark=audit_mark))
         store.update_job(job_id, state="deployed", stage=None, progress=1.0, finished_at=time.time(), result=figures,
                          reason=f"deployed {res.model_id}")
         with store.tx() as db:
@@ -134,6 +133,26 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
         if store.job(job_id)["state"] != "running":
             shutil.rmtree(work, ignore_errors=True)
     return store.job(job_id)
+
+
+def _lora(tcfg) -> dict:
+    return {"r": tcfg.r, "alpha": tcfg.alpha, "target_modules": sorted(tcfg.target_modules)}
+
+
+def _plan(store: Store, settings: Settings, user_id: str, train_ex: list, tcfg, base_sha256: str, job_id: str) -> RoundPlan:
+    """The round's examples and starting adapter under settings.personalization.continual."""
+    lineage = read_lineage(settings.home, user_id)
+    deleted = lineage is not None and store.deleted_since(user_id, lineage.audit_mark)
+    if deleted:
+        forget(settings.home, user_id)
+    active = store.active_model(user_id)
+    cfg = settings.personalization
+    return plan_round(
+        cfg.continual, train_ex, lineage=lineage, adapter=adapter_dir(settings.home, user_id),
+        old_hashes=store.dataset_hashes(user_id, lineage.dataset_id) if lineage else set(),
+        active_model_id=active["id"] if active else None, base_sha256=base_sha256, lora=_lora(tcfg),
+        deleted_since=deleted, replay=cfg.replay, seed=job_id,
+    )
 
 
 class Scheduler:

@@ -53,6 +53,13 @@ class Personalization(BaseModel):
     gate_min_fidelity: float = Field(
         default=0.5, ge=0, le=1, description="Smallest share of the LoRA's held-out NLL gain the 1-bit delta must keep.")
     keep_versions: int = Field(default=5, ge=1, description="Installed versions kept per user (for rollback).")
+    continual: Literal["retrain", "continue", "replay"] = Field(
+        default="replay",
+        description="How a round relates to the previous one: retrain on all data, continue the serving model's "
+                    "adapter on the new data, or continue on the new data plus replayed older data "
+                    "(measured by bench/continual.py; see continual.py for when a round retrains anyway).")
+    replay: float = Field(
+        default=0.5, ge=0, le=10, description="With continual='replay': older examples replayed per new example.")
 
 
 class Remote(BaseModel):

@@ -178,8 +178,10 @@ class TrainReport:
         return json.dumps(asdict(self), indent=1)
 
 
-def _fingerprint(base_sha: str, config: TrainConfig, examples: list[TokenizedExample]) -> str:
+def _fingerprint(base_sha: str, config: TrainConfig, examples: list[TokenizedExample], init: str | None = None) -> str:
     h = hashlib.sha256(base_sha.encode())
+    if init is not None:  # a continued adapter's checkpoint must not be resumed on top of another start
+        h.update(b"init:" + init.encode())
     h.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUME_NEUTRAL}, sort_keys=True).encode())
     for e in examples:
         h.update(json.dumps([e.input_ids, e.labels]).encode())
@@ -206,11 +208,14 @@ def train(
     progress: Callable[[TrainProgress], None] | None = None,
     resume: bool = True,
     dataset: dict | None = None,
+    init_adapter: Path | None = None,
 ) -> TrainReport:
     """Train a LoRA adapter; write out_dir/adapter/ and out_dir/report.json only on success.
 
     `dataset` is recorded as is in the report (e.g. {"merkle_root": ...}). `resume=False` ignores an
-    existing checkpoint. The base model is left as it was (the LoRA layers are removed at the end).
+    existing checkpoint. `init_adapter` (a peft adapter directory with the same r, alpha and target modules)
+    starts from its weights instead of a fresh LoRA init: continual learning, see loop.py. The base model is
+    left as it was (the LoRA layers are removed at the end).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -233,7 +238,8 @@ def train(
         total_steps = min(total_steps, config.max_steps)
     warmup = int(config.warmup_ratio * total_steps)
     padded = sum(b.input_ids.numel() for b in batches)
-    fingerprint = _fingerprint(base.sha256, config, data.examples)
+    init = _read_init(Path(init_adapter), config) if init_adapter is not None else None
+    fingerprint = _fingerprint(base.sha256, config, data.examples, init[0] if init else None)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -247,6 +253,8 @@ def train(
     try:
         causal_lm = model.get_base_model()  # the *ForCausalLM with LoRA layers injected
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if init is not None:
+            _load_init(causal_lm, init[1], init_adapter)
         optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
 
         # Loop state, restored from a checkpoint when there is a matching one.
@@ -368,6 +376,38 @@ def train(
     finally:
         model.unload()  # removes the LoRA layers: base.model is the plain base again
         base.model.eval()
+
+
+def _read_init(directory: Path, config: TrainConfig) -> tuple[str, dict]:
+    """(sha256 of the weights file, {module path: (A, B)}) of an adapter to continue from, checked against config."""
+    from ownlm.bitdelta.lora1 import ADAPTER_WEIGHTS, read_adapter
+
+    ad = read_adapter(directory)  # refuses anything but plain LoRA, with the field to fix
+    if ad.r != config.r or ad.alpha != config.alpha or set(ad.target_modules) != set(config.target_modules):
+        raise ConfigError(
+            f"cannot continue from adapter {directory}: it has r={ad.r}, alpha={ad.alpha:g}, targets "
+            f"{list(ad.target_modules)}; this run wants r={config.r}, alpha={config.alpha:g}, targets {config.target_modules}",
+            hint="train from scratch (no init adapter) or use the same LoRA settings as the previous round",
+        )
+    return hashlib.sha256((directory / ADAPTER_WEIGHTS).read_bytes()).hexdigest(), ad.factors
+
+
+def _load_init(causal_lm: torch.nn.Module, factors: dict, directory: Path) -> None:
+    """Copy the factors into the freshly injected LoRA layers (peft's adapter name is 'default')."""
+    modules = dict(causal_lm.named_modules())
+    injected = {n for n, m in modules.items() if hasattr(m, "lora_A")}
+    if injected != set(factors):
+        raise ConfigError(f"cannot continue from adapter {directory}: it covers {len(factors)} layers, this run "
+                          f"{len(injected)}", hint="train from scratch: the adapter was made for another base model")
+    with torch.no_grad():
+        for path, (a, b) in factors.items():
+            layer = modules.get(path)
+            if layer is None or not hasattr(layer, "lora_A") or layer.lora_A["default"].weight.shape != a.shape \
+                    or layer.lora_B["default"].weight.shape != b.shape:
+                raise ConfigError(f"cannot continue from adapter {directory}: {path} does not fit this base",
+                                  hint="train from scratch: the adapter was made for another base model")
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
 
 
 def _diverged(step: int, what: str, config: TrainConfig) -> TrainingDiverged:

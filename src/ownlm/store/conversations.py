@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ownlm.continual import forget
 from ownlm.errors import InvalidInput, NotFound
 
 ROLES = ("system", "user", "assistant")
@@ -297,5 +298,8 @@ class ConversationsMixin:
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount
             self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, **scope)
+        # The adapter kept for continual learning learned from these messages: it goes too (the next round
+        # retrains from scratch; see continual.py).
+        forget(self.home, user_id)
         self.scrub()
         return {"messages": n_msg, "conversations": n_conv, **scope}

@@ -84,6 +84,13 @@ class DatasetsMixin:
         return [{"idx": r[0], "split": r[1], "augmented": bool(r[2]), "conversation_id": r[3], "sha256": r[4],
                  "messages": json.loads(r[5]) if r[5] is not None else None} for r in rows]
 
+    def dataset_hashes(self, user_id: str, dataset_id: str, split: str = "train") -> set[str]:
+        """sha256 of one split's examples of a dataset (an empty set when the dataset is gone)."""
+        rows = self.query(
+            "SELECT e.sha256 FROM dataset_examples e JOIN datasets d ON d.id = e.dataset_id"
+            " WHERE d.user_id = ? AND e.dataset_id = ? AND e.split = ?", (user_id, dataset_id, split))
+        return {r[0] for r in rows}
+
     def list_datasets(self, user_id: str) -> list[dict]:
         rows = self.query(
             "SELECT id, created_at, merkle_root, n_train, n_heldout FROM datasets WHERE user_id = ? ORDER BY created_at DESC",

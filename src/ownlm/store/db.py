@@ -171,6 +171,15 @@ class StoreBase:
             (user_id, time.time(), action, json.dumps(detail, sort_keys=True)),
         )
 
+    def audit_mark(self) -> int:
+        """The newest audit id (0 when empty): remember it, then ask deleted_since(user, mark)."""
+        return self.query("SELECT coalesce(max(id), 0) FROM audit")[0][0]
+
+    def deleted_since(self, user_id: str, mark: int) -> bool:
+        """Whether any of the user's data was deleted after audit id `mark`."""
+        return bool(self.query("SELECT 1 FROM audit WHERE user_id = ? AND action = 'deleted' AND id > ? LIMIT 1",
+                               (user_id, mark)))
+
     def audit_log(self, user_id: str | None = None, limit: int = 100) -> list[dict]:
         sql = "SELECT id, user_id, at, action, detail FROM audit"
         params: list = []

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmarks: persona histories as store-shaped conversations, temporary weight deltas."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ownlm.capture.importers import parse_file  # noqa: E402
+from ownlm.personas import DATA_DIR  # noqa: E402
+
+
+def persona_conversations(persona: str) -> dict[str, list[dict]]:
+    """The shipped persona history as {conversation id: [message rows]} in file order, as the store returns them."""
+    result = parse_file(DATA_DIR / f"{persona}.jsonl")
+    conversations = {}
+    for i, c in enumerate(result.conversations):
+        rows, parent = [], None
+        for j, m in enumerate(c.messages):
+            rows.append({"id": f"{i}-{j}", "parent_id": parent, "role": m.role, "content": m.content})
+            parent = f"{i}-{j}"
+        conversations[f"c{i:04d}"] = rows
+    return conversations
+
+
+@contextmanager
+def added(model, deltas: dict[str, torch.Tensor]):
+    """model weights += deltas for the block, restored exactly afterwards (copies of the touched weights)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in deltas}
+    with torch.no_grad():
+        for n, d in deltas.items():
+            params[n].add_(d.to(params[n].dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)

@@ -1,0 +1,131 @@
+"""Continual learning: what round k+1 of the learning loop trains on, and from which starting point.
+
+Strategies (Personalization.continual):
+    retrain   a fresh LoRA on every training example the user has (cost grows with the history);
+    continue  the fp32 adapter of the model now serving, trained on the new examples only;
+    replay    as continue, plus a seeded random sample of older examples (`replay` x the new count).
+
+bench/continual.py measured them on topic-drifting persona rounds (bench/README.md, "continual.py"); the
+default is the winner there. Continuing is only safe when the kept adapter still describes the user's data and
+model, so a round falls back to `retrain` (and says why) when:
+    - there is no kept adapter, or it was trained for another base or other LoRA settings;
+    - the user is not served by the model that adapter became (a rollback, or routed to the base);
+    - any of the user's data was deleted after it was trained (right to delete: an adapter continued from
+      weights that learned deleted conversations would keep what the user asked us to forget).
+The kept adapter lives in home/adapters/<user id>/ with lineage.json; it holds no conversation text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ownlm.fsutil import atomic_write
+
+LINEAGE = "lineage.json"
+STRATEGIES = ("retrain", "continue", "replay")
+
+
+def adapter_dir(home: Path, user_id: str) -> Path:
+    """Where the fp32 adapter behind the user's serving model is kept."""
+    return Path(home) / "adapters" / user_id
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What the kept adapter is. audit_mark: the store's last audit id when it was kept (deletes after it count)."""
+
+    model_id: str
+    dataset_id: str
+    base_sha256: str
+    lora: dict  # {"r", "alpha", "target_modules"}
+    audit_mark: int
+
+
+@dataclass
+class RoundPlan:
+    """The examples one round trains on and its starting adapter (None: a fresh LoRA)."""
+
+    strategy: str  # what actually runs: 'retrain', 'continue' or 'replay'
+    examples: list
+    init_adapter: Path | None
+    new: int  # examples not in the kept adapter's dataset
+    replayed: int
+    why: str
+
+    def summary(self) -> dict:
+        return {"strategy": self.strategy, "examples": len(self.examples), "new": self.new, "replayed": self.replayed,
+                "why": self.why}
+
+
+def read_lineage(home: Path, user_id: str) -> Lineage | None:
+    path = adapter_dir(home, user_id) / LINEAGE
+    try:
+        return Lineage(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # missing or unreadable: the next round retrains, nothing is lost
+
+
+def keep_adapter(home: Path, user_id: str, adapter: Path, lineage: Lineage) -> None:
+    """Replace the kept adapter with `adapter` (copied) and its lineage; lineage.json is written last."""
+    dest = adapter_dir(home, user_id)
+    forget(home, user_id)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(adapter, dest)
+    atomic_write(dest / LINEAGE, json.dumps(asdict(lineage), indent=1))
+
+
+def forget(home: Path, user_id: str) -> None:
+    """Remove the kept adapter (after a delete of the user's data, or before keeping a newer one)."""
+    shutil.rmtree(adapter_dir(home, user_id), ignore_errors=True)
+
+
+def plan_round(
+    strategy: str,
+    train_examples: list,
+    *,
+    lineage: Lineage | None,
+    adapter: Path,
+    old_hashes: set[str],
+    active_model_id: str | None,
+    base_sha256: str,
+    lora: dict,
+    deleted_since: bool,
+    replay: float,
+    seed: str,
+) -> RoundPlan:
+    """Choose the round's examples and starting point (pure: no I/O besides checking `adapter` exists).
+
+    train_examples: the round's tokenized training examples (all of the user's data); each has .sha256.
+    old_hashes: sha256 of the training examples of the kept adapter's dataset. seed: makes the replay sample
+    the same when a round is resumed after a restart (its training checkpoint must fit).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown continual strategy {strategy!r}")
+
+    def fresh(why: str) -> RoundPlan:
+        return RoundPlan("retrain", list(train_examples), None, len(train_examples), 0, why)
+
+    if strategy == "retrain":
+        return fresh("configured: retrain on all data")
+    if deleted_since:
+        return fresh("data was deleted after the previous adapter was trained: retrained without it")
+    if lineage is None or not (adapter / "adapter_model.safetensors").is_file():
+        return fresh("no previous adapter: first round, or it was removed")
+    if lineage.base_sha256 != base_sha256 or lineage.lora != lora:
+        return fresh("the previous adapter was trained for another base model or LoRA settings")
+    if lineage.model_id != active_model_id:
+        return fresh(f"the user is not served by {lineage.model_id} (rolled back or routed to the base)")
+    new = [e for e in train_examples if e.sha256 not in old_hashes]
+    if not new:
+        return fresh("no new training examples since the previous adapter")
+    old = [e for e in train_examples if e.sha256 in old_hashes]
+    picked: list = []
+    if strategy == "replay" and old:
+        picked = random.Random(seed).sample(old, min(len(old), round(replay * len(new))))
+    why = f"continued from {lineage.model_id} on {len(new)} new examples" + (
+        f" + {len(picked)} replayed" if strategy == "replay" else "")
+    return RoundPlan(strategy, new + picked, adapter, len(new), len(picked), why)
