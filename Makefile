@@ -38,7 +38,7 @@ browser:
 test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Every figure in bench/README.md, on the embedded model (about 20 minutes on 2 cores). BENCH_HOME keeps the
+# Every figure in bench/README.md, on the embedded model (see bench/README.md for how long it takes). BENCH_HOME keeps the
 # converted base model between runs.
 BENCH_HOME ?= $(CURDIR)/.ownlm-bench
 bench: setup
@@ -49,6 +49,8 @@ bench: setup
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/fidelity.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/continual.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/personas.py
 
 clean:
 	rm -rf $(VENV) .ownlm-test-cache test-output .pytest_cache

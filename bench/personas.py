@@ -2,11 +2,12 @@
 
 One node (a fresh home; the converted base model is shared with --home's cache) with three users — mira, bram
 and chiara, each with their shipped history of 300 conversations. For each, one round of the real loop
-(dataset, LoRA, BitDelta, quality gate, signed bundle, install) with a fixed number of steps, then
-`ownlm.eval_run.evaluate_user` on the installed 1-bit model: held-out assistant NLL of base, LoRA and the
-served 1-bit model, the personalization score (relative NLL reduction of the served model), drift KL(base ||
-personal) on Dolly prompts against the gate's bound, the share of unseen probe questions passed, general
-ability (WikiText-2 perplexity, ARC-Easy accuracy), artifact size, speed.
+(dataset, LoRA, BitDelta, quality gate, signed bundle, install) with a fixed number of steps. The round's gate
+measures, with the eval library `ownlm eval` uses: held-out assistant NLL of base, LoRA and the served 1-bit
+model, the personalization score (relative NLL reduction of the served model), drift KL(base || personal) on
+Dolly prompts (checked against the gate's bound). Then, on the installed 1-bit model: the share of unseen probe
+questions passed (greedy, batched), general ability (WikiText-2 perplexity, ARC-Easy accuracy), artifact size.
+Speed is bench/serve_overhead.py's job.
 
     .venv/bin/python bench/personas.py [--steps 32] [--lr 1e-3] [--personas mira,bram,chiara] [--json FILE]
 """
@@ -23,11 +24,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.capture.ingest import import_into  # noqa: E402
-from ownlm.eval_run import evaluate_user  # noqa: E402
+from ownlm.basemodel import load_base  # noqa: E402
+from ownlm.bitdelta import load_delta  # noqa: E402
+from ownlm.engine.torch_engine import TorchEngine  # noqa: E402
+from ownlm.eval_general import general_perplexity, mc_items, multiple_choice_accuracy  # noqa: E402
+from ownlm.evaluate import behaviour_score, delta_applied  # noqa: E402
 from ownlm.loop import run_job  # noqa: E402
-from ownlm.personas import DATA_DIR, PERSONAS  # noqa: E402
+from ownlm.personas import DATA_DIR, PERSONAS, probes  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.store import Store  # noqa: E402
+
+
+def general(base, n_arc: int = 100) -> dict:
+    """General ability as `ownlm eval` measures it: WikiText-2 perplexity (8 blocks), ARC-Easy accuracy."""
+    return {"wikitext_ppl": general_perplexity(base.model, base.tokenizer, max_blocks=8).perplexity,
+            "arc_easy": multiple_choice_accuracy(base.model, base.tokenizer, mc_items("arc_easy", n_arc))}
 
 
 def main() -> None:
@@ -49,6 +60,8 @@ def main() -> None:
         update={"max_steps": args.steps, "lr": args.lr, "continual": "retrain"})})
     gate_kl = settings.personalization.gate_max_kl
     results = []
+    base = load_base(settings)
+    plain = TorchEngine(base)
     with Store(home) as store:
         for name in args.personas.split(","):
             if name not in PERSONAS:
@@ -64,21 +77,27 @@ def main() -> None:
             if job["state"] != "deployed":
                 results.append({"persona": name, "state": job["state"], "reason": job["reason"]})
                 continue
-            report, extras = evaluate_user(store, settings, user, quick=args.quick, progress=lambda _: None)
-            rep = report.to_dict()
-            b, p = rep["base"], rep["personal"]
+            # The round's gate measured held-out NLL (base, LoRA, served 1-bit model) and drift with the eval
+            # library (ownlm.evaluate); probes and general ability are measured here with the same library.
+            model = store.active_model(user.id)
+            delta = load_delta(model["path"], expect_base_sha256=base.sha256)
+            asked = probes(PERSONAS[name])
+            t2 = time.perf_counter()
+            pb = behaviour_score(plain, asked, max_tokens=48)
+            with delta_applied(base.model, delta, base.sha256):
+                pp = behaviour_score(plain, asked, max_tokens=48)
+                general_p = None if args.quick else general(base)
+            general_b = None if args.quick else general(base)
             row = {
-                "persona": name, "state": "deployed", "train_examples": r.get("train_examples"),
-                "heldout_examples": rep["items"]["heldout_examples"], "steps": r.get("steps"),
-                "train_seconds": r.get("train_seconds"), "nll_base": b["heldout_nll"],
-                "nll_lora": r.get("heldout_loss_lora"), "nll_personal": p["heldout_nll"],
-                "personalization_score": rep["derived"]["personalization_score"],
-                "kept_gain": r.get("fidelity"), "kl_drift": p["kl_drift"], "gate_max_kl": gate_kl,
-                "probes_base": b["behaviour"], "probes_personal": p["behaviour"],
-                "wikitext_ppl_base": b["wikitext_perplexity"], "wikitext_ppl_personal": p["wikitext_perplexity"],
-                "arc_easy_base": b["arc_easy"], "arc_easy_personal": p["arc_easy"],
-                "artifact_bytes": extras["artifact_bytes"],
-                "tokens_per_s_base": b["tokens_per_s"], "tokens_per_s_personal": p["tokens_per_s"],
+                "persona": name, "state": "deployed", "train_examples": r["train_examples"],
+                "heldout_examples": r["heldout_examples"], "steps": r["steps"], "train_seconds": r["train_seconds"],
+                "nll_base": r["heldout_loss_base"], "nll_lora": r["heldout_loss_lora"],
+                "nll_personal": r["heldout_loss_compressed"], "personalization_score": r["personalization_score"],
+                "kept_gain": r["fidelity"], "kl_drift": r["kl_drift"], "gate_max_kl": gate_kl,
+                "probes": len(asked), "probes_base": pb["pass_rate"], "probes_personal": pp["pass_rate"],
+                "probes_by_kind": {"base": pb["by_kind"], "personal": pp["by_kind"]},
+                "general_base": general_b, "general_personal": general_p, "artifact_bytes": r["artifact_bytes"],
+                "eval_seconds": round(time.perf_counter() - t2, 1),
             }
             results.append(row)
             print(f"  held-out NLL base {row['nll_base']:.4f} -> LoRA {row['nll_lora']:.4f} -> served 1-bit "
@@ -86,8 +105,8 @@ def main() -> None:
                   f"{row['kl_drift']:.4f} (gate bound {gate_kl}); probes passed base {row['probes_base']:.0%} vs "
                   f"personal {row['probes_personal']:.0%}", flush=True)
             if not args.quick:
-                print(f"  WikiText-2 ppl {row['wikitext_ppl_base']:.2f} -> {row['wikitext_ppl_personal']:.2f}; ARC-Easy "
-                      f"{row['arc_easy_base']:.1%} -> {row['arc_easy_personal']:.1%}; artifact {row['artifact_bytes']:,} B",
+                print(f"  WikiText-2 ppl {general_b['wikitext_ppl']:.2f} -> {general_p['wikitext_ppl']:.2f}; ARC-Easy "
+                      f"{general_b['arc_easy']:.1%} -> {general_p['arc_easy']:.1%}; artifact {row['artifact_bytes']:,} B",
                       flush=True)
     ok = [r for r in results if r["state"] == "deployed"]
     beats = all(r["nll_personal"] < r["nll_base"] for r in ok) and len(ok) == len(results)

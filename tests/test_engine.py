@@ -72,3 +72,12 @@ def test_held_back():
     assert _held_back("abc\ufffd", []) == 1
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["xyz"]) == 0
+
+
+def test_greedy_batch_matches_one_by_one_greedy(engine):
+    """Left-padded batched greedy decoding gives the answers stream() gives (prompts of different lengths)."""
+    asks = [[{"role": "user", "content": q}] for q in
+            ("Say hello.", "What is the capital of France, and why is it famous?", "Hi", "Count to three.")]
+    alone = [engine.stream(a, GenerationParams(max_tokens=10, temperature=0)).text() for a in asks]
+    assert engine.greedy_batch(asks, max_tokens=10) == alone
+    assert engine.greedy_batch(asks, max_tokens=10, batch_size=3) == alone

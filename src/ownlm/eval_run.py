@@ -44,6 +44,7 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     """(report, extras) for `user`'s model `model` (version or id; default: the active one)."""
     from ownlm.basemodel import load_base
     from ownlm.engine.personal import PersonalEngine
+    from ownlm.engine.torch_engine import TorchEngine
     from ownlm.eval_general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
     from ownlm.evaluate import assistant_nll, behaviour_score, delta_applied, kl_drift, speed
     from ownlm.personas import PERSONAS, probes
@@ -71,15 +72,19 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     b.heldout_perplexity, p.heldout_perplexity = math.exp(b.heldout_nll), math.exp(p.heldout_nll)
     progress("drift KL on Dolly prompts…")
     p.kl_drift = kl_drift(m, delta, dolly_examples(tok, n=64), max_positions=1024, base_sha256=base.sha256)
-    # a node that serves this exact model: behaviour and speed through the real serving path
-    engine = PersonalEngine(base, store)
     if user.name in PERSONAS:
+        # batched greedy answers (TorchEngine.greedy_batch) with the delta merged for 'personal': the same
+        # weights a single-user node serves, at a fraction of one-by-one decoding's time
         progress("persona probes (greedy answers)…")
-        for scores, use in ((b, "base"), (p, "personal")):
-            r = behaviour_score(_UserEngine(engine, user.id, use), probes(PERSONAS[user.name]), max_tokens=48)
+        plain, asked = TorchEngine(base), probes(PERSONAS[user.name])
+        with delta_applied(m, delta, base.sha256):
+            r_personal = behaviour_score(plain, asked, max_tokens=48)
+        for scores, r in ((p, r_personal), (b, behaviour_score(plain, asked, max_tokens=48))):
             scores.behaviour = r["pass_rate"]
             scores.behaviour_fact = r["by_kind"].get("fact", {}).get("rate")
             scores.behaviour_style = r["by_kind"].get("style", {}).get("rate")
+    # speed through the real serving path: a node that serves this exact model
+    engine = PersonalEngine(base, store)
     progress("speed…")
     prompts = ["Give me three tips for a rainy weekend."]
     for scores, use in ((b, "base"), (p, "personal")):

@@ -352,17 +352,21 @@ def _probe_fields(probe) -> tuple[str, str, dict]:
 
 def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
     """Greedy answers to persona probe questions (each asked alone, as one user message), checked with
-    `personas.check_answer`.
+    `personas.check_answer`. An engine with `greedy_batch` answers them in one batch, others one by one.
 
     Returns {"pass_rate": share passing (0..1), "n": probes asked,
              "by_kind": {kind: {"passed": int, "total": int, "rate": float}},  # kinds: fact, style
              "answers": [{"question", "kind", "answer", "passed"}]}.
     """
-    params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    fields = [_probe_fields(p) for p in probes]
+    asks = [[{"role": "user", "content": q}] for q, _, _ in fields]
+    if hasattr(engine, "greedy_batch"):  # one batched generate (see TorchEngine.greedy_batch)
+        texts = engine.greedy_batch(asks, max_tokens)
+    else:
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+        texts = [engine.stream(a, params).text() for a in asks]
     answers, by_kind = [], {}
-    for probe in probes:
-        question, kind, check = _probe_fields(probe)
-        answer = engine.stream([{"role": "user", "content": question}], params).text()
+    for (question, kind, check), answer in zip(fields, texts):
         passed = check_answer(check, answer)
         answers.append({"question": question, "kind": kind, "answer": answer, "passed": passed})
         k = by_kind.setdefault(kind, {"passed": 0, "total": 0, "rate": 0.0})

@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seeds LoRA init, batch grouping and batch order."})
     checkpoint_every_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
     min_examples: int = field(default=1, metadata={"help": "Refuse to train on fewer usable examples than this."})
-    eval_batch_tokens: int = field(default=8192, metadata={"help": "Token budget per held-out batch (no gradients)."})
+    eval_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per held-out batch (no gradients; larger batches measured slower on CPU)."})
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

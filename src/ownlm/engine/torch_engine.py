@@ -46,6 +46,33 @@ class TorchEngine:
         )
         return list(ids)
 
+    @torch.inference_mode()
+    def greedy_batch(self, conversations: list[list[Message]], max_tokens: int, batch_size: int = 32) -> list[str]:
+        """Greedy answers to many conversations at once, with the model as it is now (no per-user routing).
+
+        For evaluation (persona probes): decoding on a CPU is memory-bound — each step reads every weight — so
+        a left-padded batch of 20 prompts costs about what one does. transformers' generate() does the batching;
+        the answers equal stream()'s greedy answers up to float rounding between batch shapes.
+        """
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
+        answers: list[str] = []
+        with self._lock:
+            for i in range(0, len(conversations), batch_size):
+                prompts = [self.encode_chat(c) for c in conversations[i : i + batch_size]]
+                width = max(len(p) for p in prompts)
+                ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for k, p in enumerate(prompts):
+                    ids[k, width - len(p):], mask[k, width - len(p):] = torch.tensor(p), 1
+                dev = self.base.device.device
+                out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_tokens,
+                                          do_sample=False, temperature=None, top_p=None, top_k=None,
+                                          eos_token_id=sorted(self._eos_ids), pad_token_id=pad)
+                for row in out[:, width:].tolist():
+                    end = next((j for j, t in enumerate(row) if t in self._eos_ids), len(row))
+                    answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return answers
+
     def stream(self, messages: list[Message], params: GenerationParams) -> GenerationStream:
         prompt = self.encode_chat(messages)
         # Keep the most recent context that leaves room for the answer.
