@@ -9,6 +9,8 @@ held-out conversations of every round seen so far (assistant-token NLL, nats/tok
               its cost grows with the history
     continue  the previous round's adapter trained one epoch on the new conversations only (constant cost)
     replay    as continue, plus a random sample of older conversations (--replay x the new count)
+    continue-steps  as continue, but as many optimizer steps as replay took (the new data cycled): is it the
+              replayed data or just the extra steps?
 
 "old" is the mean NLL on the held-out conversations of earlier rounds (forgetting shows there), "new" on the
 current round's. Round 1 is the same for all strategies (a fresh adapter on round 1). Training tokens
@@ -39,7 +41,7 @@ from ownlm.personas import PERSONAS  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.train import TrainConfig, train  # noqa: E402
 
-STRATEGIES = ("retrain", "continue", "replay")
+STRATEGIES = ("retrain", "continue", "replay", "continue-steps")
 
 
 def rounds_by_topic(conversations: dict[str, list[dict]], topics: list[list[str]], seed: int) -> list[list[str]]:
@@ -111,24 +113,30 @@ def main() -> None:
                 continue
             ids = list(train_ids[k])
             init = prev[strategy] if k > 0 and strategy != "retrain" else None
+            config = TrainConfig(lr=args.lr, seed=args.seed + k)
             if strategy == "retrain":
                 ids = [c for j in range(k + 1) for c in train_ids[j]]
             elif strategy == "replay" and k > 0:
                 old = [c for j in range(k) for c in train_ids[j]]
                 ids += rng.sample(old, min(len(old), round(args.replay * len(train_ids[k]))))
+            elif strategy == "continue-steps" and k > 0:
+                replay_steps = next(r["steps"] for r in reversed(rows) if r["strategy"] == "replay")
+                config = TrainConfig(lr=args.lr, seed=args.seed + k, epochs=10, max_steps=replay_steps)
             out = work / f"{strategy}-{k}"
-            rep = train(base, examples(ids), [], TrainConfig(lr=args.lr, seed=args.seed + k), out, init_adapter=init)
+            rep = train(base, examples(ids), [], config, out, init_adapter=init)
             prev[strategy] = out / "adapter"
             with added(model, read_adapter(out / "adapter").weight_deltas()):
                 nll = [assistant_nll(model, h).mean_nll for h in held]
             row = {"round": k + 1, "strategy": strategy, "conversations": len(ids), "tokens": rep.tokens,
+                   "steps": rep.steps,
                    "train_s": rep.duration_s, "nll": nll,
                    "old": statistics.fmean(nll[:k]) if k else None, "new": nll[k],
                    "seen": statistics.fmean(nll[: k + 1]), "all": statistics.fmean(nll)}
             rows.append(row)
             if k == 0:
                 shared_first = {kk: v for kk, v in row.items() if kk != "strategy"}
-            print(f"round {k + 1} {strategy:<8} {len(ids):>4} conv {rep.tokens:>7,} tokens {rep.duration_s:6.1f} s  "
+            print(f"round {k + 1} {strategy:<14} {len(ids):>4} conv {rep.tokens:>7,} tokens {rep.steps:>3} steps "
+                  f"{rep.duration_s:6.1f} s  "
                   f"NLL old {row['old'] if row['old'] is not None else float('nan'):.4f}  new {row['new']:.4f}  "
                   f"seen {row['seen']:.4f}  (per round: {', '.join(f'{x:.4f}' for x in nll)})", flush=True)
 
@@ -136,7 +144,7 @@ def main() -> None:
     for strategy in STRATEGIES:
         mine = [r for r in rows if r["strategy"] == strategy]
         last = mine[-1]
-        print(f"  {strategy:<8} all rounds {last['all']:.4f}  oldest round {last['nll'][0]:.4f}  newest {last['new']:.4f}  "
+        print(f"  {strategy:<14} all rounds {last['all']:.4f}  oldest round {last['nll'][0]:.4f}  newest {last['new']:.4f}  "
               f"training tokens over all rounds {sum(r['tokens'] for r in mine):,}, last round {last['tokens']:,}")
     print(f"whole run {time.perf_counter() - t0:.0f} s")
     if args.json:
