@@ -17,7 +17,7 @@ from ownlm.errors import ConfigError
 from ownlm.loop import run_job
 from ownlm.store import Store
 from ownlm.train import TrainConfig, train
-from tests.test_loop import loop_settings, persona_file
+from tests.test_loop import first_round, loop_settings, persona_file
 from tests.test_train import examples, quick, tiny  # noqa: F401  (tiny is a fixture)
 
 LORA = {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}
@@ -100,10 +100,7 @@ def test_continuing_from_an_adapter_with_other_settings_is_refused(tiny, tmp_pat
 def test_a_delete_removes_the_kept_adapter_and_the_next_round_retrains(home, tiny_base, tmp_path):
     settings = loop_settings(tiny_base)
     with Store(home) as store:
-        user = store.create_user("bram")
-        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
-        job = run_job(store, settings, store.enqueue_job(user.id, "round 1"))
-        assert job["state"] == "deployed", job["reason"]
+        user, job = first_round(store, settings, tmp_path)
         assert job["result"]["continual"]["strategy"] == "retrain"
         lineage = read_lineage(home, user.id)
         assert lineage.model_id == store.active_model(user.id)["id"] and lineage.dataset_id == job["result"]["dataset"]
@@ -125,9 +122,7 @@ def test_a_delete_during_a_round_is_caught_by_the_audit_mark(home, tiny_base, tm
     """A delete that happens after the round read the data: the adapter it keeps must not be continued."""
     settings = loop_settings(tiny_base)
     with Store(home) as store:
-        user = store.create_user("bram")
-        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
-        assert run_job(store, settings, store.enqueue_job(user.id, "round 1"))["state"] == "deployed"
+        user, _ = first_round(store, settings, tmp_path)
         lineage = read_lineage(home, user.id)
         with store.tx() as db:  # a delete recorded after the round's audit mark, its files untouched
             store.audit(db, user.id, "deleted", messages=1, conversations=1, scope="conversation")

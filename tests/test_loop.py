@@ -31,6 +31,15 @@ def loop_settings(tiny_base, **gate):
         "interval": 1.0, "min_samples": 20, "max_steps": 3, "lr": 5e-3, "gate_max_kl": 10.0, **gate})})
 
 
+def first_round(store, settings, tmp_path, name: str = "bram"):
+    """A user with bram's first 40 conversations and one deployed round: (user, job)."""
+    user = store.create_user(name)
+    import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), name)
+    job = run_job(store, settings, store.enqueue_job(user.id, "round 1"))
+    assert job["state"] == "deployed", job["reason"]
+    return user, job
+
+
 def wait_for(predicate, timeout=240, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -127,10 +136,7 @@ def test_eval_after_a_round(home, tiny_base, tmp_path):
 
     settings = loop_settings(tiny_base)
     with Store(home) as store:
-        user = store.create_user("bram")
-        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
-        job = run_job(store, settings, store.enqueue_job(user.id, "test"))
-        assert job["state"] == "deployed", job["reason"]
+        first_round(store, settings, tmp_path)
     env = {"OWNLM_BASE": str(tiny_base), "OWNLM_USER": "bram"}
     r = run_cli("eval", "--json", env=env)
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,9 @@ from ownlm.api.trainer_app import create_trainer_app
 from ownlm.attest import AttestationPolicy, InsecureTestAttester, InsecureTestVerifier, report_data
 from ownlm.basemodel import load_tokenizer
 from ownlm.dataset import DatasetConfig, build
-from ownlm.errors import AttestationFailed, DeltaMismatch, PrivacyViolation, RemoteTrainerError, SignatureError
+from ownlm.errors import (
+    AttestationFailed, DeltaMismatch, PrivacyViolation, QualityGateRefused, RemoteTrainerError, SignatureError,
+)
 from ownlm.privacy import set_tier
 from ownlm.settings import load_settings
 from ownlm.store import Store
@@ -27,7 +29,8 @@ MEASUREMENT = "ab" * 48
 
 def settings_for(home, tiny_base):
     s = load_settings(home=str(home), base=str(tiny_base), device="cpu")
-    return s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 2, "lr": 5e-3})})
+    return s.model_copy(update={"personalization": s.personalization.model_copy(
+        update={"max_steps": 2, "lr": 5e-3, "gate_max_kl": 10.0})})
 
 
 def conversations() -> dict:
@@ -110,8 +113,25 @@ def test_tier0_trains_remotely_over_verified_tls_and_the_trainer_erases_the_job(
     assert sent["destination"] == srv.url and sent["merkle_root"] == built.merkle_root
     assert sent["examples"] == len(built.examples) and sent["tier"] == 0
     assert log["remote_bundle_received"]["destination"] == srv.url and log["remote_bundle_received"]["bytes"] > 0
-    assert "model_installed" in log
+    assert "model_installed" in log and log["remote_model_judged"]["passed"] is True
     assert MARKER not in str(store.audit_log(user.id, limit=100))
+
+
+def test_a_remote_model_that_fails_the_gate_on_the_node_is_not_installed(node, make_trainer, pki):
+    settings, store, built = node
+    strict = settings.model_copy(update={"personalization": settings.personalization.model_copy(
+        update={"gate_min_gain": 0.99})})  # the trainer is not asked: the node measures and refuses
+    user = store.create_user("ann", tier=0)
+    t = make_trainer()
+    store.trust(t.signing_key_pem(), label="test trainer")
+    ca, cert = pki
+    with serve(t, cert)[1] as srv:
+        with pytest.raises(QualityGateRefused, match="failed the quality gate: held-out NLL .* does not beat"):
+            remote.train_remotely(store, strict, user, built, srv.url, ca.pem)
+    assert store.active_model(user.id) is None and store.models(user.id) == []
+    judged = actions(store, user.id)["remote_model_judged"]
+    assert judged["passed"] is False and judged["heldout_loss_compressed"] < judged["heldout_loss_base"]
+    assert "model_installed" not in actions(store, user.id)
 
 
 def test_bundle_from_an_untrusted_trainer_is_not_installed(node, make_trainer, pki):

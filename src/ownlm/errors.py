@@ -155,3 +155,9 @@ class AttestationFailed(OwnlmError):
     """A trainer's attestation evidence that does not verify, does not meet the policy, or does not bind its key."""
 
     http_status = 403
+
+
+class QualityGateRefused(OwnlmError):
+    """A trained model did not pass the quality gate; the previous model keeps serving."""
+
+    http_status = 422

@@ -38,7 +38,7 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
         nll_c = assistant_nll(base.model, heldout).mean_nll
     kl = kl_drift(base.model, delta, dolly_examples(base.tokenizer, n=DRIFT_PROMPTS), max_positions=DRIFT_POSITIONS,
                   base_sha256=base.sha256)
-    fidelity = kept_gain(nll_base, nll_lora, nll_c)
+    fidelity = kept_gain(nll_base, nll_lora, nll_c) if nll_lora is not None else None
     problems = []
     if not nll_c < nll_base * (1 - cfg.gate_min_gain):
         problems.append(f"held-out NLL {nll_c:.4f} of the compressed model does not beat the base's {nll_base:.4f}"
@@ -59,3 +59,24 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
         "kl_drift": kl,
         "delta_bytes": delta.nbytes,
     }
+
+
+def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg: Personalization) -> dict:
+    """The gate for a model trained elsewhere (a remote trainer): the node measures the base and the received
+    1-bit delta on its own held-out examples; only the LoRA's held-out NLL (for the fidelity test) is the
+    trainer's, taken from the signed manifest. `verified`: node.Verified of the received bundle."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from ownlm.artifact.bundle import MANIFEST
+    from ownlm.evaluate import assistant_nll
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in verified.files.items():
+            if name != MANIFEST:
+                (Path(tmp) / name).write_bytes(data)
+        delta = load_delta(tmp, expect_base_sha256=base.sha256)
+    lora = (verified.manifest.get("training") or {}).get("heldout_loss_personal")
+    report = SimpleNamespace(heldout_loss_base=assistant_nll(base.model, heldout).mean_nll,
+                             heldout_loss_personal=lora if isinstance(lora, (int, float)) else None)
+    return judge(base, delta, heldout, report, cfg)

@@ -64,10 +64,21 @@ def _write_dir(tmp: Path, files: dict[str, bytes]) -> None:
     fsync_dir(tmp)
 
 
-def install(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: str | None = None,
-            rollback: bool = False, keep: int = 5) -> InstallResult:
-    """Verify and install a sealed bundle; route its user to it. Raises before writing anything if any check fails."""
-    t0 = time.perf_counter()
+@dataclass
+class Verified:
+    """An opened bundle whose signature, file hashes, user and base all checked out (nothing written yet)."""
+
+    files: dict[str, bytes]
+    manifest: dict
+    signer: str
+    user: object  # store.User
+    model_id: str
+    version: int
+    node_base: str
+
+
+def open_verified(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: str | None = None) -> Verified:
+    """Open a sealed bundle for this node and check it: signature, file hashes, user, base. Writes nothing."""
     files = open_bundle(bundle, store.node_key())
     manifest = manifest_from_files(files)
     signer = verify_manifest(manifest, store.trusted_signers())
@@ -87,8 +98,17 @@ def install(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: 
             f"the model was trained on base {delta_base[:16]}…, this node serves base {node_base[:16]}…",
             hint="train against the node's base model (`ownlm info` shows its sha256)",
         )
+    return Verified(files, manifest, signer, user, model_id, version, node_base)
+
+
+def install(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: str | None = None,
+            rollback: bool = False, keep: int = 5) -> InstallResult:
+    """Verify and install a sealed bundle; route its user to it. Raises before writing anything if any check fails."""
+    t0 = time.perf_counter()
+    v = open_verified(store, settings, bundle, expect_user_id=expect_user_id)
     with _install_lock(settings):
-        return _install_locked(store, settings, files, manifest, user, model_id, version, node_base, signer, rollback, keep, t0)
+        return _install_locked(store, settings, v.files, v.manifest, v.user, v.model_id, v.version, v.node_base,
+                               v.signer, rollback, keep, t0)
 
 
 class _install_lock:

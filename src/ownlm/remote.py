@@ -13,8 +13,11 @@ In order, and nothing is sent before its check passes:
 5. the job (examples, training settings, this node's HPKE public key, user name, base sha256) is sealed with
    HPKE to the trainer's key, the transfer is written to the audit log (destination, Merkle root, example
    count — never content), and sent;
-6. the returned bundle is audited and installed by the normal verified path (`node.install`): it must be
-   signed by a key this node trusts (`store.trust(trainer's PEM)`), sealed to this node, for this user and base.
+6. the returned bundle is audited and verified (`node.open_verified`): it must be signed by a key this node
+   trusts (`store.trust(trainer's PEM)`), sealed to this node, for this user and base;
+7. the quality gate runs on the node (`gate.judge_bundle`: held-out NLL against the base, drift, fidelity
+   against the LoRA loss the trainer signed); a refusal raises QualityGateRefused and installs nothing;
+   otherwise `node.install` installs it. Remote rounds always train from scratch (the trainer keeps nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from ownlm import privacy
-from ownlm.errors import AttestationFailed, ConfigError, PrivacyViolation, RemoteTrainerError
+from ownlm.errors import AttestationFailed, ConfigError, PrivacyViolation, QualityGateRefused, RemoteTrainerError
 from ownlm.settings import Settings
 from ownlm.store import Store, User
 
@@ -135,7 +138,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     """
     from ownlm.artifact.seal import load_public, seal
     from ownlm.basemodel import base_sha256, resolve_base
-    from ownlm.node import install
+    from ownlm.node import install, open_verified
 
     url = trainer_url or settings.remote.trainer_url
     destination = url or "a remote trainer"
@@ -187,4 +190,29 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     with store.tx() as db:
         store.audit(db, user.id, "remote_bundle_received", destination=url, bytes=len(bundle),
                     sha256=hashlib.sha256(bundle).hexdigest())
+    # The same quality gate as a local round, measured here on the node's own held-out conversations: a model
+    # trained elsewhere is never deployed on the trainer's word that it is better.
+    verified = open_verified(store, settings, bundle, expect_user_id=user.id)
+    verdict = _judge_received(settings, built, verified)
+    with store.tx() as db:
+        store.audit(db, user.id, "remote_model_judged", model=verified.model_id, passed=verdict["passed"],
+                    reason=verdict["reason"], heldout_loss_base=verdict["heldout_loss_base"],
+                    heldout_loss_compressed=verdict["heldout_loss_compressed"], kl_drift=verdict["kl_drift"])
+    if not verdict["passed"]:
+        raise QualityGateRefused(f"the model from {url} failed the quality gate: {verdict['reason']}; "
+                                 "the previous model keeps serving", hint="capture more conversations or adjust the "
+                                 "gate (personalization.gate_*), then train again")
     return install(store, settings, bundle, expect_user_id=user.id, keep=settings.personalization.keep_versions)
+
+
+def _judge_received(settings: Settings, built, verified) -> dict:
+    from ownlm.basemodel import load_base
+    from ownlm.dataset import tokenize
+    from ownlm.gate import judge_bundle
+
+    base = load_base(settings)
+    held = tokenize(built.split("heldout"), base.tokenizer)
+    if not held:
+        raise QualityGateRefused("no held-out conversations to judge the received model on; nothing was installed",
+                                 hint="capture at least 2 conversations before training")
+    return judge_bundle(base, verified, held, settings.personalization)

