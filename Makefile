@@ -45,6 +45,7 @@ bench: setup
 	mkdir -p $(BENCH_HOME)
 	OWNLM_HOME=$(BENCH_HOME) $(VENV)/bin/ownlm info >/dev/null
 	$(PY) bench/capture.py
+	$(PY) bench/capture.py --messages-per-request 2 --requests 3000
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/deploy.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
