@@ -25,6 +25,7 @@ import argparse
 import json
 import random
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -147,6 +148,7 @@ def main() -> None:
         print(f"  {strategy:<14} all rounds {last['all']:.4f}  oldest round {last['nll'][0]:.4f}  newest {last['new']:.4f}  "
               f"training tokens over all rounds {sum(r['tokens'] for r in mine):,}, last round {last['tokens']:,}")
     print(f"whole run {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(work, ignore_errors=True)  # adapters, deltas and stores of the run
     if args.json:
         args.json.write_text(json.dumps({"base_nll": base_nll, "rows": rows, "args": vars(args) | {"json": str(args.json)}},
                                         indent=1))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def main() -> None:
     default = next(r for r in rows if r["variant"] == "lora1 scales=matrix")
     manifest_bytes = signed_manifest_bytes(work / "lora1-matrix", report, base)
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(work, ignore_errors=True)  # adapters, deltas and stores of the run
     print(f"goal 1 (default artifact <= 64 KB): delta {default['bytes']:,} B + signed manifest {manifest_bytes:,} B -> "
           f"{'met' if default['bytes'] + manifest_bytes <= 64_000 else 'NOT met'}")
     best = max((r for r in rows if r["variant"].startswith("lora1")), key=lambda r: r["kept_gain"] or 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -114,6 +115,7 @@ def main() -> None:
     print(f"\nevery persona's served model beats the base on held-out NLL: {'yes' if beats else 'NO'}; "
           f"drift under the gate's bound ({gate_kl}) for all: {'yes' if bounded else 'NO'}")
     print(f"whole run {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(home, ignore_errors=True)  # adapters, deltas and stores of the run
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -74,7 +74,7 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     p.kl_drift = kl_drift(m, delta, dolly_examples(tok, n=64), max_positions=1024, base_sha256=base.sha256)
     if user.name in PERSONAS:
         # batched greedy answers (TorchEngine.greedy_batch) with the delta merged for 'personal': the same
-        # weights a single-user node serves, at a fraction of one-by-one decoding's time
+        # weights a single-user node serves
         progress("persona probes (greedy answers)…")
         plain, asked = TorchEngine(base), probes(PERSONAS[user.name])
         with delta_applied(m, delta, base.sha256):

@@ -105,10 +105,16 @@ def install(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: 
             rollback: bool = False, keep: int = 5) -> InstallResult:
     """Verify and install a sealed bundle; route its user to it. Raises before writing anything if any check fails."""
     t0 = time.perf_counter()
-    v = open_verified(store, settings, bundle, expect_user_id=expect_user_id)
+    return install_verified(store, settings, open_verified(store, settings, bundle, expect_user_id=expect_user_id),
+                            rollback=rollback, keep=keep, t0=t0)
+
+
+def install_verified(store: Store, settings: Settings, v: Verified, *, rollback: bool = False, keep: int = 5,
+                     t0: float | None = None) -> InstallResult:
+    """Install a bundle `open_verified` already checked (a caller that judged it first need not open it twice)."""
     with _install_lock(settings):
         return _install_locked(store, settings, v.files, v.manifest, v.user, v.model_id, v.version, v.node_base,
-                               v.signer, rollback, keep, t0)
+                               v.signer, rollback, keep, time.perf_counter() if t0 is None else t0)
 
 
 class _install_lock:

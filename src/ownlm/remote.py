@@ -17,7 +17,7 @@ In order, and nothing is sent before its check passes:
    trusts (`store.trust(trainer's PEM)`), sealed to this node, for this user and base;
 7. the quality gate runs on the node (`gate.judge_bundle`: held-out NLL against the base, drift, fidelity
    against the LoRA loss the trainer signed); a refusal raises QualityGateRefused and installs nothing;
-   otherwise `node.install` installs it. Remote rounds always train from scratch (the trainer keeps nothing).
+   otherwise `node.install_verified` installs it. Remote rounds always train from scratch (the trainer keeps nothing).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     """
     from ownlm.artifact.seal import load_public, seal
     from ownlm.basemodel import base_sha256, resolve_base
-    from ownlm.node import install, open_verified
+    from ownlm.node import install_verified, open_verified
 
     url = trainer_url or settings.remote.trainer_url
     destination = url or "a remote trainer"
@@ -202,7 +202,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
         raise QualityGateRefused(f"the model from {url} failed the quality gate: {verdict['reason']}; "
                                  "the previous model keeps serving", hint="capture more conversations or adjust the "
                                  "gate (personalization.gate_*), then train again")
-    return install(store, settings, bundle, expect_user_id=user.id, keep=settings.personalization.keep_versions)
+    return install_verified(store, settings, verified, keep=settings.personalization.keep_versions)
 
 
 def _judge_received(settings: Settings, built, verified) -> dict:

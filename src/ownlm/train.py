@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seeds LoRA init, batch grouping and batch order."})
     checkpoint_every_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
     min_examples: int = field(default=1, metadata={"help": "Refuse to train on fewer usable examples than this."})
-    eval_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per held-out batch (no gradients; larger batches measured slower on CPU)."})
+    eval_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per held-out batch (no gradients; the training batches' size)."})
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -401,9 +401,8 @@ def _load_init(causal_lm: torch.nn.Module, factors: dict, directory: Path) -> No
                           f"{len(injected)}", hint="train from scratch: the adapter was made for another base model")
     with torch.no_grad():
         for path, (a, b) in factors.items():
-            layer = modules.get(path)
-            if layer is None or not hasattr(layer, "lora_A") or layer.lora_A["default"].weight.shape != a.shape \
-                    or layer.lora_B["default"].weight.shape != b.shape:
+            layer = modules[path]
+            if layer.lora_A["default"].weight.shape != a.shape or layer.lora_B["default"].weight.shape != b.shape:
                 raise ConfigError(f"cannot continue from adapter {directory}: {path} does not fit this base",
                                   hint="train from scratch: the adapter was made for another base model")
             layer.lora_A["default"].weight.copy_(a)

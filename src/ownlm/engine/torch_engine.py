@@ -50,9 +50,10 @@ class TorchEngine:
     def greedy_batch(self, conversations: list[list[Message]], max_tokens: int, batch_size: int = 32) -> list[str]:
         """Greedy answers to many conversations at once, with the model as it is now (no per-user routing).
 
-        For evaluation (persona probes): decoding on a CPU is memory-bound — each step reads every weight — so
-        a left-padded batch of 20 prompts costs about what one does. transformers' generate() does the batching;
-        the answers equal stream()'s greedy answers up to float rounding between batch shapes.
+        For evaluation (persona probes): each decoding step reads every weight once whatever the batch size, so
+        answering the probes together saves most of the per-step cost of asking them one by one. transformers'
+        generate() does the batching; the answers equal stream()'s greedy answers up to float rounding between
+        batch shapes (tests/test_engine.py).
         """
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
         answers: list[str] = []
