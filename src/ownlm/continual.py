@@ -23,7 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ownlm.fsutil import atomic_write
+from ownlm.fsutil import atomic_write, make_private, mkdir_private
 
 LINEAGE = "lineage.json"
 STRATEGIES = ("retrain", "continue", "replay")
@@ -73,8 +73,9 @@ def keep_adapter(home: Path, user_id: str, adapter: Path, lineage: Lineage) -> N
     """Replace the kept adapter with `adapter` (copied) and its lineage; lineage.json is written last."""
     dest = adapter_dir(home, user_id)
     forget(home, user_id)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(adapter, dest)
+    mkdir_private(dest.parent)
+    shutil.copytree(adapter, dest)  # copies the source's modes: made private below (adapters/ is 0700 meanwhile)
+    make_private(dest)
     atomic_write(dest / LINEAGE, json.dumps(asdict(lineage), indent=1))
 
 

@@ -23,7 +23,7 @@ from ownlm.artifact.seal import open_bundle
 from ownlm.artifact.sign import verify_manifest
 from ownlm.basemodel import base_sha256, resolve_base
 from ownlm.bitdelta.format import load_delta
-from ownlm.fsutil import fsync_dir
+from ownlm.fsutil import PRIVATE_DIR, fsync_dir, mkdir_private, write_private
 from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, VersionConflict
 from ownlm.settings import Settings
 from ownlm.store import Store
@@ -55,12 +55,12 @@ def models_root(settings: Settings, user_id: str) -> Path:
 
 
 def _write_dir(tmp: Path, files: dict[str, bytes]) -> None:
-    tmp.mkdir(parents=True)
+    """Write the model files into the new directory `tmp`: 0700, files 0600 (a model is derived from the user's data)."""
+    mkdir_private(tmp.parent)
+    os.mkdir(tmp, PRIVATE_DIR)  # fails if it exists: a temporary name is never reused
+    os.chmod(tmp, PRIVATE_DIR)
     for name, data in files.items():
-        with open(tmp / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(tmp / name, data)
     fsync_dir(tmp)
 
 
@@ -124,7 +124,7 @@ class _install_lock:
         self.path = settings.home / "models" / ".lock"
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mkdir_private(self.path.parent)
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self

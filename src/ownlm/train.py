@@ -31,6 +31,7 @@ import torch
 from ownlm.basemodel import BaseModel
 from ownlm.batching import epoch_order, make_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
+from ownlm.fsutil import mkdir_private
 from ownlm.tokens import TokenizedExample
 from ownlm.train_loop import (
     all_finite, atomic_write, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
@@ -352,7 +353,7 @@ def train(
             report_progress("eval_personal", loss_curve[-1] if loss_curve else None, call_tokens / max(duration, 1e-9), duration)
             heldout_personal = mean_nll(causal_lm, held_batches, device)
 
-        out_dir.mkdir(parents=True, exist_ok=True)
+        mkdir_private(out_dir)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{ADAPTER_DIR}.tmp-"))
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ownlm.batching import Batch
-from ownlm.fsutil import atomic_write, fsync_dir, replace_dir  # noqa: F401 (re-exported for train.py)
+from ownlm.fsutil import atomic_write, fsync_dir, mkdir_private, replace_dir  # noqa: F401 (re-exported for train.py)
 from ownlm.tokens import IGNORE
 
 CHECKPOINT_FORMAT = 1
@@ -130,7 +130,7 @@ def save_checkpoint(
     (step counters, hyper-parameters) go to state.json with the caller's loop state. A crash at any point
     leaves LATEST on the previous complete checkpoint.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    mkdir_private(root)
     names = list(params)
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}

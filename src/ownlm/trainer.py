@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from ownlm.artifact import sign
 from ownlm.artifact.seal import NodeKey, load_public, open_bundle
 from ownlm.errors import CorruptArtifact, DeltaMismatch, InvalidInput
+from ownlm.fsutil import mkdir_private
 from ownlm.settings import Settings
 from ownlm.store.keys import _write_private
 
@@ -58,7 +59,7 @@ class TrainerKeys:
             doc = json.loads(path.read_text())
             hpke = NodeKey(base64.b64decode(doc["mlkem_seed"]), base64.b64decode(doc["x25519"]))
             return cls(hpke, serialization.load_pem_private_key(doc["signing_pem"].encode(), password=None))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mkdir_private(path.parent)
         hpke, signing = NodeKey.generate(), sign.generate("ed25519")
         pem = signing.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()).decode()
@@ -165,7 +166,7 @@ class Trainer:
         train_ex = tokenize([e for e in examples if e.split == "train"], tok)
         held_ex = tokenize([e for e in examples if e.split == "heldout"], tok)
         tcfg = TrainConfig(**job["train_config"])
-        work.mkdir(parents=True, mode=0o700)
+        mkdir_private(work)
         report = train(self.base, train_ex, held_ex, tcfg, work / "train", resume=False,
                        dataset={"merkle_root": root})
         compress_adapter(work / "train" / "adapter", work / "delta", self.base)

@@ -37,6 +37,7 @@ from ownlm.bitdelta.delta import LORA_A, LORA_B, Delta, entry_granularity
 from ownlm.bitdelta.pack import packed_nbytes
 from ownlm.bitdelta.quant import QuantTensor, scale_shape
 from ownlm.errors import CorruptArtifact, DeltaMismatch, InvalidInput
+from ownlm.fsutil import PRIVATE_FILE, mkdir_private, write_private
 
 FORMAT = "ownlm-bitdelta"
 VERSION = 2
@@ -54,10 +55,10 @@ def save_delta(delta: Delta, directory: str | Path) -> Path:
     """Write delta.safetensors then delta.json into `directory` (created); returns the directory.
 
     Each file is written under a temporary name and renamed, the JSON last: a crash leaves no valid-looking
-    half delta.
+    half delta. Both files are 0600 (a delta is derived from the user's conversations).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    mkdir_private(directory)
     dtypes = {q.scales.dtype for q in delta.quantised.values()}
     if len(dtypes) > 1 or not dtypes <= set(SCALE_DTYPES.values()):
         raise ValueError(f"scales must share one dtype of float16/float32, got {dtypes}")
@@ -70,6 +71,7 @@ def save_delta(delta: Delta, directory: str | Path) -> Path:
         tensors[f"full.{key}"] = t.detach().cpu().contiguous()
     tmp = directory / f".{TENSORS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "mode": delta.mode, "base_sha256": delta.base_sha256})
+    os.chmod(tmp, PRIVATE_FILE)  # safetensors takes no mode
     os.replace(tmp, directory / TENSORS)
     scale_dtype = str(dtypes.pop()).removeprefix("torch.") if dtypes else "float16"
     meta = {
@@ -87,7 +89,8 @@ def save_delta(delta: Delta, directory: str | Path) -> Path:
                            "sha256": file_sha256(directory / TENSORS)}
     meta["metadata_sha256"] = _canonical_sha(meta)
     tmp = directory / f".{METADATA}.tmp"
-    tmp.write_text(json.dumps(meta, separators=(",", ":")))
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted save
+    write_private(tmp, json.dumps(meta, separators=(",", ":")).encode())
     os.replace(tmp, directory / METADATA)
     return directory
 

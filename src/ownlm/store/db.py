@@ -21,6 +21,7 @@ from pathlib import Path
 import sqlcipher3
 
 from ownlm.errors import StoreError, WrongPassphrase
+from ownlm.fsutil import mkdir_private
 from ownlm.store.keys import load_or_create_key, set_passphrase
 from ownlm.store.migrations import migrate
 
@@ -51,13 +52,23 @@ def _connect(path: Path, key: bytes) -> sqlcipher3.Connection:
     return db
 
 
+def _private_home(home: Path) -> None:
+    """Create the home 0700, or take group and other access away from one that exists (made by hand or by an
+    older version): everything in it is the user's data, and a private home also covers files whose writer
+    took no mode."""
+    mkdir_private(home)
+    mode = home.stat().st_mode
+    if mode & 0o077:
+        os.chmod(home, mode & 0o700)
+
+
 class StoreBase:
     """Connection, transactions and maintenance. Feature methods live in the mixins of `ownlm.store`."""
 
     def __init__(self, home: Path, passphrase: str | None = None):
         self.home = Path(home)
         self.path = self.home / DB_FILE
-        self.home.mkdir(parents=True, exist_ok=True)
+        _private_home(self.home)
         if self.path.exists() and not (self.home / "store.key").exists() and not (self.home / "store.key.json").exists():
             raise StoreError(
                 f"{self.path} exists but its key file is missing", hint="restore store.key or store.key.json from a backup"
@@ -65,6 +76,8 @@ class StoreBase:
         key = load_or_create_key(self.home, passphrase)
         self._key = key  # kept only to re-wrap it (ownlm passphrase set/remove)
         self._lock = threading.RLock()
+        if not self.path.exists():  # create it 0600 ourselves: SQLite would create it 0644 (its WAL copies the mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         try:
             self.db = _connect(self.path, key)
         except sqlcipher3.DatabaseError as e:

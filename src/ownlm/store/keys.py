@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from ownlm.errors import StoreError, WrongPassphrase
-from ownlm.fsutil import atomic_write
+from ownlm.fsutil import atomic_write, mkdir_private
 
 KEY_FILE = "store.key"
 WRAPPED_KEY_FILE = "store.key.json"
@@ -90,7 +90,7 @@ def load_or_create_key(home: Path, passphrase: str | None, create: bool = True) 
         return key
     if not create:
         raise StoreError(f"no store key in {home}", hint="run any ownlm command that writes data to create the store")
-    home.mkdir(parents=True, exist_ok=True)
+    mkdir_private(home)
     key = secrets.token_bytes(KEY_BYTES)
     if passphrase:
         _write_private(wrapped, json.dumps(wrap_key(key, passphrase)).encode())
