@@ -1,13 +1,16 @@
-"""The node's HTTP/WebSocket app: one factory, errors converted to HTTP in one place, a body-size limit."""
+"""The node's HTTP/WebSocket app: one factory, errors converted to HTTP in one place, a body-size limit,
+security headers on every response, self-hosted API docs."""
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 
 from ownlm import __version__
 from ownlm.engine import Engine
@@ -17,9 +20,17 @@ from ownlm.store import Store
 
 
 STATIC = Path(__file__).parent / "static"
-# The dashboard loads nothing from anywhere but this node: the policy makes a stray external URL fail loudly.
+# The dashboard (and the docs page) load nothing from anywhere but this node: the policy makes a stray
+# external URL fail loudly. Set on every HTML response by SecurityHeaders, never per route.
 DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                  "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+# Everything else (JSON, event streams, files) is data: if a browser ever renders one, it may run or load nothing.
+DATA_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+# /docs is Swagger UI served from this node: its files come in the fastapi-offline package (kept up to date
+# with Swagger UI 5, which reads OpenAPI 3.1 as FastAPI writes it), started by our own static/docs.js, so the
+# page runs under DASHBOARD_CSP (no inline script, no CDN: users have no internet at run time either).
+# ReDoc is off: its bundle injects inline styles that policy refuses, and one docs page is enough.
+DOCS_ASSETS = importlib.resources.files("fastapi_offline") / "static"
 
 
 def error_body(kind: str, message: str, hint: str | None) -> dict:
@@ -73,6 +84,90 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.body})
 
 
+class SecurityHeaders:
+    """Pure ASGI middleware: security headers on every HTTP response, whichever route, mount or error made it.
+
+    X-Frame-Options and CSP frame-ancestors keep every page out of other sites' frames (clickjacking); nosniff
+    keeps a browser from reading JSON or uploads as HTML or script; no-referrer keeps URLs (conversation ids)
+    out of other sites' logs. Cache-Control: pages and their files (`revalidated`) are checked again on every
+    load (no-cache, ETag), everything else holds the user's data and is never stored (no-store). A header the
+    route set itself (the event stream's Cache-Control) is kept.
+    """
+
+    def __init__(self, app, revalidated: tuple[str, ...] = ("/static/", "/docs")):
+        self.app, self.revalidated = app, revalidated
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        cache = "no-cache" if path == "/" or path.startswith(self.revalidated) else "no-store"
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers") or [])
+                headers = MutableHeaders(scope=message)
+                html = headers.get("content-type", "").startswith("text/html")
+                headers.setdefault("content-security-policy", DASHBOARD_CSP if html else DATA_CSP)
+                headers.setdefault("x-frame-options", "DENY")
+                headers.setdefault("x-content-type-options", "nosniff")
+                headers.setdefault("referrer-policy", "no-referrer")
+                headers.setdefault("cache-control", cache)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def serve_docs(app: FastAPI) -> None:
+    """GET /docs: Swagger UI from this node's own files (see DOCS_ASSETS); the app needs docs_url=None."""
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html")
+
+    @app.get("/docs/init.js", include_in_schema=False)
+    def docs_init() -> FileResponse:
+        return FileResponse(STATIC / "docs.js", media_type="text/javascript")
+
+    app.mount("/docs/assets", StaticFiles(directory=str(DOCS_ASSETS)), name="docs-assets")
+
+
+def declare_errors(app: FastAPI) -> None:
+    """Make the generated spec say what the app really answers: the codes only the app knows of, on each route.
+
+    401 wherever the bearer token is required; 413 wherever a request has a body (BodyLimit is middleware,
+    routes do not see it); 422 in our error body, not FastAPI's HTTPValidationError (see _validation_error).
+    Route-specific codes are declared on the routes with spec.errors().
+    """
+    from ownlm.api.spec import WHY, ErrorResponse
+
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generate()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        if "ErrorResponse" not in schemas:
+            doc = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(doc.pop("$defs", {}))
+            schemas["ErrorResponse"] = doc
+        ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for ops in spec.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                wanted = [401] * bool(op.get("security")) + [413] * ("requestBody" in op)
+                if "422" in responses:
+                    wanted.append(422)
+                for code in wanted:
+                    responses[str(code)] = {"description": WHY[code], **ref}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        return spec
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastAPI:
     """The node app. `engine` may be None for a capture-only node (generation endpoints then answer 503)."""
     from ownlm.api import loop_routes, models_routes, openai_routes, personalization, ws
@@ -81,6 +176,7 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
         title="ownlm node",
         version=__version__,
         description="Capture conversations, serve your personal model (OpenAI-compatible), control your data.",
+        docs_url=None, redoc_url=None,  # serve_docs: self-hosted Swagger UI
     )
     app.state.settings, app.state.store, app.state.engine = settings, store, engine
     # after a deploy or rollback the engine re-reads the routing table
@@ -105,13 +201,16 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html")  # headers: SecurityHeaders
 
+    serve_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(openai_routes.router)
     app.include_router(personalization.router)
     app.include_router(models_routes.router)
     app.include_router(loop_routes.router)
     app.include_router(ws.router)
+    declare_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # added last = outermost: the body limit's 413 gets the headers too
     return app

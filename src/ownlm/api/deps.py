@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ownlm.engine import Engine
 from ownlm.errors import ModelUnavailable
@@ -27,9 +28,16 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-async def current_user(request: Request) -> User:
+# Declares the bearer scheme in the OpenAPI spec (docs' "Authorize", fuzzers). auto_error=False: a missing or
+# malformed header reaches current_user as None, so the answer is ownlm's AuthError (401 + hint), not FastAPI's.
+bearer_scheme = HTTPBearer(auto_error=False, description="a token from `ownlm token create USER`")
+
+
+async def current_user(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> User:
     # async: a token lookup is one indexed read on the reader connection, cheaper than a thread hop
-    return request.app.state.store.user_for_token(bearer(request.headers.get("authorization")))
+    return request.app.state.store.user_for_token(credentials.credentials if credentials else None)
 
 
 StoreDep = Annotated[Store, Depends(get_store)]

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.spec import errors
 from ownlm.privacy import TIERS, set_tier
 
 router = APIRouter(prefix="/api/personalization", tags=["loop"])
 
 
-@router.post("/train")
+@router.post("/train", responses=errors(409))
 def train_now(request: Request, user: UserDep, store: StoreDep) -> dict:
     """Start a learning round now (dataset → train → compress → gate → deploy); 409 while one is open."""
     job_id = store.enqueue_job(user.id, "requested through the API")
@@ -54,7 +55,7 @@ class PrivacyBody(BaseModel):
     confirm: bool = Field(default=False, description="required to lower the tier (towards 0)")
 
 
-@router.post("/privacy")
+@router.post("/privacy", responses=errors(403))
 def privacy(body: PrivacyBody, user: UserDep, store: StoreDep) -> dict:
     """Set the user's privacy tier (lowering it needs confirm=true); every change is in the audit log."""
     return set_tier(store, user, body.tier, body.confirm)

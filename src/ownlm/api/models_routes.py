@@ -7,11 +7,17 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.spec import errors
 
 router = APIRouter(prefix="/api/personalization", tags=["models"])
 
 
-@router.post("/deploy")
+# The body is read raw (a sealed .ownlm bundle), so FastAPI cannot see it: declared here.
+BUNDLE_BODY = {"requestBody": {"required": True, "description": "a sealed bundle (`ownlm bundle`, .ownlm file)",
+                               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/deploy", responses=errors(403, 404, 409), openapi_extra=BUNDLE_BODY)
 async def deploy(request: Request, user: UserDep, store: StoreDep, rollback: bool = False) -> dict:
     """Install a sealed bundle (body: the .ownlm bytes) for the authenticated user; route them to it."""
     from ownlm.node import install
@@ -41,7 +47,7 @@ class RollbackBody(BaseModel):
     target: str | None = Field(default=None, description="version, model id or 'base'; default: the previous version")
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=errors(404))
 def rollback(body: RollbackBody, request: Request, user: UserDep, store: StoreDep) -> dict:
     from ownlm.node import rollback as do_rollback
 

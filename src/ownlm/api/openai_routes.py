@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import EngineDep, StoreDep, UserDep
+from ownlm.api.spec import errors
 from ownlm.engine import GenerationParams
 from ownlm.errors import NotFound
 from ownlm.store import NewMessage
@@ -77,13 +78,17 @@ def start(engine, messages, params, user_id: str, model: str | None):
     return engine.stream(messages, params)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(503))
 def list_models(user: UserDep, engine: EngineDep) -> dict:
     now = int(time.time())
     return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": user.name} for m in served_models(engine)]}
 
 
-@router.post("/v1/chat/completions", response_model=None)
+# 200 is JSON, or server-sent events (text/event-stream: `data: <chunk JSON>` lines, then `data: [DONE]`) with stream=true
+CHAT_RESPONSES = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **errors(404, 429, 503)}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=CHAT_RESPONSES)
 def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: EngineDep):
     if req.model is not None and req.model not in served_models(engine):
         raise NotFound(f"model {req.model!r} is not served here", hint=f"use one of {served_models(engine)}")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.spec import errors
 from ownlm.errors import InvalidInput, OwnlmError
 from ownlm.store import NewMessage
 
@@ -88,7 +89,7 @@ async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
     return await asyncio.wrap_future(store.submit(write))
 
 
-@router.post("/feedback")
+@router.post("/feedback", responses=errors(404))
 def feedback(body: MessageFeedback, user: UserDep, store: StoreDep) -> dict:
     fid = store.add_feedback(
         user.id, body.message_id, thumbs=body.thumbs, rating=body.rating,
@@ -102,7 +103,7 @@ def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, l
     return {"conversations": store.list_conversations(user.id, limit, offset), "totals": store.stats(user.id)}
 
 
-@router.get("/conversations/{conversation_id}")
+@router.get("/conversations/{conversation_id}", responses=errors(404))
 def conversation(conversation_id: str, user: UserDep, store: StoreDep) -> dict:
     return {"id": conversation_id, "messages": store.get_messages(user.id, conversation_id)}
 
@@ -148,7 +149,7 @@ def _before(before: datetime | None) -> float | None:
     return before.timestamp() if before else None
 
 
-@router.get("/delete-preview")
+@router.get("/delete-preview", responses=errors(404))
 def delete_preview(
     user: UserDep,
     store: StoreDep,
@@ -159,7 +160,7 @@ def delete_preview(
     return {"would_delete": store.delete_preview(user.id, before=_before(before), conversation_id=conversation_id)}
 
 
-@router.delete("/data")
+@router.delete("/data", responses=errors(404))
 def delete_data(
     user: UserDep,
     store: StoreDep,

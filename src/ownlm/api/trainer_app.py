@@ -16,14 +16,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ownlm import __version__
-from ownlm.api.app import BodyLimit, error_body
+from ownlm.api.app import BodyLimit, SecurityHeaders, error_body, serve_docs
 from ownlm.errors import InvalidInput, NotFound, OwnlmError
 from ownlm.trainer import Trainer
 
 
 def create_trainer_app(trainer: Trainer, max_body_bytes: int = 256 * 1024 * 1024) -> FastAPI:
     app = FastAPI(title="ownlm trainer", version=__version__,
-                  description="Trains personal models from sealed jobs; returns signed bundles sealed to the node.")
+                  description="Trains personal models from sealed jobs; returns signed bundles sealed to the node.",
+                  docs_url=None, redoc_url=None)  # serve_docs: self-hosted, as on the node
+    serve_docs(app)
     app.state.trainer = trainer
 
     @app.exception_handler(OwnlmError)
@@ -66,4 +68,5 @@ def create_trainer_app(trainer: Trainer, max_body_bytes: int = 256 * 1024 * 1024
         return Response(bundle, media_type="application/octet-stream")
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     return app
