@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ownlm-installed
 DEMO_HOME ?= $(CURDIR)/.ownlm-demo
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test fuzz bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,16 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The API fuzz test (tests/test_fuzz_api.py) with a long budget: FUZZ_EXAMPLES generated requests per operation
+# besides the boundary cases, > 5,000 in all (`make test` runs it with 15). Prints the counts; fails on any 5xx
+# or answer off the spec.
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_api.py; status=$$?; \
+	$(PY) -c "import json; r = json.load(open('test-output/fuzz-report.json')); \
+	print(f\"fuzz: {r['cases']} cases, {r['server_errors']} server errors, {len(r['failures'])} kinds of failure\")"; \
+	exit $$status
 
 # Every figure in bench/README.md, on the embedded model (see bench/README.md for how long it takes). BENCH_HOME keeps the
 # converted base model between runs.

@@ -4,6 +4,7 @@ security headers on every response, self-hosted API docs."""
 from __future__ import annotations
 
 import importlib.resources
+from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ownlm import __version__
 from ownlm.engine import Engine
@@ -136,7 +138,8 @@ def declare_errors(app: FastAPI) -> None:
     """Make the generated spec say what the app really answers: the codes only the app knows of, on each route.
 
     401 wherever the bearer token is required; 413 wherever a request has a body (BodyLimit is middleware,
-    routes do not see it); 422 in our error body, not FastAPI's HTTPValidationError (see _validation_error).
+    routes do not see it); 400 where FastAPI parses the body (it refuses one it cannot decode, e.g. not UTF-8,
+    before validation); 422 in our error body, not FastAPI's HTTPValidationError (see _validation_error).
     Route-specific codes are declared on the routes with spec.errors().
     """
     from ownlm.api.spec import WHY, ErrorResponse
@@ -156,7 +159,9 @@ def declare_errors(app: FastAPI) -> None:
         for ops in spec.get("paths", {}).values():
             for op in ops.values():
                 responses = op.setdefault("responses", {})
-                wanted = [401] * bool(op.get("security")) + [413] * ("requestBody" in op)
+                body = op.get("requestBody", {}).get("content", {})
+                parsed = {"application/json", "multipart/form-data"} & set(body)  # by FastAPI, before validation
+                wanted = [401] * bool(op.get("security")) + [413] * bool(body) + [400] * bool(parsed)
                 if "422" in responses:
                     wanted.append(422)
                 for code in wanted:
@@ -185,6 +190,14 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
     @app.exception_handler(OwnlmError)
     async def _ownlm_error(request: Request, exc: OwnlmError) -> JSONResponse:
         return JSONResponse(error_body(type(exc).__name__, exc.message, exc.hint), status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (no such route 404, wrong method 405, a form body it cannot parse 400)
+        # in the same error body as everything else, so clients and the spec know one shape.
+        kind = HTTPStatus(exc.status_code).phrase.replace(" ", "").replace("-", "")
+        return JSONResponse(error_body(kind, str(exc.detail), "see the API schema at /docs"),
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -43,7 +43,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI SDKs send fields we do not use (n=1, stream_options...)
+    model_config = ConfigDict(
+        extra="ignore",  # OpenAI SDKs send fields we do not use (n=1, stream_options...)
+        json_schema_extra={"examples": [  # shown in /docs; API fuzzers start from them
+            {"model": "ownlm", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32},
+            {"model": "ownlm", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32, "stream": True},
+        ]},
+    )
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
@@ -84,8 +90,10 @@ def list_models(user: UserDep, engine: EngineDep) -> dict:
     return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": user.name} for m in served_models(engine)]}
 
 
-# 200 is JSON, or server-sent events (text/event-stream: `data: <chunk JSON>` lines, then `data: [DONE]`) with stream=true
-CHAT_RESPONSES = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **errors(404, 429, 503)}
+# 200 is JSON, or with stream=true server-sent events; the schema describes one event, as for OpenAPI 3.2's itemSchema
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chat.completion.chunk as JSON; the last event is [DONE]"}}}
+CHAT_RESPONSES = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **errors(404, 429, 503)}
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=CHAT_RESPONSES)

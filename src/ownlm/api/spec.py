@@ -4,6 +4,7 @@ Every error leaves the node as {"error": {"type", "message", "hint"}} (api/app.p
 request validation and the body limit to it). A route lists the codes it can really answer with, so API
 clients and fuzzers can rely on the spec; the codes come from `http_status` in ownlm/errors.py:
 
+    400 a body FastAPI cannot decode (see declare_errors in app.py)
     401 AuthError                       403 SignatureError, PrivacyViolation
     404 NotFound                        409 VersionConflict, DeltaMismatch, Busy
     413 PayloadTooLarge (BodyLimit)     422 InvalidInput, request validation, CorruptArtifact, WrongRecipient,
@@ -29,6 +30,7 @@ class ErrorResponse(BaseModel):
 
 
 WHY = {
+    400: "a body that cannot be decoded (not UTF-8 JSON, a malformed multipart form)",
     401: "missing, invalid or revoked bearer token",
     403: "refused: an untrusted signature or the user's privacy tier",
     404: "no such conversation, message, model or user (or it belongs to someone else)",
