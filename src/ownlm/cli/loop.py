@@ -27,6 +27,7 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
     import threading
 
     from ownlm.loop import run_job
+    from ownlm.store.jobs import PROCESS_OWNER
 
     settings = ctx.settings(user=user)
     overrides = {k: v for k, v in {"max_steps": max_steps, "time_budget_s": time_budget, "epochs": epochs}.items() if v}
@@ -41,7 +42,8 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
         return
     with cli_store(settings) as store:
         u = store.get_user(settings.user)
-        job_id = store.enqueue_job(u.id, "requested on the command line")
+        # reserved for this process: a node serving the same home must not start it too
+        job_id = store.enqueue_job(u.id, "requested on the command line", owner=PROCESS_OWNER)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(run_job(store, settings, job_id)))
         worker.start()

@@ -31,11 +31,14 @@ def serve(ctx: Context, base, device, host, port, no_model) -> None:
     from ownlm.loop import Scheduler
 
     scheduler = Scheduler(store, settings, on_deployed=engine.refresh if engine else None).start()
+    watcher = engine.watch() if engine else None  # installs and rollbacks made by another process
     model = engine.model_name if engine else "none (capture only)"
     console.print(f"ownlm node on http://{settings.host}:{settings.port} — model: {model}; API docs at /docs")
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", ws_max_size=4 * 1024 * 1024)
     finally:
+        if watcher is not None:
+            watcher.set()
         scheduler.stop()
         store.close()
 

@@ -223,3 +223,16 @@ def m004_jobs(db) -> None:
         )
         """,
     )
+
+
+@migration
+def m005_job_lease(db) -> None:
+    # Which process owns an open job, until when (issue #14: `ownlm train` beside `ownlm serve` ran one job twice).
+    # owner is "host:pid:nonce"; a job nobody renews past lease_until may be taken over. NULL: nobody yet.
+    run_script(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN owner TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until REAL
+        """,
+    )
