@@ -32,7 +32,7 @@ from ownlm.artifact.sign import verify_manifest
 from ownlm.basemodel import base_sha256, resolve_base
 from ownlm.bitdelta.format import load_delta
 from ownlm.fsutil import fsync_dir
-from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, VersionConflict
+from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, TrainedOnDeletedData, VersionConflict
 from ownlm.settings import Settings
 from ownlm.store import Store
 from ownlm.store.models import model_relpath, resolve_model_path
@@ -205,6 +205,7 @@ def _install_locked(store, settings, files, manifest, user, model_id, version, n
                 store.route(db, user.id, model_id)
                 store.audit(db, user.id, "rolled_back", model=model_id, version=version)
             return InstallResult(model_id, version, user.id, Path(existing["path"]), signer, time.perf_counter() - t0)
+    _check_not_trained_on_deleted(store, user, manifest, model_id)
     _failpoint("verified")
     root = models_root(settings, user.id)
     tmp = model_dir(settings, user.id, f".tmp-{model_id}-{secrets.token_hex(4)}")
@@ -221,35 +222,59 @@ def _install_locked(store, settings, files, manifest, user, model_id, version, n
     os.replace(tmp, final)
     fsync_dir(root)
     _failpoint("renamed")
-    with store.tx() as db:
-        store.register_model(db, user.id, manifest, sum(len(b) for b in files.values()), signer, activate=True)
+    try:
+        with store.tx() as db:
+            # again inside the registering transaction: a delete commits either before it (then this refuses)
+            # or after it (then the delete sees this model and removes it)
+            _check_not_trained_on_deleted(store, user, manifest, model_id, db)
+            store.register_model(db, user.id, manifest, sum(len(b) for b in files.values()), signer, activate=True)
+    except TrainedOnDeletedData:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     _failpoint("routed")
     prune(store, settings, user.id, keep)
     return InstallResult(model_id, version, user.id, final, signer, time.perf_counter() - t0)
 
 
-def _complete(d: Path) -> bool:
-    """Whether `d` holds a whole installed model: its manifest names `d` and lists exactly the other files,
-    each with its sha256 (what a finished install leaves)."""
+def _complete_manifest(d: Path) -> dict | None:
+    """The manifest of `d` if it holds a whole installed model (the manifest names `d` and lists exactly the
+    other files, each with its sha256: what a finished install leaves), else None."""
     try:
         manifest = load_manifest(d / MANIFEST)
         files = {p.name: p.read_bytes() for p in d.iterdir() if p.name != MANIFEST}
         if not isinstance(manifest, dict) or manifest.get("model", {}).get("id") != d.name:
-            return False
+            return None
         check_files(manifest, files)
-        return True
+        return manifest
     except (OSError, CorruptArtifact, AttributeError, TypeError, KeyError):
-        return False
+        return None
+
+
+def _holds_deleted(store: Store, user_id: str, manifest: dict, db=None) -> bool:
+    """Whether the model's recorded dataset (by its manifest's Merkle root) holds data the user deleted."""
+    dataset = manifest.get("dataset")
+    root_hash = dataset.get("merkle_root") if isinstance(dataset, dict) else None
+    return isinstance(root_hash, str) and bool(root_hash) and store.dataset_has_deleted_data(user_id, root_hash, db)
+
+
+def _check_not_trained_on_deleted(store: Store, user, manifest: dict, model_id: str, db=None) -> None:
+    """Refuse a model whose recorded dataset holds data the user deleted since: a round that was training
+    while the user deleted, or an old bundle replayed after the delete, must not bring the data back."""
+    if _holds_deleted(store, user.id, manifest, db):
+        raise TrainedOnDeletedData(
+            f"{model_id} was trained on conversations of {user.name} that were deleted since; it is not installed",
+            hint="train a new model on the data that remains (`ownlm train`)")
 
 
 def recover(store: Store, settings: Settings) -> list[Path]:
     """Clean what an interrupted install or removal left in home/models; returns the directories removed.
 
     Removed: `.tmp-*` directories (an install killed before its rename), unregistered directories that are not
-    a complete model, and unregistered directories of models the audit log says were deleted or pruned (killed
-    between that commit and the removal of the files: the right to delete must finish). Kept, with a warning:
-    a complete model no registry row names and nothing says was removed (say, a home restored from a store
-    backup older than its models/). It is not served; deploying its bundle again replaces it.
+    a complete model, and unregistered models that the audit log says were deleted or pruned, or whose dataset
+    holds deleted data (a process killed between that commit and the removal of the files: the right to
+    delete must finish). Kept, with a warning: a complete model no registry row names and nothing says was
+    removed (say, a home restored from a store backup older than its models/). It is not served; deploying
+    its bundle again replaces it.
     """
     registered = set()
     for uid, stored in store.query("SELECT user_id, path FROM models"):
@@ -266,7 +291,8 @@ def recover(store: Store, settings: Settings) -> list[Path]:
         for d in user_dir.iterdir():
             if not d.is_dir() or d.resolve() in registered:
                 continue
-            if d.name.startswith(".tmp-") or (user_dir.name, d.name) in removed_on_purpose or not _complete(d):
+            manifest = None if d.name.startswith(".tmp-") else _complete_manifest(d)
+            if manifest is None or (user_dir.name, d.name) in removed_on_purpose or _holds_deleted(store, user_dir.name, manifest):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
             else:
