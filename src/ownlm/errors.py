@@ -161,3 +161,10 @@ class QualityGateRefused(OwnlmError):
     """A trained model did not pass the quality gate; the previous model keeps serving."""
 
     http_status = 422
+
+
+class TrainedOnDeletedData(OwnlmError):
+    """A model whose recorded dataset holds data the user deleted (a replayed bundle, or a round that was
+    training while the delete happened): the right to delete refuses to install it."""
+
+    http_status = 409

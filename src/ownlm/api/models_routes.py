@@ -27,7 +27,7 @@ async def deploy(request: Request, user: UserDep, store: StoreDep, rollback: boo
 
 @router.get("/models")
 def models(user: UserDep, store: StoreDep) -> dict:
-    trusted = store.trusted_signers()
+    trusted = store.signers_for(user.id)  # keys that may sign for this user, now
     out = []
     for m in store.models(user.id):
         t = m["manifest"].get("training", {})

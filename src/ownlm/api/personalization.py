@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
@@ -155,17 +155,25 @@ def delete_preview(
     before: datetime | None = Query(None, description="as DELETE /data"),
     conversation_id: str | None = Query(None, description="as DELETE /data"),
 ) -> dict:
-    """What DELETE /data with the same parameters would remove (counts only; nothing is changed)."""
+    """What DELETE /data with the same parameters would remove (counts, and the ids of the models trained on
+    that data; nothing is changed)."""
     return {"would_delete": store.delete_preview(user.id, before=_before(before), conversation_id=conversation_id)}
 
 
 @router.delete("/data")
 def delete_data(
+    request: Request,
     user: UserDep,
     store: StoreDep,
     before: datetime | None = Query(None, description="delete messages created before this time (ISO 8601)"),
     conversation_id: str | None = Query(None, description="delete only this conversation"),
+    keep_models: bool = Query(False, description="keep the installed models trained on the deleted data "
+                                                 "(default: they are removed and the user served by an earlier model or the base)"),
 ) -> dict:
-    """Right to delete: everything (no parameters), messages before a date, or one conversation."""
-    return {"deleted": store.delete_data(user.id, before=_before(before), conversation_id=conversation_id)}
-
+    """Right to delete: everything (no parameters), messages before a date, or one conversation — and the
+    models trained on it (`deleted.models_removed`), unless `keep_models` (`deleted.models_kept`)."""
+    res = store.delete_data(user.id, before=_before(before), conversation_id=conversation_id, keep_models=keep_models)
+    reload = getattr(request.app.state, "on_model_change", None)
+    if res["models_removed"] and reload:
+        reload(user.id)  # the engine stops serving the removed models now
+    return {"deleted": res}

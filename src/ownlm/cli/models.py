@@ -96,7 +96,7 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
         u = store.get_user(settings.user)
-        trusted = store.trusted_signers()
+        trusted = store.signers_for(u.id)  # keys that may sign for this user, now
         rows = [store.model(u.id, model)] if model else store.models(u.id)
     if model:
         m = rows[0]
@@ -180,21 +180,24 @@ def trust() -> None:
 @trust.command("add")
 @click.argument("pem_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--label", help="Who this key belongs to.")
+@click.option("--user", "--for-user", "user", help="The user whose models this key may sign (default: the settings' user).")
 @pass_ctx
-def trust_add(ctx: Context, pem_file: Path, label) -> None:
-    """Trust the public key in PEM_FILE (from `ownlm keys public` on the trainer)."""
-    with cli_store(ctx.settings()) as store:
-        kid = store.trust(pem_file.read_text(), label)
-    click.echo(f"trusted {kid}")
+def trust_add(ctx: Context, pem_file: Path, label, user) -> None:
+    """Trust the public key in PEM_FILE (from `ownlm keys public` on the trainer) to sign one user's models."""
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = store.get_user(settings.user)
+        kid = store.trust(pem_file.read_text(), label, user_id=u.id)
+    click.echo(f"trusted {kid} for {u.name}")
 
 
 @trust.command("list")
 @pass_ctx
 def trust_list(ctx: Context) -> None:
-    """List trusted signing keys."""
+    """List trusted signing keys and the users each may sign for."""
     with cli_store(ctx.settings()) as store:
         rows = store.list_trusted()
-    table = Table("key id", "alg", "label")
+    table = Table("key id", "alg", "label", "signs for")
     for r in rows:
-        table.add_row(r["key_id"], r["alg"], r["label"] or "")
+        table.add_row(r["key_id"], r["alg"], r["label"] or "", ", ".join(r["users"]) or "(no one)")
     console.print(table)

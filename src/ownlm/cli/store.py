@@ -63,9 +63,13 @@ def import_cmd(ctx: Context, file: Path, fmt: str | None, user: str | None) -> N
 @click.option("--conversation", help="Delete one conversation by id.")
 @click.option("--user", help="Whose data (default: the settings' user).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-models", is_flag=True,
+              help="Keep the installed models trained on the deleted data (default: they are removed too).")
 @pass_ctx
-def delete(ctx: Context, everything: bool, before: str | None, conversation: str | None, user: str | None, yes: bool) -> None:
-    """Right to delete: remove conversations for good (the audit log keeps counts, never content)."""
+def delete(ctx: Context, everything: bool, before: str | None, conversation: str | None, user: str | None, yes: bool,
+           keep_models: bool) -> None:
+    """Right to delete: remove conversations for good, and the models trained on them (the audit log keeps
+    counts and ids, never content)."""
     if sum([everything, before is not None, conversation is not None]) != 1:
         raise InvalidInput("say what to delete", hint="give exactly one of --all, --before DATE, --conversation ID")
     when = None
@@ -80,10 +84,19 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
         stats = store.stats(u.id)
         what = "ALL conversations" if everything else (f"messages before {before}" if before else f"conversation {conversation}")
         if not yes:
+            models = store.delete_preview(u.id, before=when, conversation_id=conversation)["models"]
+            also = (f" The {len(models)} model(s) trained on it ({', '.join(models)}) "
+                    f"{'are kept' if keep_models else 'go too'}." if models else "")
             click.confirm(f"Delete {what} of {u.name} (holds {stats['conversations']} conversations, "
-                          f"{stats['messages']} messages)? This cannot be undone", abort=True)
-        res = store.delete_data(u.id, before=when, conversation_id=conversation)
+                          f"{stats['messages']} messages)?{also} This cannot be undone", abort=True)
+        res = store.delete_data(u.id, before=when, conversation_id=conversation, keep_models=keep_models)
     click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}")
+    if res["models_removed"]:
+        click.echo(f"removed the models trained on them: {', '.join(res['models_removed'])}")
+    if res["models_kept"]:
+        click.echo(f"kept, as asked, the models trained on them: {', '.join(res['models_kept'])}")
+    if res["models_removed"] or res["models_kept"]:
+        click.echo(f"now serving {res['active_model'] or 'the base model'}")
 
 
 @cli.group()

@@ -96,7 +96,7 @@ class PersonalEngine(TorchEngine):
             # keys are (user id, model id): model ids are per user
             routes = self._stored_routes()
             for key in {k for k in routes.values() if k} - set(self._deltas):
-                path = self.store.query("SELECT path FROM models WHERE user_id = ? AND id = ?", key)[0][0]
+                path = self.store.model(*key)["path"]  # resolved against the store's home
                 self._deltas[key] = LoadedDelta.load(key, path, self.base.sha256, self.model.device, self.model.dtype)
             personal = {k for k in routes.values() if k}
             want = self._deltas[next(iter(personal))] if len(personal) == 1 else None

@@ -239,7 +239,9 @@ class ConversationsMixin:
             db.execute("UPDATE dataset_examples SET messages = NULL WHERE conversation_id = ?", (cid,))
 
     def delete_preview(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None) -> dict:
-        """What `delete_data` with the same arguments would remove, counted and nothing changed."""
+        """What `delete_data` with the same arguments would remove, counted and nothing changed; `models`: ids
+        of the installed models trained on that data (removed unless kept), `models_unlinked`: see
+        `models_trained_on`."""
         if before is not None and conversation_id is not None:
             raise InvalidInput("give either a date or a conversation, not both")
         if conversation_id is not None:
@@ -259,11 +261,26 @@ class ConversationsMixin:
             (n_conv,), = self.query("SELECT count(*) FROM conversations WHERE user_id = ?", (user_id,))
         (n_msg,), = self.query(f"SELECT count(*) FROM messages m WHERE {where}", params)
         (n_fb,), = self.query(f"SELECT count(*) FROM feedback f JOIN messages m ON m.id = f.message_id WHERE {where}", params)
-        return {"messages": n_msg, "conversations": n_conv, "feedback": n_fb}
+        if conversation_id is not None:
+            touched: list[str] | None = [conversation_id]
+        elif before is not None:
+            touched = [r[0] for r in self.query(f"SELECT DISTINCT m.conversation_id FROM messages m WHERE {where}", params)]
+        else:
+            touched = None
+        with self._read_lock:  # models_trained_on only reads: the reader connection will do
+            linked, unlinked = self.models_trained_on(self._read_db, user_id, touched)
+        return {"messages": n_msg, "conversations": n_conv, "feedback": n_fb, "models": linked, "models_unlinked": unlinked}
 
-    def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None) -> dict:
+    def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None,
+                    keep_models: bool = False) -> dict:
         """Delete the user's conversations: all of them, every message created before `before` (unix s),
-        or one conversation. Feedback goes with its message. Returns counts; the audit log records them."""
+        or one conversation. Feedback goes with its message. Returns counts; the audit log records them.
+
+        The right to delete reaches the models: every installed model trained on the deleted data (the Merkle
+        audit of its dataset says which, see `models_trained_on`) is unregistered in the same transaction and
+        its files removed, and a user it served is routed to the newest remaining model or the base — unless
+        `keep_models`, the user's explicit choice, which keeps them and says so. The result adds
+        `models_removed`, `models_kept`, `models_unlinked` (ids) and `active_model` (None: the base)."""
         if before is not None and conversation_id is not None:
             raise InvalidInput("give either a date or a conversation, not both")
         with self.tx() as db:
@@ -273,6 +290,7 @@ class ConversationsMixin:
                 ).fetchone():
                     raise NotFound(f"no conversation {conversation_id}")
                 scope = {"scope": "conversation", "conversation_id": conversation_id}
+                linked, unlinked = self.models_trained_on(db, user_id, [conversation_id])
                 self._blank_examples(db, [conversation_id])
                 n_msg = db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
@@ -281,6 +299,7 @@ class ConversationsMixin:
                 touched = [r[0] for r in db.execute(
                     "SELECT DISTINCT conversation_id FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)
                 )]
+                linked, unlinked = self.models_trained_on(db, user_id, touched)
                 self._blank_examples(db, touched)
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)).rowcount
                 n_conv = db.execute(
@@ -290,6 +309,7 @@ class ConversationsMixin:
                 ).rowcount
             else:
                 scope = {"scope": "all"}
+                linked, unlinked = self.models_trained_on(db, user_id, None)
                 db.execute(
                     "UPDATE dataset_examples SET messages = NULL WHERE dataset_id IN"
                     " (SELECT id FROM datasets WHERE user_id = ?)", (user_id,),
@@ -297,9 +317,19 @@ class ConversationsMixin:
                 db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount
-            self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, **scope)
+            models = {"models_removed": [] if keep_models else linked, "models_kept": linked if keep_models else [],
+                      "models_unlinked": unlinked}
+            self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, **scope, **models)
+            if keep_models:
+                active = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user_id,)).fetchone()
+                active = active[0] if active else None
+            else:
+                active = self.drop_models(db, user_id, linked, reason="trained on deleted data")
+        # Files after COMMIT: a crash in between leaves unregistered directories that the audit names as
+        # deleted, and node.recover removes them at the next start.
+        self.remove_model_files(user_id, models["models_removed"])
         # The adapter kept for continual learning learned from these messages: it goes too (the next round
         # retrains from scratch; see continual.py).
         forget(self.home, user_id)
         self.scrub()
-        return {"messages": n_msg, "conversations": n_conv, **scope}
+        return {"messages": n_msg, "conversations": n_conv, **scope, **models, "active_model": active}

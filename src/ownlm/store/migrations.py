@@ -236,3 +236,37 @@ def m005_job_lease(db) -> None:
         ALTER TABLE jobs ADD COLUMN lease_until REAL
         """,
     )
+
+
+@migration
+def m006_model_paths_relative(db) -> None:
+    """Model paths become relative to the home (`models/<user id>/<model id>`), so a moved, copied or restored
+    home keeps its models. Every row was installed at exactly that place under whatever home it had then, so
+    the path is derived from the row's own ids: no need to know the old home."""
+    db.execute("UPDATE models SET path = 'models/' || user_id || '/' || id")
+
+
+@migration
+def m007_signer_users(db) -> None:
+    """Trusted signers are bound to users: a key signs only for the users it is trusted for (a user's own
+    signing key always signs for that user, from `signing_keys`)."""
+    run_script(
+        db,
+        """
+        CREATE TABLE trusted_signer_users (
+            key_id TEXT NOT NULL,                -- trusted_signers.key_id
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            added_at REAL NOT NULL,
+            PRIMARY KEY (key_id, user_id)
+        )
+        """,
+    )
+    # Keys trusted before the binding existed were trusted for every user. With one user that meant exactly
+    # that user, so the binding keeps it working; with several, nobody can tell whom the trust was meant for:
+    # those keys sign for no one until `ownlm trust add FILE --user NAME` says so.
+    users = [r[0] for r in db.execute("SELECT id FROM users")]
+    if len(users) == 1:
+        db.execute(
+            "INSERT INTO trusted_signer_users (key_id, user_id, added_at) SELECT key_id, ?, added_at FROM trusted_signers"
+            " WHERE key_id NOT IN (SELECT key_id FROM signing_keys)", (users[0],),
+        )

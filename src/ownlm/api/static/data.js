@@ -64,13 +64,15 @@ async function remove(params, label) {
   const query = new URLSearchParams(params).toString();
   try {
     const { would_delete: n } = await api(`/api/personalization/delete-preview?${query}`);
+    const models = n.models.length ? ` The ${n.models.length} personal model(s) trained on it go too.` : "";
     const ok = await confirmDialog("Delete for good?",
       `This deletes ${label}: ${n.conversations} conversations, ${n.messages} messages and ` +
-      `${n.feedback} feedback entries. It cannot be undone.`, "Delete");
+      `${n.feedback} feedback entries.${models} It cannot be undone.`, "Delete");
     if (!ok) return flash("Nothing deleted.");
     const { deleted } = await api(`/api/personalization/data?${query}`, { method: "DELETE" });
     await showData();
-    flash(`Deleted ${deleted.messages} messages in ${deleted.conversations} conversations.`);
+    const removed = deleted.models_removed.length ? ` Removed the models ${deleted.models_removed.join(", ")}.` : "";
+    flash(`Deleted ${deleted.messages} messages in ${deleted.conversations} conversations.${removed}`);
   } catch (err) {
     flash(err.text, "error");
   }
