@@ -65,3 +65,62 @@ def test_every_command_on_a_users_data_takes_user():
         help_text = runner.invoke(cli, [*path, "--help"]).output
         assert "--user" in help_text, path
         assert re.search(r"--user\s+NAME\s+.*only\s+user", help_text), path
+
+
+# ---- ownlm chat: the personal model, and what it stores ------------------------------------------------
+
+@pytest.fixture
+def alice_with_model(home, tiny_base, tiny_delta):
+    """A home whose only user, alice, has a personal model (v1) installed from the tiny delta."""
+    from ownlm.settings import load_settings
+    from tests.test_personal_engine import deploy
+
+    settings = load_settings(base=str(tiny_base), device="cpu")
+    with Store(home) as store:
+        alice = store.create_user("alice")
+        model_id = deploy(store, settings, alice, tiny_delta, 1)
+    return alice, model_id
+
+
+def stored_chats(home, user_id):
+    with Store(home) as store:
+        return [(c, store.get_messages(user_id, c["id"])) for c in store.list_conversations(user_id)]
+
+
+def test_chat_answers_with_the_personal_model_and_stores_the_exchange(home, tiny_base, alice_with_model):
+    alice, model_id = alice_with_model
+    r = run_cli("chat", "--base", str(tiny_base), "--device", "cpu", "--max-tokens", "5", "--temperature", "0", "hello")
+    assert r.returncode == 0, r.stderr
+    ((conv, msgs),) = stored_chats(home, alice.id)
+    assert conv["source"] == "cli"
+    assert [(m["role"], m["model"]) for m in msgs] == [("user", None), ("assistant", model_id)]
+    assert msgs[0]["content"] == "hello" and r.stdout == msgs[1]["content"] + "\n"
+
+
+def test_chat_base_model_compares_with_the_base(home, tiny_base, alice_with_model):
+    from ownlm.basemodel import resolve_base
+
+    alice, model_id = alice_with_model
+    args = ("chat", "--base", str(tiny_base), "--device", "cpu", "--max-tokens", "5", "--temperature", "0", "hello")
+    base = run_cli(*args, "--base-model")
+    assert base.returncode == 0, base.stderr
+    assert run_cli(*args).returncode == 0
+    chats = stored_chats(home, alice.id)
+    models = sorted(msgs[1]["model"] for _, msgs in chats)
+    assert models == sorted([model_id, resolve_base(str(tiny_base)).name])  # two one-shot chats, two conversations
+
+
+def test_an_interactive_session_is_one_conversation(home, tiny_base, alice_with_model):
+    alice, model_id = alice_with_model
+    args = ("chat", "--base", str(tiny_base), "--device", "cpu", "--max-tokens", "3", "--temperature", "0")
+    first = run_cli(*args, "--system", "Be brief.", input="hello\nhow are you?\n\n")
+    assert first.returncode == 0, first.stderr
+    assert "alice" in first.stderr and model_id in first.stderr  # who is chatting, with which model
+    ((conv, msgs),) = stored_chats(home, alice.id)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == ["hello", "how are you?"]
+    assert msgs[3]["parent_id"] == msgs[2]["id"] and {m["model"] for m in msgs[2::2]} == {model_id}
+    # a second session that opens the same way is a second conversation, not a continuation of the first
+    second = run_cli(*args, "--system", "Be brief.", input="hello\n\n")
+    assert second.returncode == 0, second.stderr
+    assert len(stored_chats(home, alice.id)) == 2
