@@ -124,3 +124,14 @@ def test_an_interactive_session_is_one_conversation(home, tiny_base, alice_with_
     second = run_cli(*args, "--system", "Be brief.", input="hello\n\n")
     assert second.returncode == 0, second.stderr
     assert len(stored_chats(home, alice.id)) == 2
+
+
+# ---- ownlm models on an 80-column terminal -------------------------------------------------------------
+
+def test_models_never_cuts_an_id_at_80_columns(home, alice_with_model):
+    alice, model_id = alice_with_model
+    for columns in ("80", "60"):
+        r = run_cli("models", env={"COLUMNS": columns})
+        assert r.returncode == 0, r.stderr
+        assert model_id in r.stdout, r.stdout  # whole, on one line: it can be copied into `ownlm models show`
+        assert max(len(line) for line in r.stdout.splitlines()) <= int(columns)

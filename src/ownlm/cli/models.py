@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 import click
+from rich import box
 from rich.table import Table
 
 from ownlm.cli import Context, cli, pass_ctx, user_option
@@ -104,7 +105,13 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
                       f"{'verified, trusted key ' + m['signer'] if m['signer'] in trusted else 'signer no longer trusted'})")
         _show(m["manifest"])
         return
-    table = Table("version", "id", "installed", "size", "held-out loss base → personal", "signature", "active")
+    # An id is what `ownlm models show` and `ownlm rollback` take: it is never cut or wrapped; on a narrow
+    # terminal the other columns wrap instead (a light box leaves them room at 80 columns).
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("v", justify="right", overflow="fold")
+    table.add_column("id", no_wrap=True, min_width=max((len(m["id"]) for m in rows), default=2))
+    for header in ("installed", "size", "held-out loss base → personal", "signature", "active"):
+        table.add_column(header, overflow="fold")
     for m in rows:
         t = m["manifest"].get("training", {})
         loss = f"{t.get('heldout_loss_base') or 0:.3f} → {t.get('heldout_loss_personal') or 0:.3f}"
