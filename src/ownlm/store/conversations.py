@@ -200,7 +200,7 @@ class ConversationsMixin:
             " (SELECT substr(f.content, 1, ?) FROM messages f WHERE f.conversation_id = c.id AND f.role = 'user'"
             "  ORDER BY f.position, f.rowid LIMIT 1) FROM conversations c"
             " LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.user_id = ?"
-            " GROUP BY c.id ORDER BY c.updated_at DESC LIMIT ? OFFSET ?",
+            " GROUP BY c.id ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ? OFFSET ?",  # total order: pages never overlap
             (4 * PREVIEW_CHARS, user_id, limit, offset),
         )
         keys = ("id", "title", "source", "created_at", "updated_at", "messages")
