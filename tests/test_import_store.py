@@ -91,7 +91,8 @@ def test_zip_exports_import_from_the_cli_and_the_api(home, tmp_path):
         "data/conversations.json": (EXPORTS / "claude/claude-to-sqlite-example.json").read_bytes(),
         "data/users.json": b"[]", "data/projects.json": b"[]"})
     photos = make_zip(tmp_path / "photos.zip", {"notes.txt": b"hi", "photo.jpg": b"\xff\xd8\xff"})
-    settings = load_settings()
+    huge = make_zip(tmp_path / "huge.zip", {"conversations.json": b"[" + b" " * (3 << 20) + b"]"})  # ~3 KB packed
+    settings = load_settings(max_body_bytes=64 * 1024)  # an upload may unpack to 32x that: 2 MiB
     with Store(home) as store:
         token = store.create_token(store.get_user("me").id)
         with ThreadServer(create_app(settings, store, None)) as server:
@@ -107,3 +108,6 @@ def test_zip_exports_import_from_the_cli_and_the_api(home, tmp_path):
             message = refused.json()["error"]["message"]
             assert message.startswith("photos.zip is a zip archive without a chat export")
             assert "notes.txt" in message and "photo.jpg" in message and "ownlm-import-" not in message
+            too_big = client.post("/api/personalization/import",
+                                  files={"file": ("huge.zip", huge.read_bytes(), "application/zip")})
+            assert too_big.status_code == 413 and "over the 2 MiB" in too_big.json()["error"]["message"]

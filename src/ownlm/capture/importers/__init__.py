@@ -83,13 +83,15 @@ def detect_format(path: str | Path) -> str:
     return _load(Path(path), None)[0].name
 
 
-def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None) -> ImportResult:
-    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations."""
-    fmt, payload = _load(Path(path), format)
+def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None, *,
+               max_unpacked: int = archive.MAX_MEMBER_BYTES) -> ImportResult:
+    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations;
+    `max_unpacked`: the most bytes an export inside a .zip may unpack to."""
+    fmt, payload = _load(Path(path), format, max_unpacked)
     return fmt.parse(payload, progress)
 
 
-def _load(path: Path, name: str | None) -> tuple[Format, Any]:
+def _load(path: Path, name: str | None, max_unpacked: int = archive.MAX_MEMBER_BYTES) -> tuple[Format, Any]:
     """Check the file, read it once, and return its format with what that format's `parse` takes."""
     if name is not None and name not in FORMATS:
         raise InvalidInput(f"unknown import format {name!r}", hint=f"use one of: {_supported()}")
@@ -107,7 +109,7 @@ def _load(path: Path, name: str | None) -> tuple[Format, Any]:
     if not raw.strip():
         raise ImportFormatError(f"{path} is empty", hint="export your history again; the download may have failed")
     if archive.is_zip(raw):  # ChatGPT and Claude deliver a .zip; read its conversations file from memory
-        member, raw = archive.read_export(path, raw)
+        member, raw = archive.read_export(path, raw, max_unpacked)
         path = Path(f"{path}:{member}")  # what messages name; its suffix decides .jsonl as for a plain file
         if raw.startswith(SQLITE_MAGIC) or not raw.strip():
             raise ImportFormatError(f"{path} is {'empty' if not raw.strip() else 'a database, not JSON'}",

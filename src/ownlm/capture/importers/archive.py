@@ -30,22 +30,23 @@ def is_zip(raw: bytes) -> bool:
     return raw[:4] in ZIP_MAGIC
 
 
-def read_export(path: Path, raw: bytes) -> tuple[str, bytes]:
-    """(member name, its bytes) of the export inside the zip archive `raw` (read from `path`)."""
+def read_export(path: Path, raw: bytes, limit: int = MAX_MEMBER_BYTES) -> tuple[str, bytes]:
+    """(member name, its bytes) of the export inside the zip archive `raw` (read from `path`); the member may
+    unpack to `limit` bytes at most."""
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             info = _pick(path, [i for i in zf.infolist() if not i.is_dir()])
-            _check_size(path, info)
+            _check_size(path, info, limit)
             if info.flag_bits & 0x1:
                 raise ImportFormatError(f"{info.filename} in {path} is encrypted",
                                         hint="extract it with its password and import the extracted file")
             with zf.open(info) as member:
-                data = member.read(MAX_MEMBER_BYTES + 1)
+                data = member.read(limit + 1)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         raise ImportFormatError(f"{path} is a damaged or unsupported zip archive ({exc})",
                                 hint="download the export again, or extract conversations.json and import that") from None
-    if len(data) > MAX_MEMBER_BYTES:  # unreachable unless zipfile stops honouring the declared size
-        raise PayloadTooLarge(f"{info.filename} in {path} is over {_size(MAX_MEMBER_BYTES)} uncompressed",
+    if len(data) > limit:  # unreachable unless zipfile stops honouring the declared size
+        raise PayloadTooLarge(f"{info.filename} in {path} is over {_size(limit)} uncompressed",
                               hint="extract it and import the extracted file")
     return info.filename, data
 
@@ -65,11 +66,11 @@ def _pick(path: Path, members: list[zipfile.ZipInfo]) -> zipfile.ZipInfo:
     )
 
 
-def _check_size(path: Path, info: zipfile.ZipInfo) -> None:
+def _check_size(path: Path, info: zipfile.ZipInfo, limit: int) -> None:
     size, packed = info.file_size, max(info.compress_size, 1)
-    if size > MAX_MEMBER_BYTES:
+    if size > limit:
         raise PayloadTooLarge(
-            f"{info.filename} in {path} is {_size(size)} uncompressed, over the {_size(MAX_MEMBER_BYTES)} "
+            f"{info.filename} in {path} is {_size(size)} uncompressed, over the {_size(limit)} "
             "ownlm reads from an archive", hint="extract it and import the extracted file")
     if size > RATIO_FLOOR and size / packed > MAX_RATIO:
         raise PayloadTooLarge(
