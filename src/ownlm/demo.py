@@ -92,8 +92,10 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
             table.add_row(p.question, marks["base"], marks["personal"])
         console.print(table)
         console.print(f"probe checks passed: base {passed['base']}/{len(chosen)}, personal {passed['personal']}/{len(chosen)}")
-        console.print(f"whole demo: {time.perf_counter() - t_start:.0f} s. Try it: OWNLM_HOME={settings.home} ownlm serve, "
-                      f"then `OWNLM_HOME={settings.home} ownlm token create {persona}` and open http://127.0.0.1:{settings.port}/")
+        console.print(f"whole demo: {time.perf_counter() - t_start:.0f} s. Try it: `OWNLM_HOME={settings.home} ownlm chat` "
+                      f"(as {persona}, the home's only user; --base-model to compare), or OWNLM_HOME={settings.home} ownlm "
+                      f"serve, then `OWNLM_HOME={settings.home} ownlm token create {persona}` and open "
+                      f"http://127.0.0.1:{settings.port}/")
         result["probes"] = passed
         return result
 

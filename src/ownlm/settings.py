@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; default: the number of physical cores."
     )
-    user: str = Field(default="me", description="The user that CLI commands act for on this node.")
+    user: str | None = Field(
+        default=None, description="The user that CLI commands act for; default: the home's only user "
+        "(a home with several users needs --user, OWNLM_USER or this setting).")
     host: str = Field(default="127.0.0.1", description="Address `ownlm serve` binds to.")
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
     personalization: Personalization = Field(

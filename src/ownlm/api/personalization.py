@@ -18,6 +18,7 @@ from ownlm.errors import InvalidInput, OwnlmError
 from ownlm.store import NewMessage
 
 router = APIRouter(prefix="/api/personalization", tags=["personalization"])
+UNPACK_FACTOR = 32  # an uploaded .zip export may unpack to this many times the body limit (256 MiB by default)
 
 
 class InteractionMessage(BaseModel):
@@ -114,6 +115,7 @@ def audit(user: UserDep, store: StoreDep, limit: int = Query(100, ge=1, le=1000)
 
 @router.post("/import")
 def import_export(
+    request: Request,
     user: UserDep,
     store: StoreDep,
     file: UploadFile = File(..., description="a chat-history export (ChatGPT, Claude, llm logs.db, ShareGPT, ...)"),
@@ -130,7 +132,8 @@ def import_export(
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(file.file, out)
         try:
-            result = parse_file(tmp, format or None)
+            limit = UNPACK_FACTOR * request.app.state.settings.max_body_bytes  # what a .zip may unpack to
+            result = parse_file(tmp, format or None, max_unpacked=limit)
         except OwnlmError as e:  # the messages name the temp file; the user knows their file by its name
             e.message = e.message.replace(tmp, name)
             raise

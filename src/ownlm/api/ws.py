@@ -8,7 +8,8 @@ Protocol (JSON text frames):
             {"type": "token", "content": "..."}                  zero or more
             {"type": "done", "message_id", "finish_reason", "completion_tokens"}   the answer is stored
             {"type": "error", "error": {type, message, hint}}    the connection stays open
-Auth: `Authorization: Bearer` header, or `?token=` (browsers cannot set headers on WebSockets).
+Auth: `Authorization: Bearer` header, or `?token=` (browsers cannot set headers on WebSockets). A bad or
+revoked token: the socket is closed at once with code 4401.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ async def ws_chat(ws: WebSocket) -> None:
     try:
         user = await run_in_threadpool(store.user_for_token, token)
     except OwnlmError as e:
-        await ws.close(code=4401, reason=e.message)
+        # Accept, then close with 4401: a close before accept is an HTTP 403 that a browser reports only as
+        # 1006, so the page could not tell a bad token from a lost connection. Nothing is read or sent.
+        await ws.accept()
+        await ws.close(code=4401, reason=e.message[:120])  # a close reason holds at most 123 bytes
         return
     await ws.accept()
     try:

@@ -22,6 +22,14 @@ from ownlm.continual import forget
 from ownlm.errors import InvalidInput, NotFound
 
 ROLES = ("system", "user", "assistant")
+PREVIEW_CHARS = 80
+
+
+def _preview(text: str | None) -> str | None:
+    words = " ".join(text.split()) if text else ""
+    if not words:
+        return None
+    return words if len(words) <= PREVIEW_CHARS else words[: PREVIEW_CHARS - 1].rstrip() + "…"
 
 
 @dataclass
@@ -185,14 +193,18 @@ class ConversationsMixin:
         return {"conversations": conversations, "messages": messages, "feedback": feedback}
 
     def list_conversations(self, user_id: str, limit: int = 50, offset: int = 0) -> list[dict]:
+        """Newest first. `preview`: the first user message, whitespace folded, at most PREVIEW_CHARS (None
+        without one) — what names a conversation that has no title (most imports and live chats)."""
         rows = self.query(
-            "SELECT c.id, c.title, c.source, c.created_at, c.updated_at, count(m.id) FROM conversations c"
+            "SELECT c.id, c.title, c.source, c.created_at, c.updated_at, count(m.id),"
+            " (SELECT substr(f.content, 1, ?) FROM messages f WHERE f.conversation_id = c.id AND f.role = 'user'"
+            "  ORDER BY f.position, f.rowid LIMIT 1) FROM conversations c"
             " LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.user_id = ?"
-            " GROUP BY c.id ORDER BY c.updated_at DESC LIMIT ? OFFSET ?",
-            (user_id, limit, offset),
+            " GROUP BY c.id ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ? OFFSET ?",  # total order: pages never overlap
+            (4 * PREVIEW_CHARS, user_id, limit, offset),
         )
         keys = ("id", "title", "source", "created_at", "updated_at", "messages")
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(zip(keys, r[:6]), preview=_preview(r[6])) for r in rows]
 
     def get_messages(self, user_id: str, conversation_id: str) -> list[dict]:
         """All messages of one of the user's conversations, in insertion order (branches included)."""

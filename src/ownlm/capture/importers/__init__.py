@@ -1,6 +1,7 @@
 """Importers: chat-history exports of other tools -> `ImportResult` (parsing only, never the store).
 
     parse_file(path)                 # detect the format, parse, return conversations + skipped + bad
+    parse_file("export.zip")         # a ChatGPT or Claude .zip: its conversations.json (see archive.py)
     parse_file(path, "chatgpt")      # force a format (names in FORMATS)
     detect_format(path)              # just the name
 
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 from ownlm.errors import ImportFormatError, InvalidInput
 
-from . import aistudio, chatbot_ui, chatgpt, claude, grok, librechat, llm_logs, open_webui, openai_jsonl, sharegpt
+from . import aistudio, archive, chatbot_ui, chatgpt, claude, grok, librechat, llm_logs, open_webui, openai_jsonl, sharegpt
 from ._common import Progress
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
@@ -82,13 +83,15 @@ def detect_format(path: str | Path) -> str:
     return _load(Path(path), None)[0].name
 
 
-def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None) -> ImportResult:
-    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations."""
-    fmt, payload = _load(Path(path), format)
+def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None, *,
+               max_unpacked: int = archive.MAX_MEMBER_BYTES) -> ImportResult:
+    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations;
+    `max_unpacked`: the most bytes an export inside a .zip may unpack to."""
+    fmt, payload = _load(Path(path), format, max_unpacked)
     return fmt.parse(payload, progress)
 
 
-def _load(path: Path, name: str | None) -> tuple[Format, Any]:
+def _load(path: Path, name: str | None, max_unpacked: int = archive.MAX_MEMBER_BYTES) -> tuple[Format, Any]:
     """Check the file, read it once, and return its format with what that format's `parse` takes."""
     if name is not None and name not in FORMATS:
         raise InvalidInput(f"unknown import format {name!r}", hint=f"use one of: {_supported()}")
@@ -105,6 +108,12 @@ def _load(path: Path, name: str | None) -> tuple[Format, Any]:
         raise InvalidInput(f"{path} cannot be read: {exc.strerror}", hint="check the file's permissions") from exc
     if not raw.strip():
         raise ImportFormatError(f"{path} is empty", hint="export your history again; the download may have failed")
+    if archive.is_zip(raw):  # ChatGPT and Claude deliver a .zip; read its conversations file from memory
+        member, raw = archive.read_export(path, raw, max_unpacked)
+        path = Path(f"{path}:{member}")  # what messages name; its suffix decides .jsonl as for a plain file
+        if raw.startswith(SQLITE_MAGIC) or not raw.strip():
+            raise ImportFormatError(f"{path} is {'empty' if not raw.strip() else 'a database, not JSON'}",
+                                    hint="extract the export file and import it")
 
     forced = FORMATS.get(name) if name else None
     if raw.startswith(SQLITE_MAGIC):
