@@ -95,7 +95,7 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
     def record(answer: str) -> dict:
         history = [NewMessage(m["role"], m["content"]) for m in messages]
         history.append(NewMessage("assistant", answer, model=_answered_by(stream, engine)))
-        res = store.submit(lambda db: store.capture(user.id, history, source="api", seed="live", db=db)).result()
+        res = store.submit(lambda db: store.capture_live(user.id, history, source="api", history=len(messages), db=db)).result()
         return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
 
     if not req.stream:

@@ -61,7 +61,6 @@ class MessageFeedback(Feedback):
 async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
     """Store an interaction; re-sending the same messages stores nothing new. Acknowledged = committed."""
     msgs = [NewMessage(m.role, m.content, m.timestamp, m.model) for m in body.messages]
-    seed = f"client:{body.conversation_id}" if body.conversation_id else "live"
     fb, idx = body.feedback, None
     if fb is not None:  # check the feedback before anything is stored: the request is stored whole or not at all
         idx = fb.message_index
@@ -73,10 +72,16 @@ async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
             raise InvalidInput(f"feedback.message_index={idx} is outside messages (0..{len(msgs) - 1})")
 
     def write(db) -> dict:
-        res = store.capture(
-            user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context, db=db
-        )
-        out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added, "duplicates": res.duplicates}
+        if body.conversation_id:
+            res = store.capture(user.id, msgs, source="interactions", seed=f"client:{body.conversation_id}",
+                                external_id=body.conversation_id, context=body.context, db=db)
+        else:  # no id: a new chat, or the one whose stored messages it repeats (store.capture_live)
+            res = store.capture_live(user.id, msgs, source="interactions", context=body.context, db=db)
+        out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added,
+               "duplicates": res.duplicates, "deleted": res.deleted}
+        if fb is not None and res.message_ids[idx] is None:
+            raise InvalidInput(f"feedback.message_index={idx} names a message you deleted earlier",
+                               hint="give feedback on a message that is still stored")
         if fb is not None:
             out["feedback_id"] = store.add_feedback(
                 user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
