@@ -32,7 +32,7 @@ def node(home, tiny_engine):
     user = store.create_user("alice")
     token = store.create_token(user.id)
     with ThreadServer(create_app(settings, store, tiny_engine)) as server:
-        server.store, server.user = store, user
+        server.store, server.user, server.token = store, user, token
         server.client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         yield server
     store.close()
@@ -111,6 +111,22 @@ def test_interactions_resend_after_partial_delete(node):
     body["feedback"] = {"message_index": 1, "thumbs": 1}
     r = node.client.post("/api/personalization/interactions", json=body)
     assert r.status_code == 422 and "deleted" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_an_answer_that_cannot_be_stored_still_arrives_whole(node, stream):
+    """The store refuses the write (here: its connection turned read-only): the client still gets the whole
+    answer, told it was not stored, instead of a 500 or a cut stream."""
+    with node.store._lock:
+        node.store.db.execute("PRAGMA query_only = ON")
+    try:
+        answer, ids = ask(node, [{"role": "user", "content": "hi"}], stream=stream)
+    finally:
+        with node.store._lock:
+            node.store.db.execute("PRAGMA query_only = OFF")
+    assert answer and ids["error"]["type"] == "StoreError" and "not stored" in ids["error"]["message"], ids
+    assert node.store.stats(node.user.id)["messages"] == 0
+    assert ask(node, [{"role": "user", "content": "hi"}], stream=stream)[1]["conversation_id"]  # and then it is
 
 
 def test_two_chats_opening_alike_stay_apart(node):

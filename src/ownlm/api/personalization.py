@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +14,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.fields import SQL_INT_MAX, StrictInt, Text, Thumbs, UnixTime
 from ownlm.errors import InvalidInput, OwnlmError
 from ownlm.store import NewMessage
 
@@ -23,28 +24,30 @@ router = APIRouter(prefix="/api/personalization", tags=["personalization"])
 class InteractionMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
-    model: str | None = None
-    timestamp: float | None = Field(default=None, description="unix seconds; default: when received")
+    content: Text = Field(max_length=1_000_000)
+    model: Text | None = None
+    timestamp: UnixTime | None = Field(default=None, description="unix seconds (UTC); default: when received")
 
 
 class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    thumbs: Literal[-1, 1] | None = None
-    rating: int | None = Field(default=None, ge=1, le=5)
-    edited_content: str | None = Field(default=None, description="a better reply, written by the user")
-    comment: str | None = None
+    thumbs: Thumbs | None = None
+    rating: StrictInt | None = Field(default=None, ge=1, le=5)
+    edited_content: Text | None = Field(default=None, description="a better reply, written by the user")
+    comment: Text | None = None
 
 
 class InteractionFeedback(Feedback):
-    message_index: int | None = Field(default=None, description="index into messages; default: the last assistant message")
+    message_index: StrictInt | None = Field(
+        default=None, ge=0, description="index into messages; default: the last assistant message"
+    )
 
 
 class Interaction(BaseModel):
     """One interaction as the seed's collector sees it: the conversation so far, its context, feedback."""
 
     model_config = ConfigDict(extra="forbid")
-    conversation_id: str | None = Field(
+    conversation_id: Text | None = Field(
         default=None, max_length=200,
         description="the client's own id for this conversation; messages are deduplicated within it",
     )
@@ -54,7 +57,7 @@ class Interaction(BaseModel):
 
 
 class MessageFeedback(Feedback):
-    message_id: str
+    message_id: Text = Field(max_length=200)
 
 
 @router.post("/interactions")
@@ -103,7 +106,8 @@ def feedback(body: MessageFeedback, user: UserDep, store: StoreDep) -> dict:
 
 
 @router.get("/conversations")
-def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500),
+                  offset: int = Query(0, ge=0, le=SQL_INT_MAX)) -> dict:
     return {"conversations": store.list_conversations(user.id, limit, offset), "totals": store.stats(user.id)}
 
 
@@ -150,7 +154,16 @@ def import_export(
 
 
 def _before(before: datetime | None) -> float | None:
-    return before.timestamp() if before else None
+    """Unix seconds of a `before` date. A date without a time zone is UTC, like every time the store keeps
+    (read as local time it would depend on the node's zone, and year 1 would overflow)."""
+    if before is None:
+        return None
+    if before.tzinfo is None:
+        before = before.replace(tzinfo=timezone.utc)
+    try:
+        return before.timestamp()
+    except (OverflowError, ValueError, OSError):  # aware dates convert exactly; kept so no date can 500
+        raise InvalidInput(f"before={before.isoformat()} is out of range", hint="give a date between years 1 and 9999") from None
 
 
 @router.get("/delete-preview")
@@ -168,7 +181,9 @@ def delete_preview(
 def delete_data(
     user: UserDep,
     store: StoreDep,
-    before: datetime | None = Query(None, description="delete messages created before this time (ISO 8601)"),
+    before: datetime | None = Query(
+        None, description="delete messages created before this time (ISO 8601; without a time zone: UTC)"
+    ),
     conversation_id: str | None = Query(None, description="delete only this conversation"),
 ) -> dict:
     """Right to delete: everything (no parameters), messages before a date, or one conversation."""
