@@ -245,3 +245,14 @@ def test_sqlite_work_is_bounded(tmp_path):
     assert parse_file(path).message_count == 40_000  # within the budget a file of its size gets
     with pytest.raises(ImportFormatError, match="more work"):
         llm_logs.parse(path, max_steps=100_000)
+
+
+def test_lone_surrogates_in_an_export_become_replacement_characters(node, tmp_path):
+    """An export may hold half of a cut emoji (a JSON "\\ud83d" escape): the file still imports."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "cut \\ud83d emoji"}, {"role": "assistant", "content": "ok"}]}\n')
+    r = import_file(node, path)
+    assert r.status_code == 200, r.text
+    conv = node.client.get("/api/personalization/conversations").json()["conversations"][0]["id"]
+    messages = node.client.get(f"/api/personalization/conversations/{conv}").json()["messages"]
+    assert messages[0]["content"] == "cut \ufffd emoji"
