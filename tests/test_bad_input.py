@@ -256,3 +256,19 @@ def test_lone_surrogates_in_an_export_become_replacement_characters(node, tmp_pa
     conv = node.client.get("/api/personalization/conversations").json()["conversations"][0]["id"]
     messages = node.client.get(f"/api/personalization/conversations/{conv}").json()["messages"]
     assert messages[0]["content"] == "cut \ufffd emoji"
+
+
+def test_privacy_tier_is_a_strict_int(node):
+    r = node.client.post("/api/personalization/privacy", json={"tier": True})
+    assert_clear_422(r, "tier")
+    assert node.client.get("/api/personalization/privacy").json()["tier"] == 1
+
+
+def test_websocket_deep_json_is_an_error_frame(node):
+    url = node.url.replace("http", "ws") + "/ws/chat?token=" + node.token
+    with ws_client.connect(url) as ws:
+        ws.send("[" * 50_000 + "]" * 50_000)
+        event = json.loads(ws.recv(timeout=30))
+        assert event["type"] == "error" and "deep" in event["error"]["message"], event
+        ws.send("not json")  # the socket still answers
+        assert json.loads(ws.recv(timeout=30))["type"] == "error"

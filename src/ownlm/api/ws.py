@@ -68,6 +68,8 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         raise ModelUnavailable("this node runs without a model (capture only)")
     try:
         msg = WsMessage.model_validate(json.loads(raw))
+    except RecursionError:
+        raise InvalidInput("bad message: its JSON nests too deep", hint='send {"content": "..."}') from None
     except (ValueError, ValidationError) as e:
         raise InvalidInput(f"bad message: {str(e).splitlines()[0]}", hint='send {"content": "..."}') from None
     if msg.reply_to:
