@@ -58,7 +58,7 @@ def test_timestamps_must_be_finite_dates(node, value):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", "NaN"), ("top_p", "NaN"), ("temperature", "Infinity"), ("seed", str(2**70)), ("seed", "-1"),
+    ("temperature", "NaN"), ("top_p", "NaN"), ("temperature", "Infinity"), ("seed", str(2**70)), ("seed", str(2**64)), ("seed", "-1"),
     ("seed", "true"), ("max_tokens", "true"), ("max_tokens", "2.0"),
 ])
 def test_chat_parameters_are_checked_before_generation(node, field, value):
@@ -69,15 +69,15 @@ def test_chat_parameters_are_checked_before_generation(node, field, value):
 
 
 def test_largest_seed_generates(node):
-    r = node.client.post(CHAT, json={"messages": USER, "max_tokens": 2, "seed": 2**64 - 1})
+    r = node.client.post(CHAT, json={"messages": USER, "max_tokens": 2, "seed": 2**63})
     assert r.status_code == 200, r.text
 
 
 def test_generation_params_bound_the_seed():
-    for seed in (2**64, -1, True):
+    for seed in (2**63 + 1, 2**64, -1, True, 1.5):
         with pytest.raises(InvalidInput, match="seed"):
             GenerationParams(seed=seed)
-    assert GenerationParams(seed=2**64 - 1).seed == 2**64 - 1
+    assert GenerationParams(seed=2**63).seed == 2**63
 
 
 def test_websocket_seed_and_bools_are_an_error_frame(node):
@@ -87,7 +87,7 @@ def test_websocket_seed_and_bools_are_an_error_frame(node):
             ws.send(json.dumps({"content": "hi", "max_tokens": 2, **bad}))
             event = json.loads(ws.recv(timeout=30))
             assert event["type"] == "error" and event["error"]["type"] == "InvalidInput", event
-        ws.send(json.dumps({"content": "hi", "max_tokens": 2, "seed": 2**64 - 1}))  # and the socket still works
+        ws.send(json.dumps({"content": "hi", "max_tokens": 2, "seed": 2**63}))  # and the socket still works
         events = [json.loads(ws.recv(timeout=60))]
         while events[-1]["type"] not in ("done", "error"):
             events.append(json.loads(ws.recv(timeout=60)))

@@ -17,8 +17,9 @@ Live capture (`capture_live`: an OpenAI client's request, an interaction without
 id to seed with. A request whose history holds no assistant message yet opens a new chat: it gets a seed
 of its own, so two chats that both start with "hello" stay apart. Its messages also get a content-only
 chain, `thread_sha256` (seed "live", not unique); a longer history continues the conversation holding the
-deepest thread hash of the request at or past its first assistant message (the most recently updated one
-if two chats are still alike there), so a growing history folds into one conversation.
+deepest thread hash of the request at or past its first assistant message, so a growing history folds into
+one conversation. Where two chats are still alike there, it goes on where that message has no reply yet
+(no branch needed), else in the most recently updated chat; identical text cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -205,12 +206,11 @@ class ConversationsMixin:
                 return self.capture_live(user_id, messages, source=source, history=history, context=context, db=tx)
         sent = messages if history is None else messages[:history]
         first_reply = next((i for i, m in enumerate(sent) if m.role == "assistant"), None)
-        if first_reply is None:  # only opening turns: a new chat, even if an earlier one opened the same way
-            return self.capture(user_id, messages, source=source, seed=f"{LIVE_SEED}:{uuid.uuid4().hex}", context=context,
-                                threaded=True, db=db)
         threads = chain_hashes(seed_hash(LIVE_SEED), messages)
-        found = {r[0]: r[1:] for r in _rows_by(db, user_id, "thread_sha256", threads[first_reply:])}  # newest wins
-        anchor = max((i for i in range(first_reply, len(threads)) if threads[i] in found), default=None)
+        anchor = None
+        if first_reply is not None:  # else only opening turns: a new chat, even if an earlier one opened alike
+            found = {r[0]: r[1:] for r in _rows_by(db, user_id, "thread_sha256", threads[first_reply:])}  # best last
+            anchor = max((i for i in range(first_reply, len(threads)) if threads[i] in found), default=None)
         if anchor is None:
             return self.capture(user_id, messages, source=source, seed=f"{LIVE_SEED}:{uuid.uuid4().hex}", context=context,
                                 threaded=True, db=db)
