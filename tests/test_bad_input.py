@@ -188,12 +188,12 @@ def test_deeply_nested_json_cli(home, tmp_path):
 
 def view_bomb(path):
     """8 KB: an llm logs.db whose `conversations` is a view over an endless recursive query (no rows come out,
-    so reading it costs no memory, only a core for as long as it runs)."""
+    so reading it costs no memory, only a core for as long as it runs). Capitalised: SQLite names ignore case."""
     db = sqlite3.connect(path)
     db.executescript(
         "create table responses (id text, model text, prompt text, system text, response text,"
         " conversation_id text, datetime_utc text);"
-        "create view conversations as with recursive r(n) as (select 1 union all select n + 1 from r)"
+        "create view Conversations as with recursive r(n) as (select 1 union all select n + 1 from r)"
         " select n as id, 'x' as name, 'm' as model from r where n < 0;"
     )
     db.close()

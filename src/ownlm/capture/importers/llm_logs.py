@@ -101,6 +101,7 @@ def tables(conn: sqlite3.Connection) -> set[str]:
     """The plain tables of the file; a view, virtual table or computed column among the tables read is refused."""
     names = set()
     for name, kind, sql in conn.execute("select name, type, sql from sqlite_master where type in ('table', 'view')"):
+        name = name.lower()  # SQLite resolves names without regard to case: a view `Conversations` is read too
         if name not in _READ:
             continue
         if kind != "table":
