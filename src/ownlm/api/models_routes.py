@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.fields import Text
 
 router = APIRouter(prefix="/api/personalization", tags=["models"])
 
@@ -38,7 +39,7 @@ def models(user: UserDep, store: StoreDep) -> dict:
 
 
 class RollbackBody(BaseModel):
-    target: str | None = Field(default=None, description="version, model id or 'base'; default: the previous version")
+    target: Text | None = Field(default=None, max_length=200, description="version, model id or 'base'; default: the previous version")
 
 
 @router.post("/rollback")

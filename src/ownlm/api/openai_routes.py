@@ -1,13 +1,15 @@
 """OpenAI-compatible endpoints: GET /v1/models and POST /v1/chat/completions (streaming SSE or not).
 
 Every exchange is captured: the request's messages plus the answer, for the authenticated user, once the
-answer is complete. Clients re-send the whole history with each request; the store's hash chain keeps only
-what is new.
+answer is complete. Clients re-send the whole history with each request; the store keeps only what is new,
+and a history with no assistant message yet opens a new conversation (Store.capture_live). The answer's
+`ownlm` field holds the stored ids, or `error` when the exchange could not be stored.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,24 +18,27 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ownlm.api.app import error_body
 from ownlm.api.deps import EngineDep, StoreDep, UserDep
+from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.engine import GenerationParams
-from ownlm.errors import NotFound
+from ownlm.errors import NotFound, OwnlmError
 from ownlm.store import NewMessage
 
 router = APIRouter(tags=["openai"])
+log = logging.getLogger(__name__)
 USER_MODEL = "ownlm"  # the caller's own model: personal once one is deployed, else the base
 
 
 class TextPart(BaseModel):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -46,11 +51,11 @@ class ChatRequest(BaseModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    temperature: FiniteFloat = Field(default=0.7, ge=0, le=2)
+    top_p: FiniteFloat = Field(default=1.0, gt=0, le=1)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
 
     def params(self) -> GenerationParams:
@@ -93,9 +98,18 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL
 
     def record(answer: str) -> dict:
+        """Capture the exchange; returns the `ownlm` field of the answer. Never raises: the answer exists (a
+        stream's status line is long sent), so a failed capture is logged and reported, not a cut stream or a 500."""
         history = [NewMessage(m["role"], m["content"]) for m in messages]
         history.append(NewMessage("assistant", answer, model=_answered_by(stream, engine)))
-        res = store.submit(lambda db: store.capture(user.id, history, source="api", seed="live", db=db)).result()
+        try:
+            res = store.submit(lambda db: store.capture_live(user.id, history, source="api", history=len(messages), db=db)).result()
+        except Exception as e:
+            log.exception("storing a chat completion of user %s failed", user.id)
+            if isinstance(e, OwnlmError):
+                return error_body(type(e).__name__, f"the answer was not stored: {e.message}", e.hint)
+            return error_body("StoreError", "the answer was not stored (the node's log says why)",
+                              "the answer itself is complete; check the node's disk and log")
         return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
 
     if not req.stream:

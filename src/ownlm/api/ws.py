@@ -23,6 +23,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ownlm.api.app import error_body
 from ownlm.api.deps import bearer
+from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.openai_routes import _answered_by, start
 from ownlm.engine import GenerationParams
 from ownlm.errors import InvalidInput, ModelUnavailable, OwnlmError
@@ -32,14 +33,14 @@ router = APIRouter()
 
 
 class WsMessage(BaseModel):
-    content: str | None = Field(default=None, max_length=200_000, description="the question; not with reply_to")
-    conversation_id: str | None = None
-    max_tokens: int = Field(default=256, ge=1, le=32768)
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    seed: int | None = None
-    model: str | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
-    after: str | None = Field(default=None, description="continue the conversation after this message (default: latest)")
-    reply_to: str | None = Field(default=None, description="answer this user message again; no new message is stored")
+    content: Text | None = Field(default=None, max_length=200_000, description="the question; not with reply_to")
+    conversation_id: Text | None = None
+    max_tokens: StrictInt = Field(default=256, ge=1, le=32768)
+    temperature: FiniteFloat = Field(default=0.7, ge=0, le=2)
+    seed: Seed | None = None
+    model: Text | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
+    after: Text | None = Field(default=None, description="continue the conversation after this message (default: latest)")
+    reply_to: Text | None = Field(default=None, description="answer this user message again; no new message is stored")
 
 
 @router.websocket("/ws/chat")
@@ -71,6 +72,8 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         raise ModelUnavailable("this node runs without a model (capture only)")
     try:
         msg = WsMessage.model_validate(json.loads(raw))
+    except RecursionError:
+        raise InvalidInput("bad message: its JSON nests too deep", hint='send {"content": "..."}') from None
     except (ValueError, ValidationError) as e:
         raise InvalidInput(f"bad message: {str(e).splitlines()[0]}", hint='send {"content": "..."}') from None
     if msg.reply_to:

@@ -6,6 +6,7 @@ the model boundary and later engines (merged personal deltas, several users per 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -13,6 +14,9 @@ from typing import Protocol
 from ownlm.errors import InvalidInput
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+# torch.Generator.manual_seed takes up to 2**64-1; 2**63 is a power of two, so the API's OpenAPI schema (which
+# holds bounds as floats) states it exactly
+SEED_MAX = 2**63
 
 
 @dataclass
@@ -22,16 +26,20 @@ class GenerationParams:
     max_tokens: int = 256  # new tokens at most
     temperature: float = 0.7  # 0 means greedy
     top_p: float = 1.0  # nucleus sampling mass, (0, 1]
-    seed: int | None = None  # per-request RNG seed; same seed + prompt -> same text
+    seed: int | None = None  # per-request RNG seed, 0..2**63 (SEED_MAX); same seed + prompt -> same text
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= 32768:
             raise InvalidInput(f"max_tokens={self.max_tokens} is out of range", hint="use 1..32768")
+        # written so that NaN fails too: every comparison with NaN is false
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidInput(f"temperature={self.temperature} is out of range", hint="use 0..2 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInput(f"top_p={self.top_p} is out of range", hint="use a value in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= self.seed <= SEED_MAX):
+            raise InvalidInput(f"seed={self.seed!r} is out of range", hint="use an integer 0..2**63")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise InvalidInput("stop must hold at most 4 non-empty strings")
 

@@ -270,3 +270,23 @@ def m007_signer_users(db) -> None:
             "INSERT INTO trusted_signer_users (key_id, user_id, added_at) SELECT key_id, ?, added_at FROM trusted_signers"
             " WHERE key_id NOT IN (SELECT key_id FROM signing_keys)", (users[0],),
         )
+
+
+@migration
+def m008_live_threads(db) -> None:
+    # Live capture (a request that names no conversation) gives each new chat its own chain seed, so two chats
+    # that open alike stay apart; a re-sent history finds its conversation again by this content-only chain
+    # (seed "live", not unique). Before this migration live chats were chained from the seed "live" itself,
+    # so their chain already is their thread hash.
+    run_script(
+        db,
+        """
+        ALTER TABLE messages ADD COLUMN thread_sha256 TEXT;
+        UPDATE messages SET thread_sha256 = chain_sha256 WHERE conversation_id IN
+            (SELECT id FROM conversations WHERE source IN ('api', 'interactions') AND external_id IS NULL);
+        CREATE INDEX messages_thread ON messages(user_id, thread_sha256) WHERE thread_sha256 IS NOT NULL;
+        -- which stored message has a reply (capture_live prefers one without it), and what deleting a
+        -- message looks up to null its replies' parent_id
+        CREATE INDEX messages_parent ON messages(parent_id)
+        """,
+    )

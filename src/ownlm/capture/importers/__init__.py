@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ownlm.errors import ImportFormatError, InvalidInput
 
 from . import aistudio, archive, chatbot_ui, chatgpt, claude, grok, librechat, llm_logs, open_webui, openai_jsonl, sharegpt
-from ._common import Progress
+from ._common import Progress, TooDeep, loads, valid_text
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 __all__ = [
@@ -88,7 +88,12 @@ def parse_file(path: str | Path, format: str | None = None, progress: Progress |
     """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations;
     `max_unpacked`: the most bytes an export inside a .zip may unpack to."""
     fmt, payload = _load(Path(path), format, max_unpacked)
-    return fmt.parse(payload, progress)
+    result = fmt.parse(payload, progress)
+    for conv in result.conversations:  # the one place every format's text passes
+        conv.title, conv.external_id = valid_text(conv.title), valid_text(conv.external_id)
+        for m in conv.messages:
+            m.content, m.model = valid_text(m.content), valid_text(m.model)
+    return result
 
 
 def _load(path: Path, name: str | None, max_unpacked: int = archive.MAX_MEMBER_BYTES) -> tuple[Format, Any]:
@@ -143,7 +148,10 @@ def _load(path: Path, name: str | None, max_unpacked: int = archive.MAX_MEMBER_B
         return FORMATS[openai_jsonl.NAME], text
 
     try:
-        data = json.loads(text)
+        data = loads(text)
+    except TooDeep as exc:
+        raise ImportFormatError(f"{path} cannot be read: {exc}", hint="no chat export nests this deep; "
+                                "pass the export file as the tool wrote it") from None
     except json.JSONDecodeError as exc:
         # Several JSON objects, one per line, with another extension: still fine-tuning JSONL.
         if forced is None and openai_jsonl.sniff_text(text):
