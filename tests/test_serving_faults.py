@@ -19,6 +19,7 @@ import time
 
 import httpx
 import pytest
+import websockets
 import websockets.sync.client as ws_client
 
 from ownlm.api.app import create_app
@@ -181,6 +182,36 @@ def test_the_deadline_ends_an_answer_or_refuses_one_that_cannot_begin(serve, eng
         assert time.monotonic() - t0 < 3
 
 
+def test_closing_the_engine_ends_generations_running_and_waiting(serve, engine):
+    """What SIGTERM does first (see the next test): each request in flight gets a clear 503 at once."""
+    server = serve(max_waiting=2)
+    results: list[httpx.Response] = []
+
+    def ask() -> None:
+        with server.client() as c:
+            results.append(c.post("/v1/chat/completions", json=chat(LONG)))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.waiting < 1:  # one generates, the other waits in line
+            assert time.monotonic() < deadline, "the second request never started waiting"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        engine.close()
+        for t in threads:
+            t.join(timeout=5)
+        assert time.monotonic() - t0 < 3 and len(results) == 2
+        for r in results:
+            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        with server.client() as c:
+            assert c.post("/v1/chat/completions", json=chat(2)).status_code == 503
+    finally:
+        engine._closing = False  # the module's engine serves the other tests
+
+
 def test_sigterm_stops_serve_during_a_stream(home, tiny_base):
     with Store(home) as s:
         token = s.create_token(s.create_user("alice").id)
@@ -189,16 +220,22 @@ def test_sigterm_stops_serve_during_a_stream(home, tiny_base):
         headers = {"Authorization": f"Bearer {token}"}
         body = chat(4000, stream=True)  # minutes of generation on the tiny model
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c, \
-                c.stream("POST", "/v1/chat/completions", json=body) as r:
+                c.stream("POST", "/v1/chat/completions", json=body) as r, \
+                ws_client.connect(server.url.replace("http", "ws") + "/ws/chat?token=" + token) as ws:
             lines = r.iter_lines()
             assert r.status_code == 200 and '"content"' in "".join(line for line, _ in zip(lines, range(6)))
+            ws.send(json.dumps({"content": "and you?", "max_tokens": 4000}))  # waits in line behind the stream
+            assert json.loads(ws.recv(timeout=10))["type"] == "start"
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            rest = "\n".join(lines)  # the stream ends (with an error event), it is not cut at random
+            rest = "\n".join(lines)  # the stream ends with an error event, not cut at random
+            with contextlib.suppress(websockets.ConnectionClosed):  # closed (1012) or told, either way ended
+                assert json.loads(ws.recv(timeout=10))["type"] == "error"
             rc = server.proc.wait(timeout=15)
             took = time.monotonic() - t0
         assert "shutting down" in rest and "[DONE]" not in rest
-        assert rc == 0 and took < 10, f"exit {rc} after {took:.1f} s"
+        # well under uvicorn's graceful timeout (GRACEFUL_SHUTDOWN_S): nothing waited for it
+        assert rc == 0 and took < 4, f"exit {rc} after {took:.1f} s"
     finally:
         server.stop()
 
