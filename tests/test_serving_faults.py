@@ -124,13 +124,20 @@ def test_a_client_dropping_a_websocket_frees_the_engine(serve, engine):
     assert assert_engine_idle(engine) - start < LONG / 2
 
 
-def test_a_non_streaming_client_that_times_out_stops_its_generation(serve, engine):
+def test_a_non_streaming_client_that_times_out_stops_its_generation(serve, engine, monkeypatch):
     server = serve()
     start = engine.steps
     with server.client(timeout=1.0) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json=chat(LONG))
     steps = assert_engine_idle(engine) - start  # bounded wait: fails if it runs on towards LONG
     assert steps < 2.0 / STEP_S  # ~1 s of generation before the timeout, plus the step that saw the cancel
+
+    # also while its prompt is still being read: 300 words in 8-token chunks would be ~40 forward passes
+    monkeypatch.setattr("ownlm.engine.torch_engine.PREFILL_CHUNK", 8)
+    start = engine.steps
+    with server.client(timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/chat/completions", json=chat(2, content="word " * 300))
+    assert assert_engine_idle(engine) - start < 1.5 / STEP_S
 
 
 def test_beyond_the_line_the_node_answers_503_with_retry_after(serve, engine):
