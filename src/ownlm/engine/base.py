@@ -54,9 +54,9 @@ class GenerationStream:
 
     A stream made by `produced_by` runs its work in a thread of its own, started by the first `next()`, and the
     consumer only takes finished pieces from a queue. The work (which holds the engine) therefore never waits
-    on its consumer: a consumer that stops iterating, drops the stream or is itself cancelled cannot keep the
-    engine. `cancel()` stops the work at its next step; otherwise it ends by itself (end of turn, max_tokens,
-    deadline). An error raised by the work is raised by the consumer's `next()`.
+    on its consumer: whatever a consumer does (stop iterating, drop the stream, be cancelled itself), the work
+    stops at its next step after `cancel()`, or else ends by itself (end of turn, max_tokens, deadline). An
+    error raised by the work is raised by the consumer's `next()`.
     """
 
     def __init__(self, pieces: Iterator[str] | None, prompt_tokens: int):
