@@ -225,9 +225,11 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30) -> bool:
+        """Ask the loop to stop and wait up to `timeout` s; False if a round is still running (daemon thread)."""
         self._stop.set()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def due(self, now: float) -> list[str]:
         """Users whose interval has passed and who have enough new samples; schedules their next check."""

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."
     )
+    generation_timeout_s: float = Field(
+        default=300, gt=0, le=86400,
+        description="Deadline of one generation request (HTTP or WebSocket turn) in seconds, waiting for the model "
+        "included. Past it the answer ends with finish_reason 'length'; if it had not begun, 503 Overloaded.")
+    max_queued_generations: int = Field(
+        default=8, ge=0, le=1000,
+        description="Generations that may wait while one runs; more are refused at once with 503 Overloaded "
+        "and a Retry-After header.")
 
     @field_validator("home")
     @classmethod

@@ -19,7 +19,7 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.app import error_body
 from ownlm.api.deps import bearer
@@ -81,13 +81,17 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
     else:
         conversation_id, user_msg, history = await run_in_threadpool(_store_question, store, user.id, msg)
     await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg})
-    params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed)
+    params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed,
+                              timeout_s=ws.app.state.settings.generation_timeout_s)
     prompt = [{"role": h["role"], "content": h["content"]} for h in history]
-    stream = start(engine, prompt, params, user.id, msg.model)
+    stream = await run_in_threadpool(start, engine, prompt, params, user.id, msg.model)
     parts = []
-    async for piece in iterate_in_threadpool(iter(stream)):
-        parts.append(piece)
-        await ws.send_json({"type": "token", "content": piece})
+    try:
+        async for piece in stream.apieces():
+            parts.append(piece)
+            await ws.send_json({"type": "token", "content": piece})
+    finally:
+        stream.cancel()  # a socket closed mid-answer (send raised) must not leave the generation running
     answer = NewMessage("assistant", "".join(parts), model=_answered_by(stream, engine))
     res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
     await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,

@@ -70,8 +70,8 @@ class LoadedDelta:
 class PersonalEngine(TorchEngine):
     """A TorchEngine that answers each user with their personal model (see module doc)."""
 
-    def __init__(self, base: BaseModel, store, model_name: str = "ownlm"):
-        super().__init__(base, model_name=model_name)
+    def __init__(self, base: BaseModel, store, model_name: str = "ownlm", max_waiting: int | None = None):
+        super().__init__(base, model_name=model_name, max_waiting=max_waiting)
         self.store = store
         self.base_name = base.source.name
         self._deltas: dict[tuple[str, str], LoadedDelta] = {}  # (user id, model id) -> loaded delta
