@@ -301,3 +301,98 @@ def test_another_users_dashboard_shows_nothing_of_alice(open_page, node, tiny_de
     page_a = open_page("alice")
     go(page_a, "Data", "Your data")
     expect(page_a.locator("#conversations")).to_contain_text("alice secret")
+
+
+# ---- a new user's first visit, on a phone -------------------------------------------------------------
+
+PHONE = 390  # px wide (viewport 390x900): an ordinary phone
+
+
+def no_horizontal_overflow(page) -> None:
+    width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the document is {width[0]} px wide on a {width[1]} px screen"
+
+
+def test_sign_in_names_the_real_command_and_a_good_login_clears_the_stale_banner(browser, node):
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(node.url + "/")
+    expect(page.locator("#view-login")).to_contain_text("ownlm token create")
+    assert "ownlm user token" not in page.locator("#view-login").inner_text()
+    page.get_by_label("Access token").fill(node.tokens["alice"])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Chat")).to_be_visible()
+    node.store.revoke_tokens(node.users["alice"].id)  # e.g. revoked from the command line
+    go_link = page.get_by_role("link", name="Status", exact=True)
+    go_link.click()
+    expect(page.get_by_label("Access token")).to_be_visible()  # a 401 sends the user back to sign in
+    expect(page.locator("#flash")).to_contain_text("no longer valid")
+    page.get_by_label("Access token").fill(node.store.create_token(node.users["alice"].id))
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Chat")).to_be_visible()
+    expect(page.locator("#flash")).to_be_hidden()  # the old banner must not stay over a good session
+    ctx.close()
+
+
+def test_a_revoked_token_on_the_chat_socket_returns_to_sign_in(open_page, node):
+    page = open_page("alice")
+    closes, requests = [], []
+    page.on("websocket", lambda ws: ws.on("close", lambda w: closes.append(w.url)))
+    node.store.revoke_tokens(node.users["alice"].id)
+    page.on("request", lambda r: requests.append(r.url))
+    page.get_by_label("Message").fill("are you there?")
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Access token")).to_be_visible()
+    expect(page.locator("#flash")).to_contain_text("no longer valid")
+    # the page learnt it from the socket's 4401 close, not by asking over HTTP after a bare 1006
+    assert closes and not [u for u in requests if "/v1/" in u or "/api/" in u]
+
+
+def test_data_view_pages_titles_and_opens_conversations_on_a_phone(open_page, node):
+    alice = node.users["alice"]
+    with node.store.tx() as db:  # 320 untitled chats, like an imported history
+        for i in range(320):
+            node.store.capture(alice.id, [NewMessage("user", f"Question number {i}: how do I   make\nbread?"),
+                                          NewMessage("assistant", f"Answer {i}: flour, water, salt.")],
+                               source="test", seed=f"chat-{i}", created_at=1_700_000_000 + i, db=db)
+    page = open_page("alice", width=PHONE)
+    go(page, "Data", "Your data")
+    rows = page.locator("#conversations li")
+    expect(rows).to_have_count(20)
+    expect(page.locator("#conv-pager")).to_contain_text("1–20 of 320")
+    expect(rows.first).to_contain_text("Question number")  # the first user message names an untitled chat
+    assert "(untitled)" not in page.locator("#conversations").inner_text()
+    height = page.evaluate("document.documentElement.scrollHeight")
+    assert height < 6000, f"the data view is {height} px tall"
+    no_horizontal_overflow(page)
+    shot(page, "data-phone")
+    page.get_by_role("button", name="Older").click()
+    expect(page.locator("#conv-pager")).to_contain_text("21–40 of 320")
+    first = rows.first.locator("button.conv-open")
+    title = first.inner_text()
+    n = int(re.search(r"Question number (\d+)", title).group(1))
+    first.click()
+    messages = rows.first.locator(".conv-messages")
+    expect(messages).to_contain_text(f"Answer {n}: flour, water, salt.")
+    expect(messages).to_contain_text(f"Question number {n}")
+    expect(first).to_have_attribute("aria-expanded", "true")
+    no_horizontal_overflow(page)
+    shot(page, "data-phone-open")
+    first.click()  # closes again
+    expect(messages).to_be_hidden()
+
+
+def test_models_and_chat_fit_a_phone(open_page, node, tiny_delta):
+    alice = node.users["alice"]
+    for version in (1, 2):
+        personal.deploy(node.store, node.settings, alice, tiny_delta, version)
+    node.engine.refresh()
+    page = open_page("alice", width=PHONE)
+    no_horizontal_overflow(page)
+    go(page, "Models", "Your models")
+    expect(page.locator("tr[data-version='2']")).to_contain_text("● active")
+    no_horizontal_overflow(page)
+    wrap = page.locator(".table-wrap")
+    box = wrap.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE  # the table scrolls inside its card
+    shot(page, "models-phone")

@@ -33,13 +33,6 @@ from ownlm.store import NewMessage, Store  # noqa: E402
 from tests.servers import ThreadServer  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
-# 5xx from input that issue #14 item 5 lists, fixed in another branch: tolerated (the test then xfails, not
-# passes) until that fix is merged; any other failure fails the test. TEMPORARY: delete with the item 5 fix.
-KNOWN_ITEM5 = [
-    ("GET /api/personalization/conversations", re.compile(r"offset=\d{19,}"), "offset past SQLite's int64"),
-    ("GET /api/personalization/delete-preview", re.compile(r"before=0\d{3}-"), "a date before 1970 as a naive datetime"),
-    ("DELETE /api/personalization/data", re.compile(r"before=0\d{3}-"), "a date before 1970 as a naive datetime"),
-]
 REPORT = Path(__file__).resolve().parents[1] / "test-output" / "fuzz-report.json"
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "ignored_auth", "unsupported_method"]
@@ -92,9 +85,9 @@ def fuzz(url: str, token: str) -> dict:
     for event in engine.from_schema(schema).execute():
         # the run itself broke (a spec it cannot use, an exception in schemathesis): a failure too
         if isinstance(event, events.NonFatalError):
-            failures.append({"operation": event.label, "error": repr(event.value)[:500], "known": None})
+            failures.append({"operation": event.label, "error": repr(event.value)[:500]})
         if isinstance(event, events.FatalError):
-            failures.append({"operation": None, "error": repr(event.exception)[:500], "known": None})
+            failures.append({"operation": None, "error": repr(event.exception)[:500]})
         if isinstance(event, events.EngineFinished):
             stop = str(event.stop_reason)
         if not isinstance(event, events.ScenarioFinished) or not event.is_test_scenario:
@@ -110,7 +103,7 @@ def fuzz(url: str, token: str) -> dict:
                     f = check.failure_info.failure
                     failure = {"operation": op, "check": check.name, "status": status, "title": f.title,
                                "message": f.message[:300], "request": _request(interaction.request)}
-                    failures.append({**failure, "known": _known_item5(failure)})
+                    failures.append(failure)
     total = sum(sum(c.values()) for c in statuses.values())
     return {"examples_per_operation": EXAMPLES, "cases": total, "stop_reason": stop,
             "server_errors": sum(n for c in statuses.values() for status, n in c.items() if status >= 500),
@@ -127,7 +120,7 @@ def _distinct(failures: list[dict]) -> list[dict]:
     """One entry per (operation, check, title), with how often it happened and the first request that did it."""
     seen: dict[tuple, dict] = {}
     for f in failures:
-        key = (f.get("operation"), f.get("check"), f.get("title"), f.get("status"), f.get("known"))
+        key = (f.get("operation"), f.get("check"), f.get("title"), f.get("status"))
         if key in seen:
             seen[key]["times"] += 1
         else:
@@ -144,16 +137,6 @@ def test_the_node_answers_every_generated_request_inside_its_spec(fuzz_node):
     assert report["stop_reason"] == "completed", report["stop_reason"]
     assert operations <= set(report["statuses"]), operations - set(report["statuses"])  # each one was fuzzed
     assert all(sum(report["statuses"][op].values()) >= 3 for op in operations), report["statuses"]
-    unknown = [f for f in report["failures"] if not f["known"]]
-    assert unknown == [], json.dumps(unknown, indent=1)[:6000]
-    known = sorted({f["known"] for f in report["failures"]})
-    if known:
-        pytest.xfail("issue #14 item 5, fixed elsewhere: " + "; ".join(known))
+    assert report["failures"] == [], json.dumps(report["failures"], indent=1)[:6000]
     assert report["server_errors"] == 0
 
-
-def _known_item5(failure: dict) -> str | None:
-    for op, pattern, what in KNOWN_ITEM5:
-        if failure.get("operation") == op and failure.get("status", 0) >= 500 and pattern.search(failure["request"]):
-            return what
-    return None

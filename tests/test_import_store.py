@@ -70,3 +70,44 @@ def test_cli_delete_and_passphrase(home):
     assert r.returncode == 1 and "passphrase" in r.stderr
     r = run_cli("import", str(path), env={"OWNLM_PASSPHRASE": "a long passphrase"})
     assert r.returncode == 0, r.stderr
+
+
+def test_zip_exports_import_from_the_cli_and_the_api(home, tmp_path):
+    """A ChatGPT or Claude export as downloaded (.zip), through `ownlm import` and POST /api/personalization/import."""
+    import httpx
+
+    from ownlm.api.app import create_app
+    from ownlm.settings import load_settings
+    from tests.servers import ThreadServer
+    from tests.test_importers import make_zip
+
+    chatgpt = make_zip(tmp_path / "chatgpt-export.zip", {
+        "conversations.json": (EXPORTS / "chatgpt/librechat-chatgpt-export.json").read_bytes(),
+        "chat.html": b"<html></html>", "user.json": b"{}"})
+    r = run_cli("import", str(chatgpt))
+    assert r.returncode == 0, r.stderr
+    assert "chatgpt" in r.stdout and "2 new" in r.stdout and "10 new" in r.stdout
+    claude = make_zip(tmp_path / "claude-export.zip", {
+        "data/conversations.json": (EXPORTS / "claude/claude-to-sqlite-example.json").read_bytes(),
+        "data/users.json": b"[]", "data/projects.json": b"[]"})
+    photos = make_zip(tmp_path / "photos.zip", {"notes.txt": b"hi", "photo.jpg": b"\xff\xd8\xff"})
+    huge = make_zip(tmp_path / "huge.zip", {"conversations.json": b"[" + b" " * (3 << 20) + b"]"})  # ~3 KB packed
+    settings = load_settings(max_body_bytes=64 * 1024)  # an upload may unpack to 32x that: 2 MiB
+    with Store(home) as store:
+        token = store.create_token(store.get_user("me").id)
+        with ThreadServer(create_app(settings, store, None)) as server:
+            client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            ok = client.post("/api/personalization/import",
+                             files={"file": ("claude-export.zip", claude.read_bytes(), "application/zip")})
+            assert ok.status_code == 200, ok.text
+            body = ok.json()
+            assert body["format"] == "claude" and body["conversations_new"] == body["conversations"] > 0
+            refused = client.post("/api/personalization/import",
+                                  files={"file": ("photos.zip", photos.read_bytes(), "application/zip")})
+            assert refused.status_code == 422
+            message = refused.json()["error"]["message"]
+            assert message.startswith("photos.zip is a zip archive without a chat export")
+            assert "notes.txt" in message and "photo.jpg" in message and "ownlm-import-" not in message
+            too_big = client.post("/api/personalization/import",
+                                  files={"file": ("huge.zip", huge.read_bytes(), "application/zip")})
+            assert too_big.status_code == 413 and "over the 2 MiB" in too_big.json()["error"]["message"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -462,9 +463,12 @@ def test_missing_directory_binary_and_unknown_format(tmp_path):
     _expect_error(tmp_path / "nope.json", InvalidInput)
     error = _expect_error(tmp_path, InvalidInput)
     assert "directory" in error.message
-    binary = tmp_path / "archive.zip"
-    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00\x80" * 10)
+    binary = tmp_path / "picture.png"
+    binary.write_bytes(b"\x89PNG\xff\xfe\x00\x80" * 10)
     assert "UTF-8" in _expect_error(binary).message
+    not_a_zip = tmp_path / "archive.zip"  # a zip's magic, then garbage
+    not_a_zip.write_bytes(b"PK\x03\x04\xff\xfe\x00\x80" * 10)
+    assert "damaged" in _expect_error(not_a_zip).message
     _expect_error(EXPORTS / "claude/claude-to-sqlite-example.json", InvalidInput, format="gemini-takeout")
     # A JSON file forced to be read as a database, and a database forced to be JSON.
     _expect_error(EXPORTS / "claude/claude-to-sqlite-example.json", format="llm_logs")
@@ -702,3 +706,86 @@ def test_claude_api_object_with_messages_key(tmp_path):
     assert detect_format(path) == "claude"
     result = parse_file(path)
     assert result.message_count == 4 and result.conversations[0].messages[-1].role == "assistant"
+
+
+# ---- exports as downloaded: a .zip ----------------------------------------------------------------------
+
+def make_zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _counts(result: ImportResult) -> tuple:
+    return result.format, len(result.conversations), result.message_count, dict(result.skipped), len(result.bad)
+
+
+@pytest.mark.parametrize("rel, folder", [
+    ("chatgpt/librechat-chatgpt-export.json", ""),  # ChatGPT: conversations.json beside chat.html and files
+    ("claude/claude-to-sqlite-artifacts.json", "data-2025-01-31-12-00-00/"),  # Claude: inside a dated folder
+])
+def test_zip_export_reads_its_conversations_json(tmp_path, rel, folder):
+    export = (EXPORTS / rel).read_bytes()
+    path = make_zip(tmp_path / "export.zip", {
+        f"{folder}user.json": b'{"id": "user-1"}', f"{folder}chat.html": b"<html></html>",
+        f"{folder}conversations.json": export, f"{folder}files/conversations.json": b"[]",  # an attachment copy
+        f"{folder}file-abc.png": b"\x89PNG\r\n\x1a\n" + bytes(64),
+    })
+    assert _counts(parse_file(path)) == _counts(parse_file(EXPORTS / rel))
+    assert detect_format(path) == rel.split("/")[0]
+
+
+def test_zip_of_one_export_file_and_a_forced_format(tmp_path):
+    rel = "sharegpt/axolotl-conversation.json"
+    path = make_zip(tmp_path / "a.zip", {"axolotl-conversation.json": (EXPORTS / rel).read_bytes()})
+    assert _counts(parse_file(path)) == _counts(parse_file(EXPORTS / rel))
+    jsonl = "openai-finetune/cookbook-toy-chat-fine-tuning.jsonl"
+    path = make_zip(tmp_path / "b.zip", {"train.jsonl": (EXPORTS / jsonl).read_bytes()}, zipfile.ZIP_STORED)
+    assert _counts(parse_file(path, "openai_jsonl")) == _counts(parse_file(EXPORTS / jsonl))
+
+
+def test_zip_without_an_export_lists_what_it_holds(tmp_path):
+    path = make_zip(tmp_path / "photos.zip", {"notes.txt": b"hello", "img/photo.jpg": b"\xff\xd8\xff", "readme.md": b"#"})
+    error = _expect_error(path)
+    assert "photos.zip" in error.message and "notes.txt" in error.message and "img/photo.jpg" in error.message
+    assert "conversations.json" in error.hint
+    empty = make_zip(tmp_path / "empty.zip", {})
+    assert "holds nothing" in _expect_error(empty).message
+
+
+def test_zip_bomb_and_oversized_members_are_refused_before_reading(tmp_path, monkeypatch):
+    from ownlm.capture.importers import archive
+    from ownlm.errors import PayloadTooLarge
+
+    bomb = make_zip(tmp_path / "bomb.zip", {"conversations.json": b"[" + b" " * (32 << 20) + b"]"})
+    assert bomb.stat().st_size < 200_000  # 32 MiB in a few dozen KB
+    big = make_zip(tmp_path / "big.zip", {"conversations.json": (EXPORTS / "claude/claude-to-sqlite-example.json").read_bytes()})
+
+    def never(*a, **k):
+        raise AssertionError("a refused member must not be decompressed")
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", never)
+    assert "zip bomb" in _expect_error(bomb, PayloadTooLarge).message
+    with pytest.raises(PayloadTooLarge) as info:
+        parse_file(big, max_unpacked=1000)
+    assert "conversations.json" in info.value.message and "over the 1,000 bytes" in info.value.message
+    assert "extract" in info.value.hint
+    assert archive.MAX_MEMBER_BYTES >= 512 << 20  # the default leaves room for a heavy user's real export
+
+
+def test_zip_whose_header_understates_the_size_reads_no_more(tmp_path):
+    data = (EXPORTS / "chatgpt/librechat-chatgpt-export.json").read_bytes()
+    raw = bytearray(make_zip(tmp_path / "x.zip", {"conversations.json": data}).read_bytes())
+    central = raw.rindex(b"PK\x01\x02")  # central directory entry: uncompressed size at offset 24
+    raw[central + 24:central + 28] = (100).to_bytes(4, "little")
+    liar = tmp_path / "liar.zip"
+    liar.write_bytes(bytes(raw))
+    assert "damaged" in _expect_error(liar).message  # at most 100 bytes come out, and the CRC then fails
+
+
+def test_damaged_zip(tmp_path):
+    path = make_zip(tmp_path / "cut.zip", {"conversations.json": (EXPORTS / "chatgpt/librechat-chatgpt-export.json").read_bytes()})
+    path.write_bytes(path.read_bytes()[:3000])  # the download stopped: no central directory
+    error = _expect_error(path)
+    assert "damaged" in error.message and "again" in error.hint

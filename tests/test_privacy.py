@@ -89,7 +89,7 @@ def test_tier0_trains_remotely_over_verified_tls_and_the_trainer_erases_the_job(
     settings, store, built = node
     user = store.create_user("ann", tier=0)
     t = make_trainer()
-    store.trust(t.signing_key_pem(), label="test trainer")
+    store.trust(t.signing_key_pem(), label="test trainer", user_id=user.id)
     seen_jobs = []
     real_parse = trainer_mod.parse_job
     monkeypatch.setattr(trainer_mod, "parse_job", lambda raw: seen_jobs.append(raw) or real_parse(raw))
@@ -123,7 +123,7 @@ def test_a_remote_model_that_fails_the_gate_on_the_node_is_not_installed(node, m
         update={"gate_min_gain": 0.99})})  # the trainer is not asked: the node measures and refuses
     user = store.create_user("ann", tier=0)
     t = make_trainer()
-    store.trust(t.signing_key_pem(), label="test trainer")
+    store.trust(t.signing_key_pem(), label="test trainer", user_id=user.id)
     ca, cert = pki
     with serve(t, cert)[1] as srv:
         with pytest.raises(QualityGateRefused, match="failed the quality gate: held-out NLL .* does not beat"):
@@ -242,7 +242,7 @@ def test_tier2_sends_only_after_attestation_binds_key_and_nonce(node, make_train
     settings, store, built = node
     user = store.create_user("ann", tier=2)
     t = make_trainer(attester=InsecureTestAttester(MEASUREMENT))
-    store.trust(t.signing_key_pem())
+    store.trust(t.signing_key_pem(), user_id=user.id)
     ca, cert = pki
     app, srv = serve(t, cert)
     policy = AttestationPolicy(allowed_measurements=[MEASUREMENT])
@@ -351,7 +351,7 @@ def test_remote_round_from_the_store_on_tier0(home, node, make_trainer, pki):
     path.write_text("\n".join((DATA_DIR / "bram.jsonl").read_text().splitlines()[:30]))
     import_into(store, user.id, parse_file(path), "bram")
     t = make_trainer()
-    store.trust(t.signing_key_pem())
+    store.trust(t.signing_key_pem(), user_id=user.id)
     ca, cert = pki
     with serve(t, cert)[1] as srv:
         built, res = remote.remote_round(store, settings, user, trainer_url=srv.url, ca_file=ca.pem)

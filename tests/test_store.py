@@ -205,3 +205,19 @@ def test_group_commit_isolates_a_failing_job(store):
     with pytest.raises(InvalidInput):
         bad.result(timeout=10)
     assert store.stats(u.id)["messages"] == 5
+
+
+def test_conversation_list_previews_the_first_user_message(store):
+    u = store.create_user("alice")
+    long = "How   do I\nmake sourdough " + "bread " * 40
+    store.capture(u.id, [NewMessage("system", "be nice"), NewMessage("user", long), NewMessage("assistant", "flour")],
+                  source="test", seed="a")
+    store.capture(u.id, [NewMessage("user", "hi")], source="test", seed="b", title="Greetings")
+    store.capture(u.id, [NewMessage("assistant", "a reply with no question")], source="test", seed="c")
+    rows = {r["title"] or r["preview"]: r for r in store.list_conversations(u.id)}
+    untitled = rows[next(k for k in rows if k and k.startswith("How do I"))]
+    assert untitled["title"] is None and untitled["messages"] == 3
+    assert untitled["preview"].startswith("How do I make sourdough bread bread")  # whitespace folded
+    assert len(untitled["preview"]) <= 80 and untitled["preview"].endswith("…")
+    assert rows["Greetings"]["preview"] == "hi"
+    assert [r["preview"] for r in store.list_conversations(u.id) if r["messages"] == 1 and not r["title"]] == [None]

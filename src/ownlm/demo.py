@@ -37,6 +37,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
     from ownlm.engine import GenerationParams
     from ownlm.engine.personal import PersonalEngine
     from ownlm.loop import STAGES, run_job
+    from ownlm.store.jobs import PROCESS_OWNER
     from ownlm.personas import DATA_DIR, PERSONAS, check_answer, probes
     from ownlm.store import Store
 
@@ -49,7 +50,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
         counts = import_into(store, user.id, parse_file(history), history.name)
         console.print(f"[bold]1. captured[/] {counts['messages_new']} messages in {counts['conversations_new']} "
                       f"conversations of [bold]{persona}[/] (a fictional user) into an encrypted store")
-        job_id = store.enqueue_job(user.id, "ownlm demo")
+        job_id = store.enqueue_job(user.id, "ownlm demo", owner=PROCESS_OWNER)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(run_job(store, settings, job_id)))
         columns = (TextColumn("[bold]2. learning[/] {task.description:<9}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -91,8 +92,10 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
             table.add_row(p.question, marks["base"], marks["personal"])
         console.print(table)
         console.print(f"probe checks passed: base {passed['base']}/{len(chosen)}, personal {passed['personal']}/{len(chosen)}")
-        console.print(f"whole demo: {time.perf_counter() - t_start:.0f} s. Try it: OWNLM_HOME={settings.home} ownlm serve, "
-                      f"then `OWNLM_HOME={settings.home} ownlm token create {persona}` and open http://127.0.0.1:{settings.port}/")
+        console.print(f"whole demo: {time.perf_counter() - t_start:.0f} s. Try it: `OWNLM_HOME={settings.home} ownlm chat` "
+                      f"(as {persona}, the home's only user; --base-model to compare), or OWNLM_HOME={settings.home} ownlm "
+                      f"serve, then `OWNLM_HOME={settings.home} ownlm token create {persona}` and open "
+                      f"http://127.0.0.1:{settings.port}/")
         result["probes"] = passed
         return result
 

@@ -127,6 +127,17 @@ class VersionConflict(OwnlmError):
     http_status = 409
 
 
+class Overloaded(OwnlmError):
+    """The node cannot start this generation now: as many are waiting as it allows, or the request's deadline
+    passed before its answer began. Answered 503 with a Retry-After header (`retry_after`, seconds)."""
+
+    http_status = 503
+
+    def __init__(self, message: str, hint: str | None = None, retry_after: int = 5):
+        super().__init__(message, hint)
+        self.retry_after = retry_after
+
+
 class Busy(OwnlmError):
     """Something that is already running for this user (a training job)."""
 
@@ -161,3 +172,10 @@ class QualityGateRefused(OwnlmError):
     """A trained model did not pass the quality gate; the previous model keeps serving."""
 
     http_status = 422
+
+
+class TrainedOnDeletedData(OwnlmError):
+    """A model whose recorded dataset holds data the user deleted (a replayed bundle, or a round that was
+    training while the delete happened): the right to delete refuses to install it."""
+
+    http_status = 409

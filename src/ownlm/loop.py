@@ -30,6 +30,7 @@ from ownlm.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapte
 from ownlm.errors import OwnlmError
 from ownlm.settings import Settings
 from ownlm.store import Store
+from ownlm.store.jobs import LEASE_S, PROCESS_OWNER, LeaseLost, owner_alive
 
 log = logging.getLogger(__name__)
 STAGES = ("dataset", "train", "compress", "gate", "bundle", "deploy")
@@ -41,8 +42,50 @@ class GateRefused(Exception):
         self.reason, self.figures = reason, figures
 
 
-def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable[[str], None] | None = None) -> dict:
-    """Run one round to its end; the job row says how it ended ('deployed', 'refused' or 'failed')."""
+class _Lease:
+    """Keeps this process's lease on a job alive from a background thread while the round runs."""
+
+    def __init__(self, store: Store, job_id: str, owner: str, lease_s: float = LEASE_S):
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"ownlm-lease-{job_id}")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                self.store.renew_job(self.job_id, self.owner, self.lease_s)
+            except LeaseLost:
+                return  # the round's next write raises LeaseLost too and ends it
+            except Exception:  # a busy store: try again at the next beat, the lease has room for three
+                log.warning("lease renewal of %s failed: %s", self.job_id, traceback.format_exc())
+
+    def __enter__(self) -> "_Lease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable[[str], None] | None = None,
+            owner: str = PROCESS_OWNER) -> dict:
+    """Run one round to its end; the job row says how it ended ('deployed', 'refused' or 'failed').
+
+    Only the process holding the job's lease runs it (store/jobs.py): if another one holds it, nothing is done
+    and the job is returned as it stands.
+    """
+    if not store.claim_job(job_id, owner):
+        return store.job(job_id)
+    with _Lease(store, job_id, owner):
+        try:
+            return _run_claimed(store, settings, job_id, on_deployed, owner)
+        except LeaseLost:
+            log.warning("job %s was taken over by another process; this one stops", job_id)
+            return store.job(job_id)
+
+
+def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, owner: str) -> dict:
     from ownlm.basemodel import load_base
     from ownlm.dataset import DatasetConfig, build, config_dict, tokenize
     from ownlm.train import TrainConfig, train
@@ -51,7 +94,11 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
     user = store.get_user(job["user_id"])
     cfg = settings.personalization
     work = settings.home / "jobs" / job_id
-    store.update_job(job_id, state="running", started_at=time.time(), stage="dataset", progress=0.0)
+
+    def update(**fields) -> None:  # every write of this round, only while we hold its lease
+        store.update_job(job_id, as_owner=owner, **fields)
+
+    update(state="running", started_at=time.time(), stage="dataset", progress=0.0)
     figures: dict = {}
     try:
         # 1. dataset (deterministic, so a resumed job rebuilds the same one and its training checkpoint fits)
@@ -62,7 +109,7 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
         dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10))
         built = build(conversations, feedback, base.tokenizer, dcfg)
         ds_id = store.save_dataset(user.id, built, config_dict(dcfg))
-        store.update_job(job_id, watermark=watermark, stage="train", progress=0.0)
+        update(watermark=watermark, stage="train", progress=0.0)
         train_ex, held_ex = tokenize(built.split("train"), base.tokenizer), tokenize(built.split("heldout"), base.tokenizer)
         if not held_ex:
             raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
@@ -77,27 +124,27 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
             if p.phase == "train" and p.total_steps:
                 live = {**figures, "live": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss,
                                             "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}}
-                store.update_job(job_id, progress=round(p.step / p.total_steps, 3), result=live)
+                update(progress=round(p.step / p.total_steps, 3), result=live)
 
         report = train(base, plan.examples, held_ex, tcfg, work / "train", progress=on_progress,
                        dataset={"id": ds_id, "merkle_root": built.merkle_root}, init_adapter=plan.init_adapter)
         figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
                        heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
                        tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
-        store.update_job(job_id, stage="compress", progress=0.0)
+        update(stage="compress", progress=0.0)
 
         # 3. compress, 4. gate
         from ownlm.gate import compress_adapter, judge
 
         delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
-        store.update_job(job_id, stage="gate", progress=0.0)
+        update(stage="gate", progress=0.0)
         verdict = judge(base, delta, held_ex, report, cfg)
         figures.update(verdict)
         if not verdict["passed"]:
             raise GateRefused(verdict["reason"], figures)
 
         # 5. bundle (signed with the user's key, sealed to this node), 6. deploy
-        store.update_job(job_id, stage="bundle", progress=0.0)
+        update(stage="bundle", progress=0.0)
         from ownlm.artifact.bundle import make_bundle
         from ownlm.node import install
 
@@ -110,27 +157,30 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
             recipient=store.node_key().public_json(), base_name=base.source.name,
             version=store.max_version(user.id) + 1, previous=latest[0]["id"] if latest else None,
         )
-        store.update_job(job_id, stage="deploy", progress=0.0)
+        update(stage="deploy", progress=0.0)
         res = install(store, settings, data, keep=cfg.keep_versions)
         figures.update(model_id=res.model_id, version=res.version, bundle_bytes=len(data),
                        artifact_bytes=sum(f["size"] for f in manifest["files"].values()) + len(json.dumps(manifest)))
         keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
             model_id=res.model_id, dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg), audit_mark=audit_mark))
-        store.update_job(job_id, state="deployed", stage=None, progress=1.0, finished_at=time.time(), result=figures,
+        update(state="deployed", stage=None, progress=1.0, finished_at=time.time(), result=figures,
                          reason=f"deployed {res.model_id}")
         with store.tx() as db:
             store.audit(db, user.id, "trained", job=job_id, dataset=ds_id, model=res.model_id, merkle_root=built.merkle_root)
         if on_deployed:
             on_deployed(user.id)
+    except LeaseLost:
+        raise  # another process owns the round now: write nothing, leave its work directory alone
     except GateRefused as e:
-        store.update_job(job_id, state="refused", finished_at=time.time(), result=e.figures or figures, reason=e.reason)
+        update(state="refused", finished_at=time.time(), result=e.figures or figures, reason=e.reason)
     except OwnlmError as e:
-        store.update_job(job_id, state="failed", finished_at=time.time(), result=figures, reason=str(e))
+        update(state="failed", finished_at=time.time(), result=figures, reason=str(e))
     except Exception as e:  # a bug: record it, keep the node serving
         log.error("job %s failed: %s", job_id, traceback.format_exc())
-        store.update_job(job_id, state="failed", finished_at=time.time(), result=figures, reason=f"internal error: {e!r}")
+        update(state="failed", finished_at=time.time(), result=figures, reason=f"internal error: {e!r}")
     finally:
-        if store.job(job_id)["state"] != "running":
+        job = store.job(job_id)
+        if job["state"] != "running" and job["owner"] == owner:
             shutil.rmtree(work, ignore_errors=True)
     return store.job(job_id)
 
@@ -168,15 +218,18 @@ class Scheduler:
         self.current: str | None = None
 
     def start(self) -> "Scheduler":
-        for job in self.store.open_jobs():  # a restart: resume what was running
-            if job["state"] == "running":
-                self.store.update_job(job["id"], state="queued", reason=(job["reason"] or "") + " (resumed after a restart)")
+        for job in self.store.open_jobs():  # a restart: resume what a process that is gone was running
+            if job["state"] == "running" and (not owner_alive(job["owner"]) or (job["lease_until"] or 0) < time.time()):
+                self.store.update_job(job["id"], state="queued", owner=None, lease_until=None,
+                                      reason=(job["reason"] or "") + " (resumed after a restart)")
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30) -> bool:
+        """Ask the loop to stop and wait up to `timeout` s; False if a round is still running (daemon thread)."""
         self._stop.set()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def due(self, now: float) -> list[str]:
         """Users whose interval has passed and who have enough new samples; schedules their next check."""

@@ -4,13 +4,21 @@ Every check happens before anything is written. Installation writes the files in
 (each fsynced), renames it into `home/models/<user id>/<model id>` (atomic on one filesystem), fsyncs the
 parent, and only then commits the registry row and the routing switch in one store transaction. A process
 killed at any point leaves the user routed to either the old or the new model, complete; leftovers of an
-interrupted install (temporary or unregistered directories) are removed by `recover`.
+interrupted install or removal are cleaned by `recover`, which never deletes a complete model it cannot
+account for.
+
+Nothing a bundle says becomes a path unchecked: the model id must match the pattern `make_bundle` produces
+(`MODEL_ID_RE`), and every directory is resolved and checked to lie in home/models/<user id>. A bundle is
+accepted only when signed by a key that may sign for its user (the user's own key, or a key trusted for that
+user with `ownlm trust add FILE --user NAME`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -18,15 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ownlm.artifact.bundle import MANIFEST, manifest_from_files
-from ownlm.artifact.manifest import check_files
+from ownlm.artifact.manifest import check_files, load_manifest
 from ownlm.artifact.seal import open_bundle
 from ownlm.artifact.sign import verify_manifest
 from ownlm.basemodel import base_sha256, resolve_base
 from ownlm.bitdelta.format import load_delta
 from ownlm.fsutil import PRIVATE_DIR, fsync_dir, mkdir_private, write_private
-from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, VersionConflict
+from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, TrainedOnDeletedData, VersionConflict
 from ownlm.settings import Settings
 from ownlm.store import Store
+from ownlm.store.models import model_relpath, resolve_model_path
+from ownlm.store.users import NAME_RE
+
+log = logging.getLogger(__name__)
+# Exactly the ids make_bundle writes: pm_YYYY_MM_DD_HH_MM_v<version> (artifact.manifest.build_manifest).
+MODEL_ID_RE = re.compile(r"^pm_[0-9]{4}(_[0-9]{2}){4}_v[0-9]{1,9}$")
+MAX_VERSION = 2**31 - 1
 
 # Failpoint for crash tests only: `OWNLM_FAULT_PAUSE=<stage>` makes an install stop at that stage (and wait to
 # be killed), so a test can SIGKILL a real process at each point of the install. Unset in normal use.
@@ -54,13 +69,21 @@ def models_root(settings: Settings, user_id: str) -> Path:
     return settings.home / "models" / user_id
 
 
+def model_dir(settings: Settings, user_id: str, name: str) -> Path:
+    """home/models/<user id>/<name>, checked to be a direct child of that directory (CorruptArtifact if not)."""
+    return resolve_model_path(settings.home, user_id, model_relpath(user_id, name))
+
+
 def _write_dir(tmp: Path, files: dict[str, bytes]) -> None:
     """Write the model files into the new directory `tmp`: 0700, files 0600 (a model is derived from the user's data)."""
     mkdir_private(tmp.parent)
     os.mkdir(tmp, PRIVATE_DIR)  # fails if it exists: a temporary name is never reused
     os.chmod(tmp, PRIVATE_DIR)
     for name, data in files.items():
-        write_private(tmp / name, data)
+        target = (tmp / name).resolve()
+        if target.parent != tmp.resolve():  # unpack_files refuses such names already; never write outside
+            raise CorruptArtifact(f"bundle file name {name!r} is not a plain file name", hint="rebuild the bundle")
+        write_private(target, data)
     fsync_dir(tmp)
 
 
@@ -77,19 +100,50 @@ class Verified:
     node_base: str
 
 
+def _manifest_fields(manifest: dict) -> tuple[str, str, int, str]:
+    """(model id, user name, version, delta base sha256) from an unverified manifest, each checked for shape
+    before it is used: the id becomes a directory name, the version a SQLite integer."""
+    try:
+        model, versioning = manifest["model"], manifest["versioning"]
+        model_id, user_name, version = model["id"], model["user"], versioning["version"]
+        delta_base, previous = model["base_sha256"], versioning["previous"]
+    except (KeyError, TypeError) as e:
+        raise CorruptArtifact(f"the manifest lacks a field ({e})", hint="rebuild the bundle with `ownlm bundle`") from None
+    if not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id):
+        raise CorruptArtifact(f"the manifest's model id {str(model_id)[:80]!r} is not of the form pm_YYYY_MM_DD_HH_MM_vN",
+                              hint="rebuild the bundle with `ownlm bundle`")
+    if not isinstance(user_name, str) or not NAME_RE.match(user_name):
+        raise CorruptArtifact(f"the manifest's user {str(user_name)[:80]!r} is not a user name",
+                              hint="rebuild the bundle with `ownlm bundle --user NAME`")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise CorruptArtifact(f"the manifest's version {str(version)[:40]!r} is not a whole number from 1 to {MAX_VERSION}",
+                              hint="rebuild the bundle with `ownlm bundle --version N`")
+    if previous is not None and not (isinstance(previous, str) and MODEL_ID_RE.match(previous)):
+        raise CorruptArtifact(f"the manifest's previous model {str(previous)[:80]!r} is not a model id",
+                              hint="rebuild the bundle with `ownlm bundle`")
+    if not isinstance(delta_base, str):
+        raise CorruptArtifact("the manifest's base_sha256 is not a string", hint="rebuild the bundle with `ownlm bundle`")
+    return model_id, user_name, version, delta_base
+
+
 def open_verified(store: Store, settings: Settings, bundle: bytes, *, expect_user_id: str | None = None) -> Verified:
-    """Open a sealed bundle for this node and check it: signature, file hashes, user, base. Writes nothing."""
+    """Open a sealed bundle for this node and check it: signature and signer's right to sign for the user,
+    file hashes, id and version, user, base. Writes nothing."""
     files = open_bundle(bundle, store.node_key())
     manifest = manifest_from_files(files)
-    signer = verify_manifest(manifest, store.trusted_signers())
+    if not isinstance(manifest, dict):
+        raise CorruptArtifact("the bundle's manifest is not a JSON object", hint="rebuild the bundle with `ownlm bundle`")
+    signer = verify_manifest(manifest, store.trusted_signers())  # authentic first: no field is trusted before
     payload = {k: v for k, v in files.items() if k != MANIFEST}
     check_files(manifest, payload)
-    try:
-        user = store.get_user(manifest["model"]["user"])
-        model_id, version = str(manifest["model"]["id"]), int(manifest["versioning"]["version"])
-        delta_base = manifest["model"]["base_sha256"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptArtifact(f"the manifest lacks a field ({e})", hint="rebuild the bundle with `ownlm bundle`") from None
+    model_id, user_name, version, delta_base = _manifest_fields(manifest)
+    user = store.get_user(user_name)
+    if signer not in store.signers_for(user.id):
+        # a key this node trusts, but not for this user (e.g. another user's own key): one user cannot
+        # install a model into another's account by signing it
+        raise AuthError(f"the model for user {user.name} is signed by key {signer}, which may not sign for {user.name}",
+                        hint=f"sign it with {user.name}'s own key, or trust the trainer's key for that user: "
+                             f"`ownlm trust add FILE --user {user.name}`")
     if expect_user_id is not None and user.id != expect_user_id:
         raise AuthError(f"this bundle is for user {user.name}", hint="deploy it with that user's token")
     node_base = base_sha256(resolve_base(settings.base), settings.home)
@@ -151,10 +205,11 @@ def _install_locked(store, settings, files, manifest, user, model_id, version, n
                 store.route(db, user.id, model_id)
                 store.audit(db, user.id, "rolled_back", model=model_id, version=version)
             return InstallResult(model_id, version, user.id, Path(existing["path"]), signer, time.perf_counter() - t0)
+    _check_not_trained_on_deleted(store, user, manifest, model_id)
     _failpoint("verified")
     root = models_root(settings, user.id)
-    tmp = root / f".tmp-{model_id}-{secrets.token_hex(4)}"
-    final = root / model_id
+    tmp = model_dir(settings, user.id, f".tmp-{model_id}-{secrets.token_hex(4)}")
+    final = model_dir(settings, user.id, model_id)
     _write_dir(tmp, files)
     try:
         load_delta(tmp, expect_base_sha256=node_base)  # the delta's own integrity and base, as installed
@@ -162,30 +217,86 @@ def _install_locked(store, settings, files, manifest, user, model_id, version, n
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _failpoint("written")
-    if final.exists():  # an unregistered leftover of an earlier interrupted install
+    if final.exists():  # unregistered (checked above): a leftover of an interrupted install of this same model
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
     _failpoint("renamed")
-    with store.tx() as db:
-        store.register_model(db, user.id, manifest, str(final), sum(len(b) for b in files.values()), signer, activate=True)
+    try:
+        with store.tx() as db:
+            # again inside the registering transaction: a delete commits either before it (then this refuses)
+            # or after it (then the delete sees this model and removes it)
+            _check_not_trained_on_deleted(store, user, manifest, model_id, db)
+            store.register_model(db, user.id, manifest, sum(len(b) for b in files.values()), signer, activate=True)
+    except TrainedOnDeletedData:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     _failpoint("routed")
     prune(store, settings, user.id, keep)
     return InstallResult(model_id, version, user.id, final, signer, time.perf_counter() - t0)
 
 
+def _complete_manifest(d: Path) -> dict | None:
+    """The manifest of `d` if it holds a whole installed model (the manifest names `d` and lists exactly the
+    other files, each with its sha256: what a finished install leaves), else None."""
+    try:
+        manifest = load_manifest(d / MANIFEST)
+        files = {p.name: p.read_bytes() for p in d.iterdir() if p.name != MANIFEST}
+        if not isinstance(manifest, dict) or manifest.get("model", {}).get("id") != d.name:
+            return None
+        check_files(manifest, files)
+        return manifest
+    except (OSError, CorruptArtifact, AttributeError, TypeError, KeyError):
+        return None
+
+
+def _holds_deleted(store: Store, user_id: str, manifest: dict, db=None) -> bool:
+    """Whether the model's recorded dataset (by its manifest's Merkle root) holds data the user deleted."""
+    dataset = manifest.get("dataset")
+    root_hash = dataset.get("merkle_root") if isinstance(dataset, dict) else None
+    return isinstance(root_hash, str) and bool(root_hash) and store.dataset_has_deleted_data(user_id, root_hash, db)
+
+
+def _check_not_trained_on_deleted(store: Store, user, manifest: dict, model_id: str, db=None) -> None:
+    """Refuse a model whose recorded dataset holds data the user deleted since: a round that was training
+    while the user deleted, or an old bundle replayed after the delete, must not bring the data back."""
+    if _holds_deleted(store, user.id, manifest, db):
+        raise TrainedOnDeletedData(
+            f"{model_id} was trained on conversations of {user.name} that were deleted since; it is not installed",
+            hint="train a new model on the data that remains (`ownlm train`)")
+
+
 def recover(store: Store, settings: Settings) -> list[Path]:
-    """Remove what an interrupted install left: temporary directories and directories no registry row names."""
-    registered = {Path(p) for (p,) in store.query("SELECT path FROM models")}
+    """Clean what an interrupted install or removal left in home/models; returns the directories removed.
+
+    Removed: `.tmp-*` directories (an install killed before its rename), unregistered directories that are not
+    a complete model, and unregistered models that the audit log says were deleted or pruned, or whose dataset
+    holds deleted data (a process killed between that commit and the removal of the files: the right to
+    delete must finish). Kept, with a warning: a complete model no registry row names and nothing says was
+    removed (say, a home restored from a store backup older than its models/). It is not served; deploying
+    its bundle again replaces it.
+    """
+    registered = set()
+    for uid, stored in store.query("SELECT user_id, path FROM models"):
+        try:
+            registered.add(resolve_model_path(settings.home, uid, stored))
+        except CorruptArtifact:
+            continue
+    removed_on_purpose = store.removed_models()
     removed = []
     base = settings.home / "models"
     for user_dir in base.glob("*") if base.exists() else []:
         if not user_dir.is_dir():
             continue
         for d in user_dir.iterdir():
-            if d.is_dir() and d not in registered:
+            if not d.is_dir() or d.resolve() in registered:
+                continue
+            manifest = None if d.name.startswith(".tmp-") else _complete_manifest(d)
+            if manifest is None or (user_dir.name, d.name) in removed_on_purpose or _holds_deleted(store, user_dir.name, manifest):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
+            else:
+                log.warning("kept %s: a complete model that no registry row names (not served)", d)
     return removed
 
 
@@ -197,7 +308,7 @@ def prune(store: Store, settings: Settings, user_id: str, keep: int) -> None:
         with store.tx() as db:
             db.execute("DELETE FROM models WHERE id = ? AND user_id = ?", (m["id"], user_id))
             store.audit(db, user_id, "model_pruned", model=m["id"], version=m["version"])
-        shutil.rmtree(m["path"], ignore_errors=True)
+        shutil.rmtree(m["path"], ignore_errors=True)  # resolved inside home/models/<user id> by the store
 
 
 def rollback(store: Store, user_id: str, target: str | None = None) -> dict | None:

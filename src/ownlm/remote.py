@@ -14,7 +14,8 @@ In order, and nothing is sent before its check passes:
    HPKE to the trainer's key, the transfer is written to the audit log (destination, Merkle root, example
    count — never content), and sent;
 6. the returned bundle is audited and verified (`node.open_verified`): it must be signed by a key this node
-   trusts (`store.trust(trainer's PEM)`), sealed to this node, for this user and base;
+   trusts for this user (`store.trust(trainer's PEM, user_id=...)`, `ownlm trust add FILE --user NAME`),
+   sealed to this node, for this user and base;
 7. the quality gate runs on the node (`gate.judge_bundle`: held-out NLL against the base, drift, fidelity
    against the LoRA loss the trainer signed); a refusal raises QualityGateRefused and installs nothing;
    otherwise `node.install_verified` installs it. Remote rounds always train from scratch (the trainer keeps nothing).
@@ -182,6 +183,11 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
                            store.max_version(user.id) + 1, latest[0]["id"] if latest else None)
         sealed = seal({"job.json": json.dumps(doc, ensure_ascii=False).encode()}, trainer_pub)
         del doc
+        # The dataset is recorded like a local round's: the model that comes back names its Merkle root, and
+        # the right to delete finds through it which conversations the model learned (Store.delete_data).
+        from ownlm.dataset import config_dict
+
+        store.save_dataset(user.id, built, config_dict(built.config))
         with store.tx() as db:  # recorded before sending: if anything left the machine, the log says so
             store.audit(db, user.id, "remote_training_sent", merkle_root=built.merkle_root,
                         examples=len(built.examples), bytes=len(sealed), **detail)

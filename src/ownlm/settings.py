@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; default: the number of physical cores."
     )
-    user: str = Field(default="me", description="The user that CLI commands act for on this node.")
+    user: str | None = Field(
+        default=None, description="The user that CLI commands act for; default: the home's only user "
+        "(a home with several users needs --user, OWNLM_USER or this setting).")
     host: str = Field(default="127.0.0.1", description="Address `ownlm serve` binds to.")
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
     personalization: Personalization = Field(
@@ -120,6 +122,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."
     )
+    generation_timeout_s: float = Field(
+        default=300, gt=0, le=86400,
+        description="Deadline of one generation request (HTTP or WebSocket turn) in seconds, waiting for the model "
+        "included. Past it the answer ends with finish_reason 'length'; if it had not begun, 503 Overloaded.")
+    max_queued_generations: int = Field(
+        default=8, ge=0, le=1000,
+        description="Generations that may wait while one runs; more are refused at once with 503 Overloaded "
+        "and a Retry-After header.")
 
     @field_validator("home")
     @classmethod

@@ -16,7 +16,8 @@ log line with content. (Overwriting is best effort on SSDs and copy-on-write fil
 belongs on an encrypted volume, or in a TEE's encrypted memory/disk under tier 2.)
 
 The trainer's keys live in `home/trainer/keys.json` (0600): an HPKE key pair (ML-KEM-768 + X25519, like a
-node's) for jobs, and an Ed25519 signing key whose public PEM the node must trust (`ownlm trust add`).
+node's) for jobs, and an Ed25519 signing key whose public PEM the node must trust for each user it trains
+(`ownlm trust add FILE --user NAME`).
 """
 
 from __future__ import annotations

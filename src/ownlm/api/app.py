@@ -196,7 +196,9 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
 
     @app.exception_handler(OwnlmError)
     async def _ownlm_error(request: Request, exc: OwnlmError) -> JSONResponse:
-        return JSONResponse(error_body(type(exc).__name__, exc.message, exc.hint), status_code=exc.http_status)
+        retry = getattr(exc, "retry_after", None)  # Overloaded: when to try again, in seconds
+        return JSONResponse(error_body(type(exc).__name__, exc.message, exc.hint), status_code=exc.http_status,
+                            headers={"Retry-After": str(retry)} if retry is not None else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.fields import StrictInt
 from ownlm.api.spec import errors
 from ownlm.privacy import TIERS, set_tier
 
@@ -51,7 +52,7 @@ def _job(j: dict | None) -> dict | None:
 
 
 class PrivacyBody(BaseModel):
-    tier: int = Field(ge=0, le=3, description="; ".join(f"{k}: {v}" for k, v in TIERS.items()))
+    tier: StrictInt = Field(ge=0, le=3, description="; ".join(f"{k}: {v}" for k, v in TIERS.items()))
     confirm: bool = Field(default=False, description="required to lower the tier (towards 0)")
 
 

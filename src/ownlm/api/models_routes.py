@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.fields import Text
 from ownlm.api.spec import errors
 
 router = APIRouter(prefix="/api/personalization", tags=["models"])
@@ -33,7 +34,7 @@ async def deploy(request: Request, user: UserDep, store: StoreDep, rollback: boo
 
 @router.get("/models")
 def models(user: UserDep, store: StoreDep) -> dict:
-    trusted = store.trusted_signers()
+    trusted = store.signers_for(user.id)  # keys that may sign for this user, now
     out = []
     for m in store.models(user.id):
         t = m["manifest"].get("training", {})
@@ -44,7 +45,7 @@ def models(user: UserDep, store: StoreDep) -> dict:
 
 
 class RollbackBody(BaseModel):
-    target: str | None = Field(default=None, description="version, model id or 'base'; default: the previous version")
+    target: Text | None = Field(default=None, max_length=200, description="version, model id or 'base'; default: the previous version")
 
 
 @router.post("/rollback", responses=errors(404))

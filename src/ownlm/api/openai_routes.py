@@ -1,40 +1,53 @@
 """OpenAI-compatible endpoints: GET /v1/models and POST /v1/chat/completions (streaming SSE or not).
 
 Every exchange is captured: the request's messages plus the answer, for the authenticated user, once the
-answer is complete. Clients re-send the whole history with each request; the store's hash chain keeps only
-what is new.
+answer is complete. Clients re-send the whole history with each request; the store keeps only what is new,
+and a history with no assistant message yet opens a new conversation (Store.capture_live). The answer's
+`ownlm` field holds the stored ids, or `error` when the exchange could not be stored.
+
+A client that hangs up stops its generation: a non-streaming request is watched for the disconnect while it
+generates, and a stream's response cancels its generation however it ends. Nothing is stored for a client
+that left. Each request has the node's deadline (settings.generation_timeout_s).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
+from ownlm.api.app import error_body
 from ownlm.api.deps import EngineDep, StoreDep, UserDep
+from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.spec import errors
-from ownlm.engine import GenerationParams
-from ownlm.errors import NotFound
+from ownlm.engine import GenerationParams, GenerationStream
+from ownlm.errors import NotFound, OwnlmError
 from ownlm.store import NewMessage
 
+CLIENT_GONE = 499  # what a request whose client hung up "answers" (nobody reads it; it shows in access logs)
+
 router = APIRouter(tags=["openai"])
+log = logging.getLogger(__name__)
 USER_MODEL = "ownlm"  # the caller's own model: personal once one is deployed, else the base
 
 
 class TextPart(BaseModel):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -53,14 +66,14 @@ class ChatRequest(BaseModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    temperature: FiniteFloat = Field(default=0.7, ge=0, le=2)
+    top_p: FiniteFloat = Field(default=1.0, gt=0, le=1)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
 
-    def params(self) -> GenerationParams:
+    def params(self, timeout_s: float | None = None) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return GenerationParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or 256,
@@ -68,6 +81,7 @@ class ChatRequest(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=stop,
+            timeout_s=timeout_s,
         )
 
 
@@ -97,23 +111,36 @@ CHAT_RESPONSES = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=CHAT_RESPONSES)
-def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: EngineDep):
+async def chat_completions(req: ChatRequest, request: Request, user: UserDep, store: StoreDep, engine: EngineDep):
     if req.model is not None and req.model not in served_models(engine):
         raise NotFound(f"model {req.model!r} is not served here", hint=f"use one of {served_models(engine)}")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    params = req.params()
-    stream = start(engine, messages, params, user.id, req.model)  # validates roles and parameters first
+    params = req.params(timeout_s=request.app.state.settings.generation_timeout_s)
+    # validates roles and parameters first; templating a long history is CPU work, so not on the event loop
+    stream = await run_in_threadpool(start, engine, messages, params, user.id, req.model)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL
 
     def record(answer: str) -> dict:
+        """Capture the exchange; returns the `ownlm` field of the answer. Never raises: the answer exists (a
+        stream's status line is long sent), so a failed capture is logged and reported, not a cut stream or a 500."""
         history = [NewMessage(m["role"], m["content"]) for m in messages]
         history.append(NewMessage("assistant", answer, model=_answered_by(stream, engine)))
-        res = store.submit(lambda db: store.capture(user.id, history, source="api", seed="live", db=db)).result()
+        try:
+            res = store.submit(lambda db: store.capture_live(user.id, history, source="api", history=len(messages), db=db)).result()
+        except Exception as e:
+            log.exception("storing a chat completion of user %s failed", user.id)
+            if isinstance(e, OwnlmError):
+                return error_body(type(e).__name__, f"the answer was not stored: {e.message}", e.hint)
+            return error_body("StoreError", "the answer was not stored (the node's log says why)",
+                              "the answer itself is complete; check the node's disk and log")
         return {"conversation_id": res.conversation_id, "message_id": res.message_ids[-1]}
 
+    pieces = stream.apieces()
     if not req.stream:
-        answer = stream.text()
-        ids = record(answer)
+        answer = "".join(await _while_connected(request, stream, _collect(pieces)))
+        if stream.finish_reason == "cancelled":
+            return Response(status_code=CLIENT_GONE)
+        ids = await run_in_threadpool(record, answer)
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": stream.finish_reason}],
@@ -121,28 +148,79 @@ def chat_completions(req: ChatRequest, user: UserDep, store: StoreDep, engine: E
             "ownlm": ids,
         }
 
-    def events() -> Iterator[str]:
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
+    # The response starts with the answer's first piece, so a refusal (Overloaded: line full, deadline) is an
+    # HTTP status rather than a cut 200 stream.
+    first = await _while_connected(request, stream, anext(pieces, None))
+    if stream.finish_reason == "cancelled":
+        return Response(status_code=CLIENT_GONE)
 
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
         parts: list[str] = []
-        it = iter(stream)
+        yield chunk({"role": "assistant", "content": ""})
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in it:
-                parts.append(piece)
-                yield chunk({"content": piece})
-            ids = record("".join(parts))  # committed before the client sees the end of the stream
-            yield chunk({}, stream.finish_reason, usage=_usage(stream), ownlm=ids)
-            yield "data: [DONE]\n\n"
-        finally:
-            close = getattr(it, "close", None)
-            if close:
-                close()  # a client that hung up must not keep the engine busy
+            if first is not None:
+                parts.append(first)
+                yield chunk({"content": first})
+                async for piece in pieces:
+                    parts.append(piece)
+                    yield chunk({"content": piece})
+            ids = await run_in_threadpool(record, "".join(parts))  # committed before the client sees the end
+        except OwnlmError as e:  # after the response began (the node shutting down): said in the stream
+            yield f"data: {json.dumps(error_body(type(e).__name__, e.message, e.hint))}\n\n"
+            return
+        yield chunk({}, stream.finish_reason, usage=_usage(stream), ownlm=ids)
+        yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return GenerationResponse(stream, events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class GenerationResponse(StreamingResponse):
+    """A streamed answer that cancels its generation however the response ends: done, client gone (Starlette
+    cancels the sending task), or server shutdown. The generator's own `finally` cannot be relied on for this:
+    a cancelled response leaves it suspended until garbage collection."""
+
+    def __init__(self, stream: GenerationStream, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.generation = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+
+
+async def _collect(pieces: AsyncIterator[str]) -> list[str]:
+    return [p async for p in pieces]
+
+
+async def _while_connected(request: Request, stream: GenerationStream, work: Awaitable):
+    """Await `work`; if the client hangs up meanwhile, cancel `stream` (its generation stops at its next step,
+    and `work` sees the stream end with finish_reason 'cancelled')."""
+
+    async def cancel_when_gone() -> None:
+        # the body has been read, so the next message is the disconnect (or the end of the response)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    result, error = None, None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_when_gone)
+        try:
+            result = await work
+        except Exception as e:  # re-raised below as itself, not wrapped in the task group's ExceptionGroup
+            error = e
+        finally:
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 def _answered_by(stream, engine) -> str:

@@ -6,46 +6,50 @@ import asyncio
 import os
 import shutil
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownlm.api.deps import StoreDep, UserDep
+from ownlm.api.fields import SQL_INT_MAX, StrictInt, Text, Thumbs, UnixTime
 from ownlm.api.spec import errors
 from ownlm.errors import InvalidInput, OwnlmError
 from ownlm.store import NewMessage
 
 router = APIRouter(prefix="/api/personalization", tags=["personalization"])
+UNPACK_FACTOR = 32  # an uploaded .zip export may unpack to this many times the body limit (256 MiB by default)
 
 
 class InteractionMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
-    model: str | None = None
-    timestamp: float | None = Field(default=None, description="unix seconds; default: when received")
+    content: Text = Field(max_length=1_000_000)
+    model: Text | None = None
+    timestamp: UnixTime | None = Field(default=None, description="unix seconds (UTC); default: when received")
 
 
 class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    thumbs: Literal[-1, 1] | None = None
-    rating: int | None = Field(default=None, ge=1, le=5)
-    edited_content: str | None = Field(default=None, description="a better reply, written by the user")
-    comment: str | None = None
+    thumbs: Thumbs | None = None
+    rating: StrictInt | None = Field(default=None, ge=1, le=5)
+    edited_content: Text | None = Field(default=None, description="a better reply, written by the user")
+    comment: Text | None = None
 
 
 class InteractionFeedback(Feedback):
-    message_index: int | None = Field(default=None, description="index into messages; default: the last assistant message")
+    message_index: StrictInt | None = Field(
+        default=None, ge=0, description="index into messages; default: the last assistant message"
+    )
 
 
 class Interaction(BaseModel):
     """One interaction as the seed's collector sees it: the conversation so far, its context, feedback."""
 
     model_config = ConfigDict(extra="forbid")
-    conversation_id: str | None = Field(
+    conversation_id: Text | None = Field(
         default=None, max_length=200,
         description="the client's own id for this conversation; messages are deduplicated within it",
     )
@@ -55,14 +59,13 @@ class Interaction(BaseModel):
 
 
 class MessageFeedback(Feedback):
-    message_id: str
+    message_id: Text = Field(max_length=200)
 
 
 @router.post("/interactions")
 async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
     """Store an interaction; re-sending the same messages stores nothing new. Acknowledged = committed."""
     msgs = [NewMessage(m.role, m.content, m.timestamp, m.model) for m in body.messages]
-    seed = f"client:{body.conversation_id}" if body.conversation_id else "live"
     fb, idx = body.feedback, None
     if fb is not None:  # check the feedback before anything is stored: the request is stored whole or not at all
         idx = fb.message_index
@@ -74,10 +77,16 @@ async def collect(body: Interaction, user: UserDep, store: StoreDep) -> dict:
             raise InvalidInput(f"feedback.message_index={idx} is outside messages (0..{len(msgs) - 1})")
 
     def write(db) -> dict:
-        res = store.capture(
-            user.id, msgs, source="interactions", seed=seed, external_id=body.conversation_id, context=body.context, db=db
-        )
-        out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added, "duplicates": res.duplicates}
+        if body.conversation_id:
+            res = store.capture(user.id, msgs, source="interactions", seed=f"client:{body.conversation_id}",
+                                external_id=body.conversation_id, context=body.context, db=db)
+        else:  # no id: a new chat, or the one whose stored messages it repeats (store.capture_live)
+            res = store.capture_live(user.id, msgs, source="interactions", context=body.context, db=db)
+        out = {"conversation_id": res.conversation_id, "message_ids": res.message_ids, "added": res.added,
+               "duplicates": res.duplicates, "deleted": res.deleted}
+        if fb is not None and res.message_ids[idx] is None:
+            raise InvalidInput(f"feedback.message_index={idx} names a message you deleted earlier",
+                               hint="give feedback on a message that is still stored")
         if fb is not None:
             out["feedback_id"] = store.add_feedback(
                 user.id, res.message_ids[idx], thumbs=fb.thumbs, rating=fb.rating,
@@ -99,7 +108,8 @@ def feedback(body: MessageFeedback, user: UserDep, store: StoreDep) -> dict:
 
 
 @router.get("/conversations")
-def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+def conversations(user: UserDep, store: StoreDep, limit: int = Query(50, ge=1, le=500),
+                  offset: int = Query(0, ge=0, le=SQL_INT_MAX)) -> dict:
     return {"conversations": store.list_conversations(user.id, limit, offset), "totals": store.stats(user.id)}
 
 
@@ -115,6 +125,7 @@ def audit(user: UserDep, store: StoreDep, limit: int = Query(100, ge=1, le=1000)
 
 @router.post("/import")
 def import_export(
+    request: Request,
     user: UserDep,
     store: StoreDep,
     file: UploadFile = File(..., description="a chat-history export (ChatGPT, Claude, llm logs.db, ShareGPT, ...)"),
@@ -131,7 +142,8 @@ def import_export(
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(file.file, out)
         try:
-            result = parse_file(tmp, format or None)
+            limit = UNPACK_FACTOR * request.app.state.settings.max_body_bytes  # what a .zip may unpack to
+            result = parse_file(tmp, format or None, max_unpacked=limit)
         except OwnlmError as e:  # the messages name the temp file; the user knows their file by its name
             e.message = e.message.replace(tmp, name)
             raise
@@ -146,7 +158,16 @@ def import_export(
 
 
 def _before(before: datetime | None) -> float | None:
-    return before.timestamp() if before else None
+    """Unix seconds of a `before` date. A date without a time zone is UTC, like every time the store keeps
+    (read as local time it would depend on the node's zone, and year 1 would overflow)."""
+    if before is None:
+        return None
+    if before.tzinfo is None:
+        before = before.replace(tzinfo=timezone.utc)
+    try:
+        return before.timestamp()
+    except (OverflowError, ValueError, OSError):  # aware dates convert exactly; kept so no date can 500
+        raise InvalidInput(f"before={before.isoformat()} is out of range", hint="give a date between years 1 and 9999") from None
 
 
 @router.get("/delete-preview", responses=errors(404))
@@ -156,17 +177,27 @@ def delete_preview(
     before: datetime | None = Query(None, description="as DELETE /data"),
     conversation_id: str | None = Query(None, description="as DELETE /data"),
 ) -> dict:
-    """What DELETE /data with the same parameters would remove (counts only; nothing is changed)."""
+    """What DELETE /data with the same parameters would remove (counts, and the ids of the models trained on
+    that data; nothing is changed)."""
     return {"would_delete": store.delete_preview(user.id, before=_before(before), conversation_id=conversation_id)}
 
 
 @router.delete("/data", responses=errors(404))
 def delete_data(
+    request: Request,
     user: UserDep,
     store: StoreDep,
-    before: datetime | None = Query(None, description="delete messages created before this time (ISO 8601)"),
+    before: datetime | None = Query(
+        None, description="delete messages created before this time (ISO 8601; without a time zone: UTC)"
+    ),
     conversation_id: str | None = Query(None, description="delete only this conversation"),
+    keep_models: bool = Query(False, description="keep the installed models trained on the deleted data "
+                                                 "(default: they are removed and the user served by an earlier model or the base)"),
 ) -> dict:
-    """Right to delete: everything (no parameters), messages before a date, or one conversation."""
-    return {"deleted": store.delete_data(user.id, before=_before(before), conversation_id=conversation_id)}
-
+    """Right to delete: everything (no parameters), messages before a date, or one conversation — and the
+    models trained on it (`deleted.models_removed`), unless `keep_models` (`deleted.models_kept`)."""
+    res = store.delete_data(user.id, before=_before(before), conversation_id=conversation_id, keep_models=keep_models)
+    reload = getattr(request.app.state, "on_model_change", None)
+    if res["models_removed"] and reload:
+        reload(user.id)  # the engine stops serving the removed models now
+    return {"deleted": res}

@@ -8,7 +8,8 @@ Protocol (JSON text frames):
             {"type": "token", "content": "..."}                  zero or more
             {"type": "done", "message_id", "finish_reason", "completion_tokens"}   the answer is stored
             {"type": "error", "error": {type, message, hint}}    the connection stays open
-Auth: `Authorization: Bearer` header, or `?token=` (browsers cannot set headers on WebSockets).
+Auth: `Authorization: Bearer` header, or `?token=` (browsers cannot set headers on WebSockets). A bad or
+revoked token: the socket is closed at once with code 4401.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.app import error_body
 from ownlm.api.deps import bearer
+from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.openai_routes import _answered_by, start
 from ownlm.engine import GenerationParams
 from ownlm.errors import InvalidInput, ModelUnavailable, OwnlmError
@@ -31,14 +33,14 @@ router = APIRouter()
 
 
 class WsMessage(BaseModel):
-    content: str | None = Field(default=None, max_length=200_000, description="the question; not with reply_to")
-    conversation_id: str | None = None
-    max_tokens: int = Field(default=256, ge=1, le=32768)
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    seed: int | None = None
-    model: str | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
-    after: str | None = Field(default=None, description="continue the conversation after this message (default: latest)")
-    reply_to: str | None = Field(default=None, description="answer this user message again; no new message is stored")
+    content: Text | None = Field(default=None, max_length=200_000, description="the question; not with reply_to")
+    conversation_id: Text | None = None
+    max_tokens: StrictInt = Field(default=256, ge=1, le=32768)
+    temperature: FiniteFloat = Field(default=0.7, ge=0, le=2)
+    seed: Seed | None = None
+    model: Text | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
+    after: Text | None = Field(default=None, description="continue the conversation after this message (default: latest)")
+    reply_to: Text | None = Field(default=None, description="answer this user message again; no new message is stored")
 
 
 @router.websocket("/ws/chat")
@@ -48,7 +50,10 @@ async def ws_chat(ws: WebSocket) -> None:
     try:
         user = await run_in_threadpool(store.user_for_token, token)
     except OwnlmError as e:
-        await ws.close(code=4401, reason=e.message)
+        # Accept, then close with 4401: a close before accept is an HTTP 403 that a browser reports only as
+        # 1006, so the page could not tell a bad token from a lost connection. Nothing is read or sent.
+        await ws.accept()
+        await ws.close(code=4401, reason=e.message[:120])  # a close reason holds at most 123 bytes
         return
     await ws.accept()
     try:
@@ -67,6 +72,8 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         raise ModelUnavailable("this node runs without a model (capture only)")
     try:
         msg = WsMessage.model_validate(json.loads(raw))
+    except RecursionError:
+        raise InvalidInput("bad message: its JSON nests too deep", hint='send {"content": "..."}') from None
     except (ValueError, ValidationError) as e:
         raise InvalidInput(f"bad message: {str(e).splitlines()[0]}", hint='send {"content": "..."}') from None
     if msg.reply_to:
@@ -74,13 +81,17 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
     else:
         conversation_id, user_msg, history = await run_in_threadpool(_store_question, store, user.id, msg)
     await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg})
-    params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed)
+    params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed,
+                              timeout_s=ws.app.state.settings.generation_timeout_s)
     prompt = [{"role": h["role"], "content": h["content"]} for h in history]
-    stream = start(engine, prompt, params, user.id, msg.model)
+    stream = await run_in_threadpool(start, engine, prompt, params, user.id, msg.model)
     parts = []
-    async for piece in iterate_in_threadpool(iter(stream)):
-        parts.append(piece)
-        await ws.send_json({"type": "token", "content": piece})
+    try:
+        async for piece in stream.apieces():
+            parts.append(piece)
+            await ws.send_json({"type": "token", "content": piece})
+    finally:
+        stream.cancel()  # a socket closed mid-answer (send raised) must not leave the generation running
     answer = NewMessage("assistant", "".join(parts), model=_answered_by(stream, engine))
     res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
     await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,

@@ -67,13 +67,14 @@ def sign_manifest(manifest: dict, private_key) -> dict:
 def verify_manifest(manifest: dict, trusted: dict[str, object]) -> str:
     """Check the signature against `trusted` (key id -> public key). Returns the signer's key id."""
     sig = manifest.get("signature")
-    if not isinstance(sig, dict) or not {"alg", "key_id", "value"} <= set(sig):
+    if not isinstance(sig, dict) or not {"alg", "key_id", "value"} <= set(sig) or not all(
+            isinstance(sig[k], str) for k in ("alg", "key_id", "value")):
         raise SignatureError("the manifest is not signed", hint="sign it with `ownlm bundle` on the trainer")
     pub = trusted.get(sig["key_id"])
     if pub is None:
         raise SignatureError(
             f"the model was signed by key {sig['key_id']}, which this node does not trust",
-            hint="add the trainer's public key with `ownlm trust add FILE`",
+            hint="trust the trainer's public key for the user: `ownlm trust add FILE --user NAME`",
         )
     if alg_of(pub) != sig["alg"]:
         raise SignatureError(f"signature algorithm {sig['alg']} does not match trusted key {sig['key_id']}")

@@ -23,8 +23,22 @@ class Context:
     def settings(self, **overrides: object) -> Settings:
         return load_settings(home=self.home, **overrides)
 
+    @staticmethod
+    def user(store, settings: Settings, create: bool = False):
+        """The user the command acts for (`--user`, OWNLM_USER, settings.toml, else the home's only user).
+
+        `create`: commands that bring data (import, chat) create a missing user, as `ownlm token create` does.
+        """
+        return store.resolve_user(settings.user, settings.personalization.privacy_tier if create else None)
+
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def user_option(f):
+    """--user, the same on every command that acts on one user's data."""
+    return click.option("--user", metavar="NAME",
+                        help="Whose data (default: the home's only user; or set OWNLM_USER).")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

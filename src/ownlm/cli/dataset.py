@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli import Context, cli, pass_ctx, user_option
 from ownlm.cli.model import console
 from ownlm.cli.store import cli_store
 from ownlm.errors import InvalidInput
@@ -21,7 +21,7 @@ def dataset() -> None:
 
 
 @dataset.command("build")
-@click.option("--user", help="Whose conversations (default: the settings' user).")
+@user_option
 @click.option("--max-seq-len", type=int, default=512, show_default=True, help="Tokens per example, template included.")
 @click.option("--heldout", type=float, default=0.15, show_default=True, help="Share of conversations held out.")
 @click.option("--min-examples", type=int, default=10, show_default=True, help="Refuse to build with fewer.")
@@ -37,7 +37,7 @@ def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact
     cfg = DatasetConfig(max_seq_len=max_seq_len, heldout_fraction=heldout, min_examples=min_examples,
                         redact=redact, context_variants=variants)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         conversations, feedback = store.training_view(u.id)
         if not conversations:
             raise InvalidInput(f"{u.name} has no stored conversations", hint="import a history (`ownlm import`) or chat first")
@@ -52,13 +52,13 @@ def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact
 
 
 @dataset.command("list")
-@click.option("--user", help="Whose datasets.")
+@user_option
 @pass_ctx
 def dataset_list(ctx: Context, user) -> None:
     """List the user's datasets, newest first."""
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        rows = store.list_datasets(store.get_user(settings.user).id)
+        rows = store.list_datasets(ctx.user(store, settings).id)
     table = Table("id", "created", "train", "held-out", "merkle root")
     for r in rows:
         table.add_row(r["id"], datetime.fromtimestamp(r["created_at"]).isoformat(" ", "seconds"),
@@ -74,7 +74,7 @@ def audit() -> None:
 @audit.command("prove")
 @click.argument("example", type=int)
 @click.option("--dataset", "dataset_id", help="Dataset id (default: the latest).")
-@click.option("--user", help="Whose dataset.")
+@user_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the proof here (default: stdout).")
 @pass_ctx
 def audit_prove(ctx: Context, example: int, dataset_id, user, out) -> None:
@@ -83,7 +83,7 @@ def audit_prove(ctx: Context, example: int, dataset_id, user, out) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         info = store.dataset_info(u.id, dataset_id)
         rows = store.dataset_examples(u.id, info["id"])
     if not 0 <= example < len(rows):
@@ -119,14 +119,14 @@ def audit_verify(proof_file: Path, root: str | None) -> None:
 
 
 @audit.command("log")
-@click.option("--user", help="Whose events (default: the settings' user).")
+@user_option
 @click.option("--limit", type=int, default=50, show_default=True)
 @pass_ctx
 def audit_log(ctx: Context, user, limit) -> None:
     """What happened to the user's data: imports, datasets, training, deletions (never content)."""
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        events = store.audit_log(store.get_user(settings.user).id, limit)
+        events = store.audit_log(ctx.user(store, settings).id, limit)
     table = Table("when", "action", "detail")
     for e in events:
         table.add_row(datetime.fromtimestamp(e["at"]).isoformat(" ", "seconds"), e["action"], json.dumps(e["detail"]))

@@ -9,13 +9,13 @@ from datetime import datetime
 import click
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli import Context, cli, pass_ctx, user_option
 from ownlm.cli.model import console
 from ownlm.cli.store import cli_store
 
 
 @cli.command("train")
-@click.option("--user", help="Whose model (default: the settings' user).")
+@user_option
 @click.option("--max-steps", type=int, help="Cap on optimizer steps.")
 @click.option("--time-budget", type=float, help="Cap on training seconds.")
 @click.option("--epochs", type=int, help="Passes over the data.")
@@ -27,6 +27,7 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
     import threading
 
     from ownlm.loop import run_job
+    from ownlm.store.jobs import PROCESS_OWNER
 
     settings = ctx.settings(user=user)
     overrides = {k: v for k, v in {"max_steps": max_steps, "time_budget_s": time_budget, "epochs": epochs}.items() if v}
@@ -35,13 +36,14 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
         from ownlm.remote import remote_round
 
         with cli_store(settings) as store:
-            built, res = remote_round(store, settings, store.get_user(settings.user))
+            built, res = remote_round(store, settings, ctx.user(store, settings))
         console.print(f"remote round: {len(built.examples)} redacted examples sent; installed {res.model_id} "
                       f"(version {res.version}, signed by {res.signer}) after it passed the quality gate on this node.")
         return
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
-        job_id = store.enqueue_job(u.id, "requested on the command line")
+        u = ctx.user(store, settings)
+        # reserved for this process: a node serving the same home must not start it too
+        job_id = store.enqueue_job(u.id, "requested on the command line", owner=PROCESS_OWNER)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(run_job(store, settings, job_id)))
         worker.start()
@@ -75,13 +77,13 @@ def _print_result(job: dict) -> None:
 
 
 @cli.command()
-@click.option("--user", help="Whose status (default: the settings' user).")
+@user_option
 @pass_ctx
 def status(ctx: Context, user) -> None:
     """Samples since the last model, the next check, the running or last round and why it ended."""
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         since, nxt, jobs, active = store.samples_since(u.id), store.next_run_at(u.id), store.jobs(u.id, 5), store.active_model(u.id)
     cfg = settings.personalization
     console.print(f"user {u.name}: privacy tier {u.privacy_tier}; serving {active['id'] if active else 'the base model'}")
@@ -98,7 +100,7 @@ def privacy() -> None:
 
 
 @privacy.command("show")
-@click.option("--user", help="Whose tier.")
+@user_option
 @pass_ctx
 def privacy_show(ctx: Context, user) -> None:
     """Show the tier and what each tier means."""
@@ -106,7 +108,7 @@ def privacy_show(ctx: Context, user) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
     for tier, meaning in TIERS.items():
         console.print(f"{'●' if tier == u.privacy_tier else ' '} {tier}  {meaning}")
 
@@ -114,7 +116,7 @@ def privacy_show(ctx: Context, user) -> None:
 @privacy.command("set")
 @click.argument("tier", type=click.IntRange(0, 3))
 @click.option("--confirm", is_flag=True, help="Required to lower the tier (let data go further).")
-@click.option("--user", help="Whose tier.")
+@user_option
 @pass_ctx
 def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
     """Set the privacy tier (recorded in the audit log)."""
@@ -122,7 +124,7 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        res = set_tier(store, store.get_user(settings.user), tier, confirm)
+        res = set_tier(store, ctx.user(store, settings), tier, confirm)
     console.print(f"privacy tier {res['previous']} → {res['tier']}: {res['meaning']}")
 
 
@@ -147,7 +149,7 @@ def demo(ctx: Context, persona: str, time_budget: float, lr: float) -> None:
 
 @cli.command("eval")
 @click.option("--model", "model", help="Version or id of the model (default: the active one).")
-@click.option("--user", help="Whose model (default: the settings' user).")
+@user_option
 @click.option("--quick", is_flag=True, help="Skip the general-ability benchmarks (WikiText-2, ARC-Easy).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of held-out loss per version.")
@@ -158,7 +160,7 @@ def eval_cmd(ctx: Context, model, user, quick, as_json, plot) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         report, extras = evaluate_user(store, settings, u, model, quick,
                                        progress=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
     if plot:

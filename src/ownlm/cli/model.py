@@ -1,4 +1,4 @@
-"""`ownlm info` and `ownlm chat`: the base model, the device and a conversation with the model."""
+"""`ownlm info` and `ownlm chat`: the base model, the device and a conversation with the user's model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ownlm import __version__
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli import Context, cli, pass_ctx, user_option
 
 console = Console()
 
@@ -68,45 +68,70 @@ def info(ctx: Context, base: str | None, device: str | None, no_load: bool) -> N
 @cli.command()
 @click.argument("prompt", required=False)
 @model_options
+@user_option
+@click.option("--base-model", is_flag=True, help="Answer with the base model instead of your personal model (to compare).")
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True, help="New tokens at most.")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (same seed, same answer).")
 @click.option("--system", help="System prompt.")
 @pass_ctx
-def chat(ctx: Context, prompt: str | None, base, device, max_tokens, temperature, top_p, seed, system) -> None:
-    """Stream an answer to PROMPT; without PROMPT, chat interactively (empty line or Ctrl-D ends)."""
-    from ownlm.engine import GenerationParams, TorchEngine
+def chat(ctx: Context, prompt: str | None, base, device, user, base_model, max_tokens, temperature, top_p, seed,
+         system) -> None:
+    """Chat with your personal model (the base until one is deployed): answer PROMPT, or without PROMPT chat
+    interactively (empty line or Ctrl-D ends). Every exchange is stored, like the API's; a session is one
+    conversation."""
+    import uuid
 
-    settings = ctx.settings(base=base, device=device)
-    engine = TorchEngine(load_with_status(settings))
+    from ownlm.cli.store import cli_store
+    from ownlm.engine import GenerationParams
+    from ownlm.engine.personal import PersonalEngine
+    from ownlm.store import NewMessage
+
+    settings = ctx.settings(base=base, device=device, user=user)
+    base_loaded = load_with_status(settings)  # a bad --base fails before the store is touched
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
+    with cli_store(settings) as store:
+        u = ctx.user(store, settings, create=True)
+        engine = PersonalEngine(base_loaded, store)
+        use = "base" if base_model else "personal"
+        last: list[str] = []  # id of the last stored message: the next turn continues from it
 
-    def answer(text: str) -> None:
-        history.append({"role": "user", "content": text})
-        t0 = time.perf_counter()
-        stream = engine.stream(history, params)
-        parts = []
-        for piece in stream:
-            parts.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(parts)})
-        dt = time.perf_counter() - t0
-        if ctx.debug:
-            click.echo(f"[{stream.completion_tokens} tokens, {stream.completion_tokens / dt:.1f} tok/s]", err=True)
+        def answer(text: str) -> None:
+            history.append({"role": "user", "content": text})
+            t0 = time.perf_counter()
+            stream = engine.stream(history, params, user_id=u.id, use=use)
+            parts = []
+            for piece in stream:
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(parts)})
+            # stored as the API stores it: the reply names the model that wrote it (a model id or the base)
+            answered_by = stream.model_id[1] if stream.model_id else engine.base_name
+            new = [NewMessage(m["role"], m["content"]) for m in (history[-2:] if last else history)]
+            new[-1].model = answered_by
+            # the first turn opens a conversation of its own; later turns continue it
+            res = store.capture(u.id, new, source="cli", after=last[-1] if last else None,
+                                seed=None if last else f"cli:{uuid.uuid4().hex}")
+            last.append(res.message_ids[-1])
+            dt = time.perf_counter() - t0
+            if ctx.debug:
+                click.echo(f"[{stream.completion_tokens} tokens, {stream.completion_tokens / dt:.1f} tok/s]", err=True)
 
-    if prompt is not None:
-        answer(prompt)
-        return
-    click.echo(f"chatting with {engine.model_name} — empty line or Ctrl-D to quit", err=True)
-    while True:
-        try:
-            text = input("> ")
-        except EOFError:
-            break
-        if not text.strip():
-            break
-        answer(text)
+        if prompt is not None:
+            answer(prompt)
+            return
+        model = engine.model_for(u.id, use)
+        who = f"the personal model {model[1]}" if model else f"the base model {engine.base_name}"
+        click.echo(f"chatting as {u.name} with {who} — empty line or Ctrl-D to quit", err=True)
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            answer(text)

@@ -7,9 +7,10 @@ from datetime import datetime
 from pathlib import Path
 
 import click
+from rich import box
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli import Context, cli, pass_ctx, user_option
 from ownlm.cli.model import console
 from ownlm.cli.store import cli_store
 from ownlm.errors import InvalidInput
@@ -29,7 +30,7 @@ def _read_json(path: Path, what: str) -> dict:
 @click.option("--to", "recipient", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The node's public key JSON (`ownlm node pubkey`); default: this home's node.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .ownlm file to write.")
-@click.option("--user", help="Whose model (default: the settings' user).")
+@user_option
 @click.option("--version", "version", type=int, help="Version number (default: newest installed here + 1).")
 @pass_ctx
 def bundle(ctx: Context, delta_dir: Path, report: Path, recipient: Path | None, out: Path, user, version) -> None:
@@ -39,7 +40,7 @@ def bundle(ctx: Context, delta_dir: Path, report: Path, recipient: Path | None, 
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         pub = _read_json(recipient, "node public key") if recipient else store.node_key().public_json()
         latest = store.models(u.id)
         data, manifest = make_bundle(
@@ -84,7 +85,7 @@ def deploy(ctx: Context, bundle_file: Path, node_url: str | None, token: str | N
 
 @cli.command("models")
 @click.argument("model", nargs=-1)
-@click.option("--user", help="Whose models (default: the settings' user).")
+@user_option
 @pass_ctx
 def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
     """List the user's installed models; `ownlm models [show] ID` (id or version) shows its manifest."""
@@ -95,8 +96,8 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
     model = model[0] if model else None
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
-        trusted = store.trusted_signers()
+        u = ctx.user(store, settings)
+        trusted = store.signers_for(u.id)  # keys that may sign for this user, now
         rows = [store.model(u.id, model)] if model else store.models(u.id)
     if model:
         m = rows[0]
@@ -104,7 +105,13 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
                       f"{'verified, trusted key ' + m['signer'] if m['signer'] in trusted else 'signer no longer trusted'})")
         _show(m["manifest"])
         return
-    table = Table("version", "id", "installed", "size", "held-out loss base → personal", "signature", "active")
+    # An id is what `ownlm models show` and `ownlm rollback` take: it is never cut or wrapped; on a narrow
+    # terminal the other columns wrap instead (a light box leaves them room at 80 columns).
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("v", justify="right", overflow="fold")
+    table.add_column("id", no_wrap=True, min_width=max((len(m["id"]) for m in rows), default=2))
+    for header in ("installed", "size", "held-out loss base → personal", "signature", "active"):
+        table.add_column(header, overflow="fold")
     for m in rows:
         t = m["manifest"].get("training", {})
         loss = f"{t.get('heldout_loss_base') or 0:.3f} → {t.get('heldout_loss_personal') or 0:.3f}"
@@ -126,7 +133,7 @@ def _show(obj, indent: int = 0) -> None:
 
 @cli.command("rollback")
 @click.argument("target", required=False)
-@click.option("--user", help="Whose model (default: the settings' user).")
+@user_option
 @pass_ctx
 def rollback_cmd(ctx: Context, target: str | None, user) -> None:
     """Serve an earlier version (default: the one before the active one), or TARGET=base for the base model."""
@@ -134,7 +141,7 @@ def rollback_cmd(ctx: Context, target: str | None, user) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        m = rollback(store, store.get_user(settings.user).id, target)
+        m = rollback(store, ctx.user(store, settings).id, target)
     console.print(f"now serving {m['id']} (v{m['version']})" if m else "now serving the base model")
 
 
@@ -159,7 +166,7 @@ def keys() -> None:
 
 
 @keys.command("public")
-@click.option("--user", help="Whose key (default: the settings' user).")
+@user_option
 @click.option("--alg", type=click.Choice(["ed25519", "ecdsa-p256"]), default="ed25519", show_default=True,
               help="Algorithm of a key created now (an existing key keeps its own).")
 @pass_ctx
@@ -169,7 +176,7 @@ def keys_public(ctx: Context, user, alg) -> None:
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        click.echo(public_pem(store.signing_key(store.get_or_create_user(settings.user).id, alg)), nl=False)
+        click.echo(public_pem(store.signing_key(ctx.user(store, settings, create=True).id, alg)), nl=False)
 
 
 @cli.group()
@@ -180,21 +187,24 @@ def trust() -> None:
 @trust.command("add")
 @click.argument("pem_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--label", help="Who this key belongs to.")
+@click.option("--user", "--for-user", "user", help="The user whose models this key may sign (default: the settings' user).")
 @pass_ctx
-def trust_add(ctx: Context, pem_file: Path, label) -> None:
-    """Trust the public key in PEM_FILE (from `ownlm keys public` on the trainer)."""
-    with cli_store(ctx.settings()) as store:
-        kid = store.trust(pem_file.read_text(), label)
-    click.echo(f"trusted {kid}")
+def trust_add(ctx: Context, pem_file: Path, label, user) -> None:
+    """Trust the public key in PEM_FILE (from `ownlm keys public` on the trainer) to sign one user's models."""
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = ctx.user(store, settings)
+        kid = store.trust(pem_file.read_text(), label, user_id=u.id)
+    click.echo(f"trusted {kid} for {u.name}")
 
 
 @trust.command("list")
 @pass_ctx
 def trust_list(ctx: Context) -> None:
-    """List trusted signing keys."""
+    """List trusted signing keys and the users each may sign for."""
     with cli_store(ctx.settings()) as store:
         rows = store.list_trusted()
-    table = Table("key id", "alg", "label")
+    table = Table("key id", "alg", "label", "signs for")
     for r in rows:
-        table.add_row(r["key_id"], r["alg"], r["label"] or "")
+        table.add_row(r["key_id"], r["alg"], r["label"] or "", ", ".join(r["users"]) or "(no one)")
     console.print(table)

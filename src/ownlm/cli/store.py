@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ownlm.capture.ingest import import_into
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli import Context, cli, pass_ctx, user_option
 from ownlm.cli.model import console
 from ownlm.errors import InvalidInput
 from ownlm.settings import Settings
@@ -32,7 +32,7 @@ def cli_store(settings: Settings):
 @cli.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", help="Export format (default: detected from the file).")
-@click.option("--user", help="Import for this user (default: the settings' user).")
+@user_option
 @pass_ctx
 def import_cmd(ctx: Context, file: Path, fmt: str | None, user: str | None) -> None:
     """Import a chat history export (ChatGPT, Claude, llm logs.db, ShareGPT, OpenAI JSONL, ...)."""
@@ -44,10 +44,10 @@ def import_cmd(ctx: Context, file: Path, fmt: str | None, user: str | None) -> N
         task = bar.add_task(f"reading {file.name}", total=None)
         result = parse_file(file, fmt, progress=lambda done, total: bar.update(task, completed=done, total=total))
         with cli_store(settings) as store:
-            u = store.get_or_create_user(settings.user)
+            u = ctx.user(store, settings, create=True)
             bar.update(task, description="storing", completed=0, total=len(result.conversations))
             counts = import_into(store, u.id, result, file.name, lambda d, t: bar.update(task, completed=d, total=t))
-    table = Table(title=f"{file.name} ({result.format}) → {settings.user}", show_header=False)
+    table = Table(title=f"{file.name} ({result.format}) → {u.name}", show_header=False)
     table.add_row("conversations", f"{counts['conversations_new']} new, {counts['conversations_known']} already stored")
     table.add_row("messages", f"{counts['messages_new']} new, {counts['messages_duplicate']} duplicates")
     for reason, n in sorted(result.skipped.items()):
@@ -61,11 +61,15 @@ def import_cmd(ctx: Context, file: Path, fmt: str | None, user: str | None) -> N
 @click.option("--all", "everything", is_flag=True, help="Delete all of the user's conversations.")
 @click.option("--before", help="Delete messages created before this date (YYYY-MM-DD or ISO 8601).")
 @click.option("--conversation", help="Delete one conversation by id.")
-@click.option("--user", help="Whose data (default: the settings' user).")
+@user_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-models", is_flag=True,
+              help="Keep the installed models trained on the deleted data (default: they are removed too).")
 @pass_ctx
-def delete(ctx: Context, everything: bool, before: str | None, conversation: str | None, user: str | None, yes: bool) -> None:
-    """Right to delete: remove conversations for good (the audit log keeps counts, never content)."""
+def delete(ctx: Context, everything: bool, before: str | None, conversation: str | None, user: str | None, yes: bool,
+           keep_models: bool) -> None:
+    """Right to delete: remove conversations for good, and the models trained on them (the audit log keeps
+    counts and ids, never content)."""
     if sum([everything, before is not None, conversation is not None]) != 1:
         raise InvalidInput("say what to delete", hint="give exactly one of --all, --before DATE, --conversation ID")
     when = None
@@ -76,14 +80,23 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
             raise InvalidInput(f"--before {before!r} is not a date", hint="use YYYY-MM-DD or ISO 8601") from None
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
-        u = store.get_user(settings.user)
+        u = ctx.user(store, settings)
         stats = store.stats(u.id)
         what = "ALL conversations" if everything else (f"messages before {before}" if before else f"conversation {conversation}")
         if not yes:
+            models = store.delete_preview(u.id, before=when, conversation_id=conversation)["models"]
+            also = (f" The {len(models)} model(s) trained on it ({', '.join(models)}) "
+                    f"{'are kept' if keep_models else 'go too'}." if models else "")
             click.confirm(f"Delete {what} of {u.name} (holds {stats['conversations']} conversations, "
-                          f"{stats['messages']} messages)? This cannot be undone", abort=True)
-        res = store.delete_data(u.id, before=when, conversation_id=conversation)
+                          f"{stats['messages']} messages)?{also} This cannot be undone", abort=True)
+        res = store.delete_data(u.id, before=when, conversation_id=conversation, keep_models=keep_models)
     click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}")
+    if res["models_removed"]:
+        click.echo(f"removed the models trained on them: {', '.join(res['models_removed'])}")
+    if res["models_kept"]:
+        click.echo(f"kept, as asked, the models trained on them: {', '.join(res['models_kept'])}")
+    if res["models_removed"] or res["models_kept"]:
+        click.echo(f"now serving {res['active_model'] or 'the base model'}")
 
 
 @cli.group()

@@ -26,6 +26,6 @@ def trainer(ctx: Context, base, device, host, port, ssl_certfile, ssl_keyfile) -
     settings = ctx.settings(base=base, device=device)
     t = Trainer(settings)
     console.print(f"ownlm trainer on https://{host}:{port} — base sha256 {t.base.sha256[:16]}…")
-    console.print("nodes must trust this signing key (`ownlm trust add`):\n" + t.signing_key_pem())
+    console.print("nodes must trust this signing key for each user it trains (`ownlm trust add FILE --user NAME`):\n" + t.signing_key_pem())
     uvicorn.run(create_trainer_app(t), host=host, port=port, log_level="warning",
                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

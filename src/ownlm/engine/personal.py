@@ -9,12 +9,15 @@
 - Base on request (model "base", or the routing says base): on a merged node the merged delta is
   subtracted by the same hooks (y -= x D^T), so the base answers exactly.
 The routing table in the store says which model answers each user; `refresh` re-reads it after a deploy
-or rollback.
+or rollback. Another process on the same home (`ownlm deploy`, `ownlm rollback` from a shell) changes the table
+behind the node's back: `watch` polls it (one indexed read per second) and refreshes when it differs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,8 @@ from ownlm.bitdelta.delta import Delta
 from ownlm.bitdelta.quant import dequantise
 from ownlm.engine.base import GenerationParams, GenerationStream, Message
 from ownlm.engine.torch_engine import TorchEngine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,8 +70,8 @@ class LoadedDelta:
 class PersonalEngine(TorchEngine):
     """A TorchEngine that answers each user with their personal model (see module doc)."""
 
-    def __init__(self, base: BaseModel, store, model_name: str = "ownlm"):
-        super().__init__(base, model_name=model_name)
+    def __init__(self, base: BaseModel, store, model_name: str = "ownlm", max_waiting: int | None = None):
+        super().__init__(base, model_name=model_name, max_waiting=max_waiting)
         self.store = store
         self.base_name = base.source.name
         self._deltas: dict[tuple[str, str], LoadedDelta] = {}  # (user id, model id) -> loaded delta
@@ -89,9 +94,9 @@ class PersonalEngine(TorchEngine):
         """Re-read the routing table (all users); merge the delta when exactly one user has one."""
         with self._refresh_lock, self._lock:
             # keys are (user id, model id): model ids are per user
-            routes = {uid: (uid, mid) if mid else None for uid, mid in self.store.query("SELECT user_id, model_id FROM routing")}
+            routes = self._stored_routes()
             for key in {k for k in routes.values() if k} - set(self._deltas):
-                path = self.store.query("SELECT path FROM models WHERE user_id = ? AND id = ?", key)[0][0]
+                path = self.store.model(*key)["path"]  # resolved against the store's home
                 self._deltas[key] = LoadedDelta.load(key, path, self.base.sha256, self.model.device, self.model.dtype)
             personal = {k for k in routes.values() if k}
             want = self._deltas[next(iter(personal))] if len(personal) == 1 else None
@@ -103,6 +108,30 @@ class PersonalEngine(TorchEngine):
                 self._merged = want
             self._routes = routes
             self._deltas = {mid: d for mid, d in self._deltas.items() if mid in personal}
+
+    def _stored_routes(self) -> dict[str, tuple[str, str] | None]:
+        return {uid: (uid, mid) if mid else None for uid, mid in self.store.query("SELECT user_id, model_id FROM routing")}
+
+    def refresh_if_changed(self) -> bool:
+        """Refresh when the stored routing differs from what this engine serves; True if it did."""
+        if self._stored_routes() == self._routes:
+            return False
+        self.refresh()
+        return True
+
+    def watch(self, every: float = 1.0) -> threading.Event:
+        """Poll the routing table every `every` seconds in a daemon thread; set the returned event to stop it."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.refresh_if_changed()
+                except Exception:  # a model that fails to load keeps the old routes; say so, try again later
+                    log.warning("routing refresh failed: %s", traceback.format_exc())
+
+        threading.Thread(target=loop, daemon=True, name="ownlm-routing-watch").start()
+        return stop
 
     def model_for(self, user_id: str | None, use: str = "personal") -> tuple[str, str] | None:
         """The (user id, model id) that answers `user_id` (None: the base)."""

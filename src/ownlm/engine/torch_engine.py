@@ -3,29 +3,51 @@
 We write the decode loop instead of calling `model.generate` with a streamer thread because a server needs
 per-request seeded sampling (a private torch.Generator, not the global RNG that concurrent requests would
 share), stop strings checked on decoded text, and exact token counts — and the loop is short.
+
+Under faults: each generation runs in its own thread (GenerationStream.produced_by), holding the engine lock
+in a plain function whose `finally` releases it, never across a `yield` to a consumer that may vanish. The
+loop checks between steps (each decode step and each prefill chunk) whether the request was cancelled (its
+client left), its deadline passed, or the node is shutting down. At most `max_waiting` generations wait for
+the lock; more are refused at once with Overloaded.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 
 import torch
 
 from ownlm.basemodel import BaseModel
 from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
+from ownlm.errors import ModelUnavailable, Overloaded
+
+# Prompt tokens per forward pass. Reading the prompt is what holds the engine for a long one (a 60 KB prompt:
+# templating and tokenizing 0.1 s, one forward pass over the 7,936 tokens kept 161 s on a loaded 2-core box,
+# SmolLM2-135M). In chunks, a cancel or the deadline can stop it between chunks, and attention scores are
+# (heads, 512, context) rather than (heads, context, context). Same logits; not slower in our measurement
+# (2,048 tokens: 40 s in 512-token chunks, 49 s in one pass, same loaded box).
+PREFILL_CHUNK = 512
+POLL_S = 0.05  # how often a generation waiting for the engine looks at its cancel flag and deadline
 
 
 class TorchEngine:
     """Serves one causal LM. Requests run one at a time (a lock): on a CPU node, concurrent forward passes
     only split the same cores, and a KV cache per request would multiply memory."""
 
-    def __init__(self, base: BaseModel, model_name: str | None = None):
+    def __init__(self, base: BaseModel, model_name: str | None = None, max_waiting: int | None = None):
+        """`max_waiting`: generations allowed to wait while one runs (None: no limit, for the CLI and evaluation)."""
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.model_name = model_name or base.source.name
-        self._lock = threading.Lock()
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()  # held by the one running generation (or a refresh, or a batch)
+        self._line = threading.Lock()  # guards _waiting
+        self._waiting = 0
+        self._closing = False
         self._eos_ids = self._end_token_ids()
         self._context = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
@@ -74,65 +96,144 @@ class TorchEngine:
                     answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
         return answers
 
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for the engine right now."""
+        return self._waiting
+
+    def close(self) -> None:
+        """Stop serving: generations running or waiting end at their next step with ModelUnavailable, and new
+        ones are refused. It only sets a flag, so a signal handler may call it."""
+        self._closing = True
+
     def stream(self, messages: list[Message], params: GenerationParams) -> GenerationStream:
+        """Validate and template `messages`; generation starts at the stream's first next() (see module doc)."""
+        self._refuse_if_closing()
         prompt = self.encode_chat(messages)
         # Keep the most recent context that leaves room for the answer.
         room = max(1, self._context - params.max_tokens)
         prompt = prompt[-room:]
-        stream = GenerationStream(iter(()), len(prompt))
-        stream._pieces = self._pieces(prompt, params, stream)
-        return stream
+        return GenerationStream.produced_by(functools.partial(self._generate, prompt, params), len(prompt))
+
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise ModelUnavailable("the node is shutting down", hint="retry once it is back")
 
     @torch.inference_mode()
-    def _pieces(self, prompt: list[int], params: GenerationParams, out: GenerationStream) -> Iterator[str]:
+    def _generate(self, prompt: list[int], params: GenerationParams, out: GenerationStream,
+                  emit: Callable[[str], None]) -> None:
+        """The work of one stream, in its own thread: wait for the engine, then decode, then let go of it."""
+        deadline = time.monotonic() + params.timeout_s if params.timeout_s else None
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        with self._lock:
+        if not self._acquire(out, deadline, params.timeout_s):
+            return
+        try:
             self._begin(out)
             try:
-                yield from self._decode(prompt, params, out, gen)
+                self._decode(prompt, params, out, gen, emit, deadline)
             finally:
                 self._end(out)
+        finally:
+            self._lock.release()
+
+    def _acquire(self, out: GenerationStream, deadline: float | None, timeout_s: float | None) -> bool:
+        """Take the engine lock (True), or give up: False when cancelled while waiting; Overloaded when the
+        line is full or the deadline passes; ModelUnavailable when the node shuts down."""
+        if self._lock.acquire(blocking=False):
+            return True
+        with self._line:
+            if self.max_waiting is not None and self._waiting >= self.max_waiting:
+                raise Overloaded(f"{self._waiting} generation(s) are already waiting for this node's model",
+                                 hint="retry in a few seconds, or raise max_queued_generations in the node settings")
+            self._waiting += 1
+        try:
+            while not self._lock.acquire(timeout=POLL_S):
+                stop = self._should_stop(out, deadline)
+                if stop == "cancelled":
+                    out.finish_reason = "cancelled"
+                    return False
+                if stop == "deadline":
+                    raise Overloaded(f"waited {timeout_s:g} s for this node's model without getting it",
+                                     hint="retry later, or raise generation_timeout_s in the node settings")
+            return True
+        finally:
+            with self._line:
+                self._waiting -= 1
+
+    def _should_stop(self, out: GenerationStream, deadline: float | None) -> str | None:
+        """'cancelled', 'deadline' or None; raises ModelUnavailable once the node shuts down."""
+        self._refuse_if_closing()
+        if out.cancelled.is_set():
+            return "cancelled"
+        if deadline is not None and time.monotonic() > deadline:
+            return "deadline"
+        return None
 
     def _begin(self, stream: GenerationStream) -> None:
         """Called with the engine lock held, before a request's first forward pass (subclasses select weights)."""
 
     def _end(self, stream: GenerationStream) -> None:
-        """Called with the engine lock held when a request's stream ends or is closed."""
+        """Called with the engine lock held when a request's generation ends, whichever way."""
 
-    def _decode(self, prompt: list[int], params: GenerationParams, out: GenerationStream, gen: torch.Generator) -> Iterator[str]:
-        input_ids = torch.tensor([prompt], device=self.model.device)
-        past = None
+    def _prefill(self, prompt: list[int], out: GenerationStream, deadline: float | None, timeout_s: float | None):
+        """Read the prompt in PREFILL_CHUNK pieces; returns (KV cache, next-token logits (vocab,)), or None when
+        cancelled. The deadline passing here (no answer yet) is Overloaded."""
+        past, res = None, None
+        for i in range(0, len(prompt), PREFILL_CHUNK):
+            stop = self._should_stop(out, deadline)
+            if stop == "cancelled":
+                return None
+            if stop == "deadline":
+                raise Overloaded(f"reading the {len(prompt)}-token prompt took longer than the {timeout_s:g} s deadline",
+                                 hint="send a shorter conversation, or raise generation_timeout_s in the node settings")
+            chunk = torch.tensor([prompt[i : i + PREFILL_CHUNK]], device=self.model.device)
+            res = self.model(input_ids=chunk, cache=past, use_cache=True, logits_to_keep=1)
+            past = res.cache
+        return past, res.logits[0, -1].float()
+
+    def _decode(self, prompt: list[int], params: GenerationParams, out: GenerationStream, gen: torch.Generator,
+                emit: Callable[[str], None], deadline: float | None) -> None:
+        read = self._prefill(prompt, out, deadline, params.timeout_s)
+        if read is None:
+            out.finish_reason = "cancelled"
+            return
+        past, logits = read
         produced: list[int] = []
         emitted = ""
         out.finish_reason = "length"
-        for _ in range(params.max_tokens):
-            res = self.model(input_ids=input_ids, cache=past, use_cache=True)
-            past = res.cache
-            logits = res.logits[0, -1].float()  # (vocab,)
+        for step in range(params.max_tokens):
+            if step:  # the first token comes from the prompt's own last logits
+                stop = self._should_stop(out, deadline)
+                if stop == "cancelled":
+                    out.finish_reason = "cancelled"
+                    return
+                if stop == "deadline":
+                    break  # the answer so far, as at max_tokens
+                res = self.model(input_ids=torch.tensor([[token]], device=self.model.device), cache=past, use_cache=True)
+                past = res.cache
+                logits = res.logits[0, -1].float()  # (vocab,)
             token = _sample(logits, params, gen)
             if token in self._eos_ids:
                 out.finish_reason = "stop"
-                break
+                return
             produced.append(token)
             out.completion_tokens = len(produced)
             text = self.tokenizer.decode(produced, skip_special_tokens=True)
             stop_at = _find_stop(text, params.stop)
             if stop_at is not None:
                 if stop_at > len(emitted):
-                    yield text[len(emitted) : stop_at]
+                    emit(text[len(emitted) : stop_at])
                 out.finish_reason = "stop"
-                break
+                return
             # Hold back an incomplete UTF-8 sequence and any tail that could begin a stop string.
             safe = len(text) - _held_back(text, params.stop)
             if safe > len(emitted):
-                yield text[len(emitted) : safe]
+                emit(text[len(emitted) : safe])
                 emitted = text[:safe]
-            input_ids = torch.tensor([[token]], device=self.model.device)
-        else:
-            text = self.tokenizer.decode(produced, skip_special_tokens=True)
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
+        text = self.tokenizer.decode(produced, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            emit(text[len(emitted) :])
 
 
 def _sample(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:

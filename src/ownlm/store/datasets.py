@@ -97,3 +97,11 @@ class DatasetsMixin:
             (user_id,),
         )
         return [dict(zip(("id", "created_at", "merkle_root", "n_train", "n_heldout"), r)) for r in rows]
+
+    def dataset_has_deleted_data(self, user_id: str, merkle_root: str, db=None) -> bool:
+        """Whether a recorded dataset of the user with this Merkle root holds an example whose conversation
+        was deleted since (its text was blanked by delete_data). Inside the caller's transaction if `db`."""
+        sql = ("SELECT 1 FROM dataset_examples e JOIN datasets d ON d.id = e.dataset_id"
+               " WHERE d.user_id = ? AND d.merkle_root = ? AND e.messages IS NULL LIMIT 1")
+        params = (user_id, merkle_root)
+        return bool(db.execute(sql, params).fetchone() if db is not None else self.query(sql, params))

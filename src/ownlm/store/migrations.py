@@ -223,3 +223,70 @@ def m004_jobs(db) -> None:
         )
         """,
     )
+
+
+@migration
+def m005_job_lease(db) -> None:
+    # Which process owns an open job, until when (issue #14: `ownlm train` beside `ownlm serve` ran one job twice).
+    # owner is "host:pid:nonce"; a job nobody renews past lease_until may be taken over. NULL: nobody yet.
+    run_script(
+        db,
+        """
+        ALTER TABLE jobs ADD COLUMN owner TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until REAL
+        """,
+    )
+
+
+@migration
+def m006_model_paths_relative(db) -> None:
+    """Model paths become relative to the home (`models/<user id>/<model id>`), so a moved, copied or restored
+    home keeps its models. Every row was installed at exactly that place under whatever home it had then, so
+    the path is derived from the row's own ids: no need to know the old home."""
+    db.execute("UPDATE models SET path = 'models/' || user_id || '/' || id")
+
+
+@migration
+def m007_signer_users(db) -> None:
+    """Trusted signers are bound to users: a key signs only for the users it is trusted for (a user's own
+    signing key always signs for that user, from `signing_keys`)."""
+    run_script(
+        db,
+        """
+        CREATE TABLE trusted_signer_users (
+            key_id TEXT NOT NULL,                -- trusted_signers.key_id
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            added_at REAL NOT NULL,
+            PRIMARY KEY (key_id, user_id)
+        )
+        """,
+    )
+    # Keys trusted before the binding existed were trusted for every user. With one user that meant exactly
+    # that user, so the binding keeps it working; with several, nobody can tell whom the trust was meant for:
+    # those keys sign for no one until `ownlm trust add FILE --user NAME` says so.
+    users = [r[0] for r in db.execute("SELECT id FROM users")]
+    if len(users) == 1:
+        db.execute(
+            "INSERT INTO trusted_signer_users (key_id, user_id, added_at) SELECT key_id, ?, added_at FROM trusted_signers"
+            " WHERE key_id NOT IN (SELECT key_id FROM signing_keys)", (users[0],),
+        )
+
+
+@migration
+def m008_live_threads(db) -> None:
+    # Live capture (a request that names no conversation) gives each new chat its own chain seed, so two chats
+    # that open alike stay apart; a re-sent history finds its conversation again by this content-only chain
+    # (seed "live", not unique). Before this migration live chats were chained from the seed "live" itself,
+    # so their chain already is their thread hash.
+    run_script(
+        db,
+        """
+        ALTER TABLE messages ADD COLUMN thread_sha256 TEXT;
+        UPDATE messages SET thread_sha256 = chain_sha256 WHERE conversation_id IN
+            (SELECT id FROM conversations WHERE source IN ('api', 'interactions') AND external_id IS NULL);
+        CREATE INDEX messages_thread ON messages(user_id, thread_sha256) WHERE thread_sha256 IS NOT NULL;
+        -- which stored message has a reply (capture_live prefers one without it), and what deleting a
+        -- message looks up to null its replies' parent_id
+        CREATE INDEX messages_parent ON messages(parent_id)
+        """,
+    )

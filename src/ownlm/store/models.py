@@ -1,14 +1,39 @@
-"""Keys and installed models in the store: the node's HPKE key, users' signing keys, trusted signers,
-the model registry and the routing table (which model answers each user)."""
+"""Keys and installed models in the store: the node's HPKE key, users' signing keys, trusted signers (each
+bound to the users it may sign for), the model registry and the routing table (which model answers each user).
+
+A registry row's `path` is relative to the home (`models/<user id>/<model id>`): the home can be moved,
+copied or restored and its models stay found. Every read resolves it against the store's home and checks that
+it stays inside `home/models/<user id>`.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from ownlm.errors import NotFound
+from ownlm.errors import CorruptArtifact, NotFound
+
+MODELS_DIR = "models"
+
+
+def model_relpath(user_id: str, model_id: str) -> str:
+    """What a registry row stores: the model directory relative to the home."""
+    return f"{MODELS_DIR}/{user_id}/{model_id}"
+
+
+def resolve_model_path(home: Path, user_id: str, stored: str) -> Path:
+    """The absolute model directory for a stored (relative) path; it must be a direct child of
+    home/models/<user id> (symlinks resolved), else CorruptArtifact: nothing outside is ever read or removed."""
+    root = (Path(home) / MODELS_DIR / user_id).resolve()
+    path = (Path(home) / stored).resolve()
+    if path.parent != root:
+        raise CorruptArtifact(f"model path {stored!r} of user {user_id} is outside {root}",
+                              hint="the registry row was altered; roll the user back (`ownlm rollback base`)")
+    return path
 
 
 class ModelsMixin:
@@ -44,35 +69,59 @@ class ModelsMixin:
             self.audit(db, user_id, "signing_key_created", key_id=sign.key_id(key), alg=alg)
         return key
 
-    def trust(self, public_pem: str, label: str | None = None) -> str:
+    def trust(self, public_pem: str, label: str | None = None, *, user_id: str) -> str:
+        """Trust a signing key (a trainer's) for one user: it may then sign that user's models, no one else's."""
         from ownlm.artifact import sign
 
         pub = sign.load_public(public_pem)
         kid = sign.key_id(pub)
+        now = time.time()
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO trusted_signers (key_id, alg, public_pem, label, added_at) VALUES (?, ?, ?, ?, ?)",
-                       (kid, sign.alg_of(pub), sign.public_pem(pub), label, time.time()))
-            self.audit(db, None, "signer_trusted", key_id=kid, label=label)
+            # an upsert, not INSERT OR REPLACE: the key's bindings to other users stay
+            db.execute("INSERT INTO trusted_signers (key_id, alg, public_pem, label, added_at) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (key_id) DO UPDATE SET label = coalesce(excluded.label, label)",
+                       (kid, sign.alg_of(pub), sign.public_pem(pub), label, now))
+            db.execute("INSERT OR IGNORE INTO trusted_signer_users (key_id, user_id, added_at) VALUES (?, ?, ?)",
+                       (kid, user_id, now))
+            self.audit(db, user_id, "signer_trusted", key_id=kid, label=label)
         return kid
 
     def trusted_signers(self) -> dict[str, object]:
+        """Every key this node knows (users' own keys and trusted keys), whoever they may sign for."""
         from ownlm.artifact import sign
 
         return {kid: sign.load_public(pem) for kid, pem in self.query("SELECT key_id, public_pem FROM trusted_signers")}
 
+    def signers_for(self, user_id: str) -> dict[str, object]:
+        """The keys that may sign `user_id`'s models: the user's own key and keys trusted for that user."""
+        from ownlm.artifact import sign
+
+        rows = self.query(
+            "SELECT key_id, public_pem FROM signing_keys WHERE user_id = ? UNION"
+            " SELECT t.key_id, t.public_pem FROM trusted_signers t JOIN trusted_signer_users b ON b.key_id = t.key_id"
+            " WHERE b.user_id = ?", (user_id, user_id))
+        return {kid: sign.load_public(pem) for kid, pem in rows}
+
     def list_trusted(self) -> list[dict]:
+        """Trusted keys with the names of the users each may sign for (own keys: their owner)."""
         rows = self.query("SELECT key_id, alg, label, added_at FROM trusted_signers ORDER BY added_at")
-        return [dict(zip(("key_id", "alg", "label", "added_at"), r)) for r in rows]
+        users: dict[str, list[str]] = {}
+        for kid, name in self.query(
+                "SELECT k.key_id, u.name FROM signing_keys k JOIN users u ON u.id = k.user_id UNION"
+                " SELECT b.key_id, u.name FROM trusted_signer_users b JOIN users u ON u.id = b.user_id ORDER BY 2"):
+            users.setdefault(kid, []).append(name)
+        return [{**dict(zip(("key_id", "alg", "label", "added_at"), r)), "users": users.get(r[0], [])} for r in rows]
 
     # --- models and routing ---------------------------------------------------------------------------------
-    def register_model(self, db, user_id: str, manifest: dict, path: str, size: int, signer: str, activate: bool) -> None:
-        """Inside the caller's transaction: record an installed model and (optionally) route the user to it."""
+    def register_model(self, db, user_id: str, manifest: dict, size: int, signer: str, activate: bool) -> None:
+        """Inside the caller's transaction: record a model installed in home/models/<user id>/<model id> and
+        (optionally) route the user to it."""
         now = time.time()
         db.execute(
             "INSERT INTO models (id, user_id, version, previous, path, size_bytes, signer_key_id, manifest, installed_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (manifest["model"]["id"], user_id, manifest["versioning"]["version"], manifest["versioning"]["previous"],
-             path, size, signer, json.dumps(manifest), now),
+             model_relpath(user_id, manifest["model"]["id"]), size, signer, json.dumps(manifest), now),
         )
         if activate:
             self.route(db, user_id, manifest["model"]["id"])
@@ -106,8 +155,78 @@ class ModelsMixin:
 
     def _model_row(self, user_id: str, r) -> dict:
         active = self.query("SELECT model_id FROM routing WHERE user_id = ?", (user_id,))
-        return {"id": r[0], "version": r[1], "previous": r[2], "path": r[3], "size_bytes": r[4], "signer": r[5],
+        # "path": absolute, resolved against the home this store is in now
+        return {"id": r[0], "version": r[1], "previous": r[2], "path": str(resolve_model_path(self.home, user_id, r[3])),
+                "size_bytes": r[4], "signer": r[5],
                 "manifest": json.loads(r[6]), "installed_at": r[7], "active": bool(active) and active[0][0] == r[0]}
 
     def max_version(self, user_id: str) -> int:
         return self.query("SELECT coalesce(max(version), 0) FROM models WHERE user_id = ?", (user_id,))[0][0]
+
+    # --- right to delete -----------------------------------------------------------------------------------
+    def models_trained_on(self, db, user_id: str, conversation_ids: list[str] | None) -> tuple[list[str], list[str]]:
+        """(linked, unlinked) model ids of the user, newest first, inside the caller's transaction.
+
+        linked: models whose dataset, as the store recorded it (datasets + dataset_examples, matched by the
+        manifest's `dataset.merkle_root`), holds an example of one of `conversation_ids`; every model when
+        None (all of the user's data). A continued round's dataset is the user's whole data at that time, so
+        the ancestors it continued from are covered too. unlinked: models whose Merkle root names no dataset
+        recorded here (trained from data this node never held); nothing ties them to the deleted data.
+        """
+        rows = db.execute("SELECT id, manifest FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,)).fetchall()
+        if conversation_ids is None:
+            return [r[0] for r in rows], []
+        known = {r[0] for r in db.execute("SELECT DISTINCT merkle_root FROM datasets WHERE user_id = ?", (user_id,))}
+        tainted: set[str] = set()
+        ids = list(dict.fromkeys(conversation_ids))
+        for i in range(0, len(ids), 500):  # SQLite's host-parameter limit
+            part = ids[i : i + 500]
+            tainted |= {r[0] for r in db.execute(
+                "SELECT DISTINCT d.merkle_root FROM dataset_examples e JOIN datasets d ON d.id = e.dataset_id"
+                f" WHERE d.user_id = ? AND e.conversation_id IN ({','.join('?' * len(part))})", [user_id, *part])}
+        linked, unlinked = [], []
+        for mid, manifest in rows:
+            dataset = json.loads(manifest).get("dataset")
+            root = dataset.get("merkle_root") if isinstance(dataset, dict) else None
+            if root in tainted:
+                linked.append(mid)
+            elif root not in known:
+                unlinked.append(mid)
+        return linked, unlinked
+
+    def drop_models(self, db, user_id: str, model_ids: list[str], reason: str) -> str | None:
+        """Inside the caller's transaction: unregister these models of the user. A user routed to one of them is
+        routed to the newest remaining model, else the base. Returns the model now routed (None: the base).
+
+        The files go after COMMIT (`remove_model_files`); the audit's `model_deleted` rows are what
+        `node.recover` reads to finish a removal that a killed process left half done."""
+        gone = set(model_ids)
+        routed = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user_id,)).fetchone()
+        active = routed[0] if routed else None
+        if active in gone:
+            remaining = db.execute("SELECT id FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,))
+            active = next((mid for (mid,) in remaining if mid not in gone), None)
+            self.route(db, user_id, active)
+            self.audit(db, user_id, "rolled_back", model=active, reason=reason)
+        for mid in model_ids:
+            db.execute("DELETE FROM models WHERE user_id = ? AND id = ?", (user_id, mid))
+            self.audit(db, user_id, "model_deleted", model=mid, reason=reason)
+        return active
+
+    def remove_model_files(self, user_id: str, model_ids: list[str]) -> None:
+        """Remove the directories of unregistered models (after `drop_models` committed)."""
+        for mid in model_ids:
+            try:
+                path = resolve_model_path(self.home, user_id, model_relpath(user_id, mid))
+            except CorruptArtifact:
+                continue  # an id that points outside the user's models dir: nothing of ours is there
+            shutil.rmtree(path, ignore_errors=True)
+
+    def removed_models(self) -> set[tuple[str, str]]:
+        """(user id, model id) of every model the audit log says was deleted or pruned on purpose."""
+        out = set()
+        for uid, detail in self.query("SELECT user_id, detail FROM audit WHERE action IN ('model_deleted', 'model_pruned')"):
+            model = json.loads(detail).get("model")
+            if uid and isinstance(model, str):
+                out.add((uid, model))
+        return out

@@ -12,6 +12,7 @@ from ownlm.errors import AuthError, InvalidInput, NotFound
 
 TOKEN_PREFIX = "olm_"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+DEFAULT_USER = "me"  # the user a command that brings data creates in a home that has none
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,39 @@ class UsersMixin:
             return self.get_user(name)
         except NotFound:
             return self.create_user(name, tier)
+
+    def resolve_user(self, name: str | None, create_tier: int | None = None) -> User:
+        """The user a command acts for: `name` when given, else the home's only user.
+
+        One user per home is the common case (and what `ownlm demo` leaves), so it needs no name. With
+        `create_tier` (commands that bring data: import, chat) a missing user is created with that privacy
+        tier: `name`, or DEFAULT_USER in a home that has no user yet.
+        """
+        if name is not None:
+            if create_tier is not None:
+                return self.get_or_create_user(name, create_tier)
+            try:
+                return self.get_user(name)
+            except NotFound:
+                names = [u.name for u in self.list_users()]
+                raise NotFound(
+                    f"no user {name!r}" + (f" on this node (its users: {', '.join(names)})" if names else ""),
+                    hint=(f"pass --user {names[0]}" if len(names) == 1 else "pass --user NAME")
+                    + f", or create {name!r} with `ownlm token create {name}`",
+                ) from None
+        users = self.list_users()
+        if len(users) == 1:
+            return users[0]
+        if not users:
+            if create_tier is not None:
+                return self.create_user(DEFAULT_USER, create_tier)
+            raise NotFound("this home has no users yet",
+                           hint="import a history with `ownlm import FILE`, or create a user with `ownlm token create NAME`")
+        shown = ", ".join(u.name for u in users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        raise InvalidInput(
+            f"this home has {len(users)} users ({shown}): say which one",
+            hint="pass --user NAME, or make one the default with OWNLM_USER=NAME or user = \"NAME\" in settings.toml",
+        )
 
     def list_users(self) -> list[User]:
         return [User(*r) for r in self.query("SELECT id, name, privacy_tier FROM users ORDER BY created_at")]

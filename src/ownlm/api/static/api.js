@@ -58,14 +58,20 @@ export class ChatSocket {
     this.ws = new WebSocket(`${scheme}://${location.host}/ws/chat?token=${encodeURIComponent(token.get())}`);
     this.opened = new Promise((resolve, reject) => {
       this.ws.onopen = resolve;
-      this.ws.onerror = () => reject(new Error("could not connect to the node's chat"));
+      this.ws.onerror = () => {
+        reject(new Error("could not connect to the node's chat"));
+        // a socket that never opened says nothing about why: ask over HTTP, where a 401 signs the user out
+        api("/v1/models").catch(() => {});
+      };
     });
     this.ws.onmessage = (ev) => this.dispatch(JSON.parse(ev.data));
     this.ws.onclose = (ev) => {
-      const why = ev.code === 4401 ? "the token is not valid" : "the connection closed";
-      if (this.current) this.current.reject(new Error(why));
+      // the node accepts, then closes with 4401 when the token is bad or was revoked
+      const unauthorized = ev.code === 4401;
+      if (this.current) this.current.reject(new Error(unauthorized ? "the token is not valid" : "the connection closed"));
       this.current = null;
       this.ws = null;
+      if (unauthorized) window.dispatchEvent(new Event("ownlm:unauthorized"));
     };
     return this.opened;
   }

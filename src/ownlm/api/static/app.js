@@ -40,12 +40,14 @@ async function login(ev) {
     await api("/api/personalization/privacy"); // any authenticated read checks the token
   } catch (err) {
     token.clear();
+    flash(""); // the 401 also raised the "no longer valid" banner: the alert below says it better here
     error.textContent = err.status === 401 ? "That token is not valid on this node." : err.text;
     error.hidden = false;
     return;
   }
   input.value = "";
   error.hidden = true;
+  flash(""); // a banner from the previous session ("token no longer valid", "Signed out.") is over now
   if (location.hash && location.hash !== "#login") route();
   else location.hash = "#chat";
 }

@@ -1,5 +1,7 @@
 // Small DOM helpers shared by the views: element builder, messages, formatting, the confirmation dialog.
 
+import { token } from "./api.js";
+
 /** Bytes as the person reads them: KB with one decimal (deltas are small). */
 export function kb(bytes) {
   return `${(bytes / 1024).toFixed(1)} KB`;
@@ -26,6 +28,8 @@ export function el(tag, attrs = {}, ...children) {
 
 /** A short message at the top of the page (announced to screen readers through role=status). */
 export function flash(message, kind = "info") {
+  // Signed out by a 401, the user is already told why; the failed request's own error would replace that.
+  if (kind === "error" && !token.get()) return;
   const box = document.getElementById("flash");
   box.textContent = message;
   box.className = `flash ${kind}`;

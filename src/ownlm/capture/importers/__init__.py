@@ -1,6 +1,7 @@
 """Importers: chat-history exports of other tools -> `ImportResult` (parsing only, never the store).
 
     parse_file(path)                 # detect the format, parse, return conversations + skipped + bad
+    parse_file("export.zip")         # a ChatGPT or Claude .zip: its conversations.json (see archive.py)
     parse_file(path, "chatgpt")      # force a format (names in FORMATS)
     detect_format(path)              # just the name
 
@@ -20,8 +21,8 @@ from typing import Any, Literal
 
 from ownlm.errors import ImportFormatError, InvalidInput
 
-from . import aistudio, chatbot_ui, chatgpt, claude, grok, librechat, llm_logs, open_webui, openai_jsonl, sharegpt
-from ._common import Progress
+from . import aistudio, archive, chatbot_ui, chatgpt, claude, grok, librechat, llm_logs, open_webui, openai_jsonl, sharegpt
+from ._common import Progress, TooDeep, loads, valid_text
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 __all__ = [
@@ -82,13 +83,20 @@ def detect_format(path: str | Path) -> str:
     return _load(Path(path), None)[0].name
 
 
-def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None) -> ImportResult:
-    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations."""
-    fmt, payload = _load(Path(path), format)
-    return fmt.parse(payload, progress)
+def parse_file(path: str | Path, format: str | None = None, progress: Progress | None = None, *,
+               max_unpacked: int = archive.MAX_MEMBER_BYTES) -> ImportResult:
+    """Parse the export at `path`. `format` forces a format; `progress(done, total)` follows conversations;
+    `max_unpacked`: the most bytes an export inside a .zip may unpack to."""
+    fmt, payload = _load(Path(path), format, max_unpacked)
+    result = fmt.parse(payload, progress)
+    for conv in result.conversations:  # the one place every format's text passes
+        conv.title, conv.external_id = valid_text(conv.title), valid_text(conv.external_id)
+        for m in conv.messages:
+            m.content, m.model = valid_text(m.content), valid_text(m.model)
+    return result
 
 
-def _load(path: Path, name: str | None) -> tuple[Format, Any]:
+def _load(path: Path, name: str | None, max_unpacked: int = archive.MAX_MEMBER_BYTES) -> tuple[Format, Any]:
     """Check the file, read it once, and return its format with what that format's `parse` takes."""
     if name is not None and name not in FORMATS:
         raise InvalidInput(f"unknown import format {name!r}", hint=f"use one of: {_supported()}")
@@ -105,6 +113,12 @@ def _load(path: Path, name: str | None) -> tuple[Format, Any]:
         raise InvalidInput(f"{path} cannot be read: {exc.strerror}", hint="check the file's permissions") from exc
     if not raw.strip():
         raise ImportFormatError(f"{path} is empty", hint="export your history again; the download may have failed")
+    if archive.is_zip(raw):  # ChatGPT and Claude deliver a .zip; read its conversations file from memory
+        member, raw = archive.read_export(path, raw, max_unpacked)
+        path = Path(f"{path}:{member}")  # what messages name; its suffix decides .jsonl as for a plain file
+        if raw.startswith(SQLITE_MAGIC) or not raw.strip():
+            raise ImportFormatError(f"{path} is {'empty' if not raw.strip() else 'a database, not JSON'}",
+                                    hint="extract the export file and import it")
 
     forced = FORMATS.get(name) if name else None
     if raw.startswith(SQLITE_MAGIC):
@@ -134,7 +148,10 @@ def _load(path: Path, name: str | None) -> tuple[Format, Any]:
         return FORMATS[openai_jsonl.NAME], text
 
     try:
-        data = json.loads(text)
+        data = loads(text)
+    except TooDeep as exc:
+        raise ImportFormatError(f"{path} cannot be read: {exc}", hint="no chat export nests this deep; "
+                                "pass the export file as the tool wrote it") from None
     except json.JSONDecodeError as exc:
         # Several JSON objects, one per line, with another extension: still fine-tuning JSONL.
         if forced is None and openai_jsonl.sniff_text(text):

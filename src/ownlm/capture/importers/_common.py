@@ -6,7 +6,10 @@ file (in `__init__.py` and `llm_logs.py`).
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -64,6 +67,31 @@ def _parse_iso(text: str) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than the parser's bound (Python's recursion limit, about 1,000 levels)."""
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads, with nesting past the parser's bound a `TooDeep` instead of a RecursionError traceback.
+
+    No export nests anywhere near that deep (a ChatGPT mapping is flat; LibreChat's nested replies are two
+    levels a message), so such a file is refused, not parsed by a deeper hand-written parser.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TooDeep(f"its JSON nests deeper than {sys.getrecursionlimit()} levels") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str | None) -> str | None:
+    """`text` with each lone surrogate (JSON's "\\ud83d" escape of half a cut emoji) replaced by U+FFFD, as a
+    UTF-8 decoder replaces a broken byte sequence: such text can be neither hashed nor stored."""
+    return _SURROGATE.sub("\ufffd", text) if isinstance(text, str) else text
 
 
 def join_text(pieces: Sequence[str], sep: str = "\n") -> str:

@@ -22,20 +22,25 @@ Two schemas exist, and a database migrated across versions can hold both, so bot
   the turn whose segment (tip back to, not including, parent_message_hash) contains a message supplies them.
   Text that reuses a stored fragment sits in `payload.text_ref` as literal/fragment pieces.
 
-The file is opened with `mode=ro`, so importing can never change someone's llm history.
+The file is opened with `mode=ro`, so importing can never change someone's llm history. (Not `immutable=1`:
+the CLI reads the live logs.db, and immutable would skip its WAL and locks.) The file is the user's, but an
+upload can be anyone's, so reading it is bounded work: the tables read must be plain tables (a view can be an
+endless recursive query, a computed column or virtual table runs code on every read), a value is at most
+`MAX_VALUE_BYTES`, and a progress handler aborts reading past a budget of SQLite VM steps that grows with
+the file's size, or past `MAX_SECONDS`.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ownlm.errors import ImportFormatError
 
-from ._common import Progress, report, str_or_none, to_timestamp, walk_to_root
+from ._common import Progress, conversation_guard, loads, report, str_or_none, to_timestamp, walk_to_root
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "llm_logs"
@@ -48,16 +53,68 @@ _LEGACY = (
     ("log", "chat_id", ("datetime_utc", "timestamp_utc", "timestamp")),
 )
 _STORE_TABLES = {"threads", "messages", "parts"}
+_READ = {t for t, _, _ in _LEGACY} | _STORE_TABLES | {"conversations", "turns", "fragments"}  # every table read
+
+# The work bound of one read. A plain read of an llm database visits each row a few times and sorts once: 0.07
+# SQLite VM steps per byte of file measured (30 MB, 140,000 messages), so STEPS_PER_BYTE leaves a wide margin;
+# the floor lets small files be read whatever their shape. 50 M steps are about 1.3 s of SQLite work.
+STEPS_PER_BYTE = 50
+MIN_STEPS = 50_000_000
+MAX_SECONDS = 600.0  # for the few expensive steps a step count does not see (large values)
+MAX_VALUE_BYTES = 64 * 1024 * 1024  # one prompt or response; llm's largest are pasted files, far below this
+_TICK = 1_000  # VM steps per progress-handler call
 
 
-def open_readonly(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+class _Budget:
+    """set_progress_handler callback: nonzero (abort the statement) once the steps or the time are spent."""
+
+    def __init__(self, steps: int, seconds: float):
+        self.ticks, self.deadline, self.spent = steps // _TICK, time.monotonic() + seconds, False
+
+    def __call__(self) -> int:
+        self.ticks -= 1
+        if self.ticks < 0 or (self.ticks % 1000 == 0 and time.monotonic() > self.deadline):
+            self.spent = True
+        return int(self.spent)
+
+
+class _Conn(sqlite3.Connection):
+    """A connection that carries its work budget (a plain sqlite3.Connection takes no new attributes)."""
+
+    budget: _Budget
+
+
+def open_readonly(path: Path, max_steps: int | None = None) -> _Conn:
+    """Open read-only with the work bound; `max_steps` (SQLite VM steps) defaults to the file size's budget."""
+    path = Path(path)
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, factory=_Conn)
     conn.row_factory = sqlite3.Row
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    if max_steps is None:
+        max_steps = max(MIN_STEPS, STEPS_PER_BYTE * path.stat().st_size)
+    conn.budget = _Budget(max_steps, MAX_SECONDS)
+    conn.set_progress_handler(conn.budget, _TICK)
     return conn
 
 
 def tables(conn: sqlite3.Connection) -> set[str]:
-    return {row[0] for row in conn.execute("select name from sqlite_master where type in ('table', 'view')")}
+    """The plain tables of the file; a view, virtual table or computed column among the tables read is refused."""
+    names = set()
+    for name, kind, sql in conn.execute("select name, type, sql from sqlite_master where type in ('table', 'view')"):
+        name = name.lower()  # SQLite resolves names without regard to case: a view `Conversations` is read too
+        if name not in _READ:
+            continue
+        if kind != "table":
+            raise ImportFormatError(f"`{name}` in this SQLite file is a {kind}, not a table: llm writes plain tables",
+                                    hint="pass the logs.db that `llm logs path` prints")
+        if (sql or "").upper().startswith("CREATE VIRTUAL"):  # SQLite keeps this prefix normalised
+            raise ImportFormatError(f"`{name}` in this SQLite file is a virtual table, not a plain one",
+                                    hint="pass the logs.db that `llm logs path` prints")
+        if any(row[6] in (2, 3) for row in conn.execute(f'pragma table_xinfo("{name}")')):
+            raise ImportFormatError(f"`{name}` in this SQLite file has computed (generated) columns, which llm never writes",
+                                    hint="pass the logs.db that `llm logs path` prints")
+        names.add(name)
+    return names
 
 
 def is_llm_logs(conn: sqlite3.Connection) -> bool:
@@ -65,14 +122,21 @@ def is_llm_logs(conn: sqlite3.Connection) -> bool:
     return any(t in names for t, _, _ in _LEGACY) or _STORE_TABLES <= names
 
 
-def parse(path: Path, progress: Progress | None = None) -> ImportResult:
+def parse(path: Path, progress: Progress | None = None, max_steps: int | None = None) -> ImportResult:
+    """Read the logs.db at `path`; `max_steps` overrides the work budget (see open_readonly)."""
+    conn = None
     try:
-        conn = open_readonly(Path(path))
+        conn = open_readonly(Path(path), max_steps)
         try:
             return _parse(conn, progress)
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        if conn is not None and conn.budget.spent:
+            raise ImportFormatError(
+                f"{path} needs more work to read than an llm logs.db of its size, so reading it was stopped",
+                hint="pass the logs.db that `llm logs path` prints, unchanged",
+            ) from None
         raise ImportFormatError(
             f"{path} could not be read as an llm logs database: {exc}",
             hint="pass the logs.db that `llm logs path` prints; if llm is writing to it right now, copy it first",
@@ -100,7 +164,8 @@ def _parse(conn: sqlite3.Connection, progress: Progress | None) -> ImportResult:
     if threads:
         store = _Store(conn, names)
         for thread in threads:
-            _append(result, done, store.thread(thread, result))
+            with conversation_guard(result, done, str_or_none(thread["id"])):  # e.g. a payload that is not JSON
+                _append(result, done, store.thread(thread, result))
             done += 1
             report(progress, done, total)
     return result
@@ -242,7 +307,7 @@ class _Store:
             if part["text"] is not None:
                 pieces.append(part["text"])
             elif part["payload"]:
-                pieces.append(self._resolve_refs(json.loads(part["payload"])))
+                pieces.append(self._resolve_refs(loads(part["payload"])))
         # Parts are exact pieces of one message; llm concatenates text parts without a separator.
         return "".join(pieces).strip()
 

@@ -12,12 +12,11 @@ kept.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ownlm.errors import ImportFormatError
 
-from ._common import Progress, conversation_guard, join_text, report
+from ._common import Progress, TooDeep, conversation_guard, join_text, loads, report
 from .base import BadConversation, ImportedConversation, ImportedMessage, ImportResult
 
 NAME = "openai_jsonl"
@@ -32,8 +31,8 @@ def sniff_text(text: str) -> bool:
     for line in text.splitlines():
         if line.strip():
             try:
-                first = json.loads(line)
-            except ValueError:
+                first = loads(line)
+            except ValueError:  # TooDeep included
                 return False
             return isinstance(first, dict) and isinstance(first.get("messages"), list)
     return False
@@ -58,7 +57,10 @@ def parse(text: str, progress: Progress | None = None) -> ImportResult:
 
 def _parse_line(number: int, line: str, result: ImportResult) -> None:
     try:
-        record = json.loads(line)
+        record = loads(line)
+    except TooDeep as exc:
+        result.bad.append(BadConversation(number, None, f"line {number}: {exc}"))
+        return
     except ValueError as exc:
         reason = f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
         result.bad.append(BadConversation(number, None, reason))
