@@ -113,7 +113,7 @@ def fuzz(url: str, token: str) -> dict:
 
 def _request(r) -> str:
     body = (r.body or b"")[:300].decode("utf-8", "replace")
-    return f"{r.method} {r.uri} {body}".strip()  # the whole URI: the query is what a known fault is told by
+    return f"{r.method} {r.uri} {body}".strip()  # the whole URI: the query is often what failed
 
 
 def _distinct(failures: list[dict]) -> list[dict]:
