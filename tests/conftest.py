@@ -114,6 +114,16 @@ def make_tiny_delta(tiny_base: Path, root: Path, seed: int = 1, scale: float = 1
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_base):
+    """A TorchEngine on `tiny_base` (CPU), shared by a module's tests."""
+    from ownlm.basemodel import load_base
+    from ownlm.engine import TorchEngine
+    from ownlm.settings import load_settings
+
+    return TorchEngine(load_base(load_settings(base=str(tiny_base), device="cpu")))
+
+
 @pytest.fixture(scope="session")
 def tiny_delta(tiny_base, tmp_path_factory):
     """See make_tiny_delta."""

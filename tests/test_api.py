@@ -7,18 +7,11 @@ import pytest
 import websockets.sync.client as ws_client
 
 from ownlm.api.app import create_app
-from ownlm.basemodel import load_base
-from ownlm.engine import TorchEngine
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from tests.servers import ThreadServer
 
 MARKER = "MARKER-api-51c0-walrus"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_base):
-    return TorchEngine(load_base(load_settings(base=str(tiny_base), device="cpu")))
 
 
 @pytest.fixture

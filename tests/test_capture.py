@@ -11,18 +11,11 @@ import httpx
 import pytest
 
 from ownlm.api.app import create_app
-from ownlm.basemodel import load_base
-from ownlm.engine import TorchEngine
 from ownlm.settings import load_settings
 from ownlm.store import NewMessage, Store
 from tests.servers import ThreadServer
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_base):
-    return TorchEngine(load_base(load_settings(base=str(tiny_base), device="cpu")))
 
 
 @pytest.fixture
