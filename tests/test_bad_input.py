@@ -17,7 +17,7 @@ import websockets.sync.client as ws_client
 
 from ownlm.engine import GenerationParams
 from ownlm.errors import ImportFormatError, InvalidInput
-from tests.test_capture import node, tiny_engine  # noqa: F401  (fixtures)
+from tests.test_capture import node  # noqa: F401  (fixture; tiny_engine comes from conftest)
 
 CHAT = "/v1/chat/completions"
 INTERACTIONS = "/api/personalization/interactions"
