@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
-from ownlm.personas import DATA_DIR  # noqa: E402
+from ownlm.evaluate.personas.fixtures import DATA_DIR  # noqa: E402
 
 
 def persona_conversations(persona: str) -> dict[str, list[dict]]:

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import added, persona_conversations  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import read_adapter  # noqa: E402
-from ownlm.dataset import DatasetConfig, build, tokenize  # noqa: E402
-from ownlm.evaluate import assistant_nll  # noqa: E402
-from ownlm.personas import PERSONAS  # noqa: E402
+from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
+from ownlm.evaluate.metrics import assistant_nll  # noqa: E402
+from ownlm.evaluate.personas.fixtures import PERSONAS  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
-from ownlm.train import TrainConfig, train  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
 
 STRATEGIES = ("retrain", "continue", "replay", "continue-steps")
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ownlm.artifact.bundle import make_bundle  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import CompressConfig, apply, compress_lora, load_delta, read_adapter, save_delta, unapply  # noqa: E402
-from ownlm.node import install  # noqa: E402
+from ownlm.node.install import install  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.store import Store  # noqa: E402
 

@@ -34,10 +34,10 @@ from ownlm.bitdelta import (  # noqa: E402
     CompressConfig, DistillConfig, compress_dense, compress_lora, distill, load_delta, read_adapter, save_delta, weight_deltas,
 )
 from ownlm.bitdelta.distill import text_batches  # noqa: E402
-from ownlm.dataset import DatasetConfig, build, tokenize  # noqa: E402
-from ownlm.evaluate import assistant_nll, kept_gain, kl_drift  # noqa: E402
+from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
+from ownlm.evaluate.metrics import assistant_nll, kept_gain, kl_drift  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
-from ownlm.train import TrainConfig, train  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
 
 
 def lora_deltas(adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
-from ownlm.capture.ingest import import_into  # noqa: E402
+from ownlm.store.imports import import_into  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import load_delta  # noqa: E402
 from ownlm.engine.torch_engine import TorchEngine  # noqa: E402
-from ownlm.eval_general import general_perplexity, mc_items, multiple_choice_accuracy  # noqa: E402
-from ownlm.evaluate import behaviour_score, delta_applied  # noqa: E402
+from ownlm.evaluate.general import general_perplexity, mc_items, multiple_choice_accuracy  # noqa: E402
+from ownlm.evaluate.metrics import behaviour_score, delta_applied  # noqa: E402
 from ownlm.loop import run_job  # noqa: E402
-from ownlm.personas import DATA_DIR, PERSONAS, probes  # noqa: E402
+from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, probes  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.store import Store  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
                 results.append({"persona": name, "state": job["state"], "reason": job["reason"]})
                 continue
             # The round's gate measured held-out NLL (base, LoRA, served 1-bit model) and drift with the eval
-            # library (ownlm.evaluate); probes and general ability are measured here with the same library.
+            # library (ownlm.evaluate.metrics); probes and general ability are measured here with the same library.
             model = store.active_model(user.id)
             delta = load_delta(model["path"], expect_base_sha256=base.sha256)
             asked = probes(PERSONAS[name])

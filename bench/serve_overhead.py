@@ -28,7 +28,7 @@ from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import CompressConfig, compress_lora, read_adapter, save_delta  # noqa: E402
 from ownlm.engine import GenerationParams, TorchEngine  # noqa: E402
 from ownlm.engine.personal import PersonalEngine  # noqa: E402
-from ownlm.node import install  # noqa: E402
+from ownlm.node.install import install  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 from ownlm.store import Store  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""LoRA training speed: the usual peft + transformers loop against ownlm.train.train, same data, same process.
+"""LoRA training speed: the usual peft + transformers loop against ownlm.learn.train.train, same data, same process.
 
 Both train LoRA r=8, alpha=16 on q_proj/v_proj of the base for one epoch over the same tokenized conversations
 (every assistant reply a target), AdamW at the same learning rate, fp32 on the CPU.
@@ -7,7 +7,7 @@ Both train LoRA r=8, alpha=16 on q_proj/v_proj of the base for one epoch over th
     attention mask, `model(input_ids, attention_mask, labels)` (full logits at every position, loss masked to
     the assistant tokens by labels=-100), clip, AdamW step.
 (b) ownlm: length-grouped batches under a token budget, right padding without a mask, the LM head only at
-    target positions, batches collated once (ownlm.train.train, checkpoint and adapter writes included).
+    target positions, batches collated once (ownlm.learn.train.train, checkpoint and adapter writes included).
 
 tokens/s counts the dataset's tokens (the same number for both) over each epoch's wall time. The machine may
 be shared: with --repeats N the two loops alternate N times and the medians are printed, and the CPU seconds
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
-from ownlm.tokens import IGNORE, TokenizedExample, tokenize_chat  # noqa: E402
-from ownlm.train import TrainConfig, train  # noqa: E402
+from ownlm.learn.tokens import IGNORE, TokenizedExample, tokenize_chat  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/fixtures/exports/sharegpt/fastchat-dummy-conversation.json"
 

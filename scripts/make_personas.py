@@ -16,7 +16,7 @@ from pathlib import Path
 # Run from a checkout without installing: the sources come first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ownlm.personas import DATA_DIR, DEFAULT_CONVERSATIONS, DEFAULT_SEED, write  # noqa: E402
+from ownlm.evaluate.personas.fixtures import DATA_DIR, DEFAULT_CONVERSATIONS, DEFAULT_SEED, write  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ownlm.attest import (
+from ownlm.privacy.attest import (
     AttestationPolicy, DcapVerifier, InsecureTestVerifier, report_data, verify_evidence,
 )
 from ownlm.errors import AttestationFailed, ConfigError

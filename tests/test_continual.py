@@ -11,12 +11,12 @@ import torch
 
 from ownlm.bitdelta import read_adapter
 from ownlm.capture.importers import parse_file
-from ownlm.capture.ingest import import_into
-from ownlm.continual import Lineage, adapter_dir, plan_round, read_lineage
+from ownlm.store.imports import import_into
+from ownlm.learn.continual import Lineage, adapter_dir, plan_round, read_lineage
 from ownlm.errors import ConfigError
 from ownlm.loop import run_job
 from ownlm.store import Store
-from ownlm.train import TrainConfig, train
+from ownlm.learn.train import TrainConfig, train
 from tests.test_loop import first_round, loop_settings, persona_file
 from tests.test_train import examples, quick, tiny  # noqa: F401  (tiny is a fixture)
 

@@ -3,12 +3,12 @@ from collections import Counter
 
 import pytest
 
-from ownlm.audit import InclusionProof, merkle_root, prove, verify
-from ownlm.dataset import DatasetConfig, build, mark_targets, paths, tokenize, windows
+from ownlm.learn.merkle import InclusionProof, merkle_root, prove, verify
+from ownlm.learn.dataset import DatasetConfig, build, mark_targets, paths, tokenize, windows
 from ownlm.errors import ConfigError, InvalidInput
-from ownlm.redact import redact
+from ownlm.learn.redact import redact
 from ownlm.store import NewMessage, Store
-from ownlm.tokens import IGNORE
+from ownlm.learn.tokens import IGNORE
 from tests.conftest import run_cli
 from tests.sqlcipher_pages import decrypted_pages
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ownlm.eval_general import (
+from ownlm.evaluate.general import (
     FILES, MCItem, choice_logliks, dolly_examples, dolly_messages, general_perplexity, lambada_accuracy,
     load_general, mc_items, multiple_choice_accuracy, pick_choice,
 )
-from ownlm.evaluate import (
+from ownlm.evaluate.metrics import (
     assistant_nll, behaviour_score, delta_applied, kept_gain, kl_drift, kl_from_logprobs,
     next_token_logprobs, personalization_score, perplexity_ratio, speed,
 )
 from ownlm.engine.base import GenerationStream
-from ownlm.personas import PERSONAS, probes
-from ownlm.tokens import IGNORE, TokenizedExample, tokenize_chat
+from ownlm.evaluate.personas.fixtures import PERSONAS, probes
+from ownlm.learn.tokens import IGNORE, TokenizedExample, tokenize_chat
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_loaders_return_the_shipped_counts():
 
 
 def test_shipped_data_is_small_and_attributed():
-    from ownlm.eval_general import DATA_DIR
+    from ownlm.evaluate.general import DATA_DIR
 
     sources = (DATA_DIR / "SOURCES.md").read_text()
     assert all(f in sources for f in FILES.values())
@@ -283,7 +283,7 @@ def test_speed_counts_completion_tokens_per_second():
 
 
 def test_report_derives_scores_round_trips_and_tabulates():
-    from ownlm.eval_report import COLUMNS, EvalReport, ModelScores
+    from ownlm.evaluate.report import COLUMNS, EvalReport, ModelScores
 
     report = EvalReport(
         base=ModelScores(heldout_nll=2.0, arc_easy=0.46, tokens_per_s=10.0),

@@ -17,10 +17,10 @@ import torch
 
 from ownlm.api.app import create_app
 from ownlm.bitdelta.format import load_delta, save_delta
-from ownlm.continual import Lineage, keep_adapter
+from ownlm.learn.continual import Lineage, keep_adapter
 from ownlm.settings import load_settings
 from ownlm.store import Store
-from ownlm.train_loop import save_checkpoint
+from ownlm.learn.steps import save_checkpoint
 from tests.servers import ThreadServer
 from tests.test_node import make
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ownlm.capture.importers import parse_file
-from ownlm.capture.ingest import import_into
+from ownlm.store.imports import import_into
 from ownlm.store import Store
 from tests.conftest import run_cli
 from tests.test_importers import CASES, EXPORTS

@@ -9,10 +9,10 @@ import pytest
 from ownlm.api.app import create_app
 from ownlm.basemodel import load_base
 from ownlm.capture.importers import parse_file
-from ownlm.capture.ingest import import_into
+from ownlm.store.imports import import_into
 from ownlm.engine.personal import PersonalEngine
 from ownlm.loop import Scheduler, run_job
-from ownlm.personas import DATA_DIR
+from ownlm.evaluate.personas.fixtures import DATA_DIR
 from ownlm.settings import load_settings
 from ownlm.store import NewMessage, Store
 from tests.servers import ThreadServer

@@ -19,9 +19,9 @@ from ownlm.artifact.seal import seal
 from ownlm.artifact.sign import generate, key_id, public_pem, sign_manifest
 from ownlm.basemodel import load_tokenizer
 from ownlm.bitdelta.format import METADATA, TENSORS, load_delta, read_metadata
-from ownlm.dataset import DatasetConfig, build, config_dict
+from ownlm.learn.dataset import DatasetConfig, build, config_dict
 from ownlm.errors import AuthError, CorruptArtifact, SignatureError, TrainedOnDeletedData
-from ownlm.node import install, recover
+from ownlm.node.install import install, recover
 from ownlm.settings import load_settings
 from ownlm.store import NewMessage, Store
 from tests.conftest import run_cli

@@ -15,7 +15,7 @@ from ownlm.artifact.manifest import model_id, signed_bytes
 from ownlm.artifact.seal import NodeKey, open_bundle
 from ownlm.artifact.sign import generate, public_pem, sign_manifest, verify_manifest
 from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, SignatureError, VersionConflict, WrongRecipient
-from ownlm.node import STAGES, install, recover, rollback
+from ownlm.node.install import STAGES, install, recover, rollback
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from tests.servers import ThreadServer

@@ -11,7 +11,7 @@ from ownlm.basemodel import load_base
 from ownlm.bitdelta import apply, load_delta
 from ownlm.engine import GenerationParams
 from ownlm.engine.personal import PersonalEngine
-from ownlm.node import install, rollback
+from ownlm.node.install import install, rollback
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from tests.conftest import make_tiny_delta

@@ -11,9 +11,9 @@ from statistics import median
 
 import pytest
 
-from ownlm import personas as P
+from ownlm.evaluate.personas import fixtures as P
 from ownlm.capture.importers import parse_file
-from ownlm.personas import PERSONAS, Persona, check_answer, generate, probes
+from ownlm.evaluate.personas.fixtures import PERSONAS, Persona, check_answer, generate, probes
 
 from .conftest import REPO
 
@@ -195,7 +195,7 @@ def test_hundred_conversations_are_15k_to_40k_tokens(shipped, embedded_checkpoin
     """The size a training run plans for, with the real SmolLM2 chat template (incl. its default system turn)."""
     from transformers import AutoTokenizer
 
-    from ownlm.tokens import tokenize_chat
+    from ownlm.learn.tokens import tokenize_chat
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_checkpoint))
     for name in NAMES:

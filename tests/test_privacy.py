@@ -1,7 +1,7 @@
 """Privacy tiers 0-2 enforced: remote training over verified TLS (tier 0), refused on tier 1, attested on tier 2.
 
 A real trainer app (`ownlm.api.trainer_app`) runs under uvicorn with TLS on 127.0.0.1, with certificates made
-here by a test CA; the node side is `ownlm.remote.train_remotely` on a real store, tiny model, 2 steps.
+here by a test CA; the node side is `ownlm.privacy.remote.train_remotely` on a real store, tiny model, 2 steps.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import os
 
 import pytest
 
-from ownlm import remote, trainer as trainer_mod
+from ownlm.privacy import remote, trainer as trainer_mod
 from ownlm.api.trainer_app import create_trainer_app
-from ownlm.attest import AttestationPolicy, InsecureTestAttester, InsecureTestVerifier, report_data
+from ownlm.privacy.attest import AttestationPolicy, InsecureTestAttester, InsecureTestVerifier, report_data
 from ownlm.basemodel import load_tokenizer
-from ownlm.dataset import DatasetConfig, build
+from ownlm.learn.dataset import DatasetConfig, build
 from ownlm.errors import (
     AttestationFailed, DeltaMismatch, PrivacyViolation, QualityGateRefused, RemoteTrainerError, SignatureError,
 )
-from ownlm.privacy import set_tier
+from ownlm.privacy.tiers import set_tier
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from tests.tls import CertAuthority, RequestLog, TLSThreadServer
@@ -295,7 +295,7 @@ def test_trainer_erases_the_job_when_it_fails_midway(node, make_trainer, monkeyp
     t = make_trainer()
     import json
 
-    from ownlm import gate
+    from ownlm.evaluate import gate
     from ownlm.artifact.seal import seal
 
     def boom(*a, **k):
@@ -344,8 +344,8 @@ def test_remote_round_from_the_store_on_tier0(home, node, make_trainer, pki):
     settings, store, _ = node
     user = store.create_user("ann", tier=0)
     from ownlm.capture.importers import parse_file
-    from ownlm.capture.ingest import import_into
-    from ownlm.personas import DATA_DIR
+    from ownlm.store.imports import import_into
+    from ownlm.evaluate.personas.fixtures import DATA_DIR
 
     path = home.parent / "bram.jsonl"
     path.write_text("\n".join((DATA_DIR / "bram.jsonl").read_text().splitlines()[:30]))

@@ -115,7 +115,7 @@ def _wait_answered_by(srv, token, want: str, timeout: float = 20) -> None:
 
 
 def test_serving_node_notices_rollback_and_deploy_from_a_shell(home, tiny_base, tiny_delta, tmp_path):
-    from ownlm.node import install
+    from ownlm.node.install import install
     from ownlm.settings import load_settings
 
     settings = load_settings(base=str(tiny_base))

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from ownlm.basemodel import load_base
-from ownlm.batching import collate, epoch_order, make_batches, plan_batches, prepare
+from ownlm.learn.batching import collate, epoch_order, make_batches, plan_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.settings import load_settings
-from ownlm.tokens import IGNORE, TokenizedExample, tokenize_chat
-from ownlm.train import TrainConfig, train
-from ownlm.train_loop import full_logits_nll, target_nll
-from ownlm.train_worker import write_examples
+from ownlm.learn.tokens import IGNORE, TokenizedExample, tokenize_chat
+from ownlm.learn.train import TrainConfig, train
+from ownlm.learn.steps import full_logits_nll, target_nll
+from ownlm.learn.worker import write_examples
 
 SIGN_OFF = "Cheers, Ada."
 QUESTIONS = [
@@ -156,7 +156,7 @@ def test_same_seed_same_adapter(tiny, tmp_path):
 
 
 def _worker(tiny_base: Path, data: Path, out: Path, config: dict) -> list[str]:
-    return [sys.executable, "-m", "ownlm.train_worker", "--base", str(tiny_base), "--train", str(data),
+    return [sys.executable, "-m", "ownlm.learn.worker", "--base", str(tiny_base), "--train", str(data),
             "--out", str(out), "--config", json.dumps(config), "--threads", "1", "--quiet"]
 
 

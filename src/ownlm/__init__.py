@@ -1,6 +1,27 @@
 """ownlm: your conversations become your personal language model, on your machine.
 
-Read the stage modules in loop order: capture → store → dataset → train → bitdelta → artifact → node → serve.
+The map, by loop stage (tests/test_layout.py keeps it true):
+
+src/ownlm/                     each stage imports only the stages above it and the shared bottom
+  errors.py settings.py fsutil.py device.py basemodel.py
+                 the shared bottom: user-facing errors with hints, the settings class, crash-safe private
+                 files, CPU/CUDA selection, the base model (resolve, fingerprint, load, cache)
+  bitdelta/      1-bit deltas, pure maths + file format: pack · quant · lora1 · dense · distill · format · apply
+                 (below learn and node: training reads adapters with it, the node checks deltas with it)
+  artifact/      manifest · sign · seal · bundle; imports bitdelta (below store: the store keeps the keys)
+  capture/       importers/: one module per export format, parsing only (no store)
+  store/         SQLCipher: migrations, users/tokens, conversations, imports (an importer's result into the
+                 store), datasets, models and the files derived from a user's data, jobs; imports capture,
+                 artifact
+  learn/         dataset (redact, merkle) → tokens → batching → train (steps) · continual · worker; imports
+                 store, bitdelta
+  engine/        the inference protocol, the torch engine, the personal engine; imports bitdelta
+  evaluate/      metrics · general · report · run · gate · personas/; imports learn, engine, artifact
+  node/          install: verify → open → install → route, rollback, prune, recover; imports store, artifact
+  privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
+  loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
+  api/           FastAPI app: OpenAI routes, personalization, models, loop, /ws/chat, dashboard, trainer_app
+  demo.py        `ownlm demo`          cli/   one module per command group (base.py: what they share)
 """
 
 __version__ = "0.1.0"

@@ -33,12 +33,12 @@ def reset_home(home: Path) -> None:
 def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max_tokens: int = 48) -> dict:
     from ownlm.basemodel import load_base
     from ownlm.capture.importers import parse_file
-    from ownlm.capture.ingest import import_into
+    from ownlm.store.imports import import_into
     from ownlm.engine import GenerationParams
     from ownlm.engine.personal import PersonalEngine
     from ownlm.loop import STAGES, run_job
     from ownlm.store.jobs import PROCESS_OWNER
-    from ownlm.personas import DATA_DIR, PERSONAS, check_answer, probes
+    from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, check_answer, probes
     from ownlm.store import Store
 
     t_start = time.perf_counter()

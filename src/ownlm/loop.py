@@ -11,7 +11,7 @@ model has a lower assistant-token NLL than the base, its drift from the base on 
 `gate_max_kl`, and the 1-bit delta keeps at least `gate_min_fidelity` of the LoRA's NLL gain. Otherwise the
 previous model keeps serving and the job records exactly why.
 
-Continual learning (continual.py): by default a round continues the serving model's fp32 adapter on the new
+Continual learning (learn/continual.py): by default a round continues the serving model's fp32 adapter on the new
 examples plus a replayed sample of older ones, instead of retraining on the whole history; the job's result
 says which strategy ran and why (a round retrains from scratch after a delete, a rollback or a base change).
 """
@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ownlm.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapter, plan_round, read_lineage
+from ownlm.learn.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapter, plan_round, read_lineage
 from ownlm.errors import OwnlmError
 from ownlm.settings import Settings
 from ownlm.store import Store
@@ -87,8 +87,8 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
 
 def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, owner: str) -> dict:
     from ownlm.basemodel import load_base
-    from ownlm.dataset import DatasetConfig, build, config_dict, tokenize
-    from ownlm.train import TrainConfig, train
+    from ownlm.learn.dataset import DatasetConfig, build, config_dict, tokenize
+    from ownlm.learn.train import TrainConfig, train
 
     job = store.job(job_id)
     user = store.get_user(job["user_id"])
@@ -115,7 +115,7 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
             raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
         figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
 
-        # 2. train: from the serving model's adapter on the new data, or afresh (continual.py says when)
+        # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
         tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s)
         plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
         figures.update(continual=plan.summary())
@@ -134,7 +134,7 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         update(stage="compress", progress=0.0)
 
         # 3. compress, 4. gate
-        from ownlm.gate import compress_adapter, judge
+        from ownlm.evaluate.gate import compress_adapter, judge
 
         delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
         update(stage="gate", progress=0.0)
@@ -146,7 +146,7 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         # 5. bundle (signed with the user's key, sealed to this node), 6. deploy
         update(stage="bundle", progress=0.0)
         from ownlm.artifact.bundle import make_bundle
-        from ownlm.node import install
+        from ownlm.node.install import install
 
         latest = store.models(user.id)
         report_dict = json.loads(report.to_json())

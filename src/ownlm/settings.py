@@ -57,7 +57,7 @@ class Personalization(BaseModel):
         default="replay",
         description="How a round relates to the previous one: retrain on all data, continue the serving model's "
                     "adapter on the new data, or continue on the new data plus replayed older data "
-                    "(measured by bench/continual.py; see continual.py for when a round retrains anyway).")
+                    "(measured by bench/continual.py; see learn/continual.py for when a round retrains anyway).")
     replay: float = Field(
         default=0.5, ge=0, le=10, description="With continual='replay': older examples replayed per new example.")
 
@@ -75,7 +75,7 @@ class Remote(BaseModel):
         default=None, description="PEM file of the CA certificate(s) the trainer's TLS certificate must chain to.")
     attestation_policy: Path | None = Field(
         default=None, description="JSON policy for tier 2: allowed measurements, TCB statuses, verifier "
-        "(see ownlm.attest.AttestationPolicy). Without it tier 2 refuses to send.")
+        "(see ownlm.privacy.attest.AttestationPolicy). Without it tier 2 refuses to send.")
     timeout_s: float = Field(default=3600, gt=0, description="Seconds to wait for the trainer to return a bundle.")
 
     @field_validator("trainer_url")

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ownlm import __version__
 from ownlm.engine import Engine
 from ownlm.errors import OwnlmError
+from ownlm.api.spec import error_body
 from ownlm.settings import Settings
 from ownlm.store import Store
 
@@ -33,10 +34,6 @@ DATA_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-ac
 # page runs under DASHBOARD_CSP (no inline script, no CDN: users have no internet at run time either).
 # ReDoc is off: its bundle injects inline styles that policy refuses, and one docs page is enough.
 DOCS_ASSETS = importlib.resources.files("fastapi_offline") / "static"
-
-
-def error_body(kind: str, message: str, hint: str | None) -> dict:
-    return {"error": {"type": kind, "message": message, "hint": hint}}
 
 
 class BodyLimit:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from ownlm.api.deps import StoreDep, UserDep
 from ownlm.api.fields import StrictInt
 from ownlm.api.spec import errors
-from ownlm.privacy import TIERS, set_tier
+from ownlm.privacy.tiers import TIERS, set_tier
 
 router = APIRouter(prefix="/api/personalization", tags=["loop"])
 

@@ -21,7 +21,7 @@ BUNDLE_BODY = {"requestBody": {"required": True, "description": "a sealed bundle
 @router.post("/deploy", responses=errors(403, 404, 409), openapi_extra=BUNDLE_BODY)
 async def deploy(request: Request, user: UserDep, store: StoreDep, rollback: bool = False) -> dict:
     """Install a sealed bundle (body: the .ownlm bytes) for the authenticated user; route them to it."""
-    from ownlm.node import install
+    from ownlm.node.install import install
 
     data = await request.body()
     settings = request.app.state.settings
@@ -50,7 +50,7 @@ class RollbackBody(BaseModel):
 
 @router.post("/rollback", responses=errors(404))
 def rollback(body: RollbackBody, request: Request, user: UserDep, store: StoreDep) -> dict:
-    from ownlm.node import rollback as do_rollback
+    from ownlm.node.install import rollback as do_rollback
 
     m = do_rollback(store, user.id, body.target)
     reload = getattr(request.app.state, "on_model_change", None)

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ownlm.api.app import error_body
+from ownlm.api.spec import error_body
 from ownlm.api.deps import EngineDep, StoreDep, UserDep
 from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.spec import errors

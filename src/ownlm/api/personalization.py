@@ -133,7 +133,7 @@ def import_export(
 ) -> dict:
     """Import an uploaded export for the authenticated user; returns what was stored, skipped and refused."""
     from ownlm.capture.importers import parse_file
-    from ownlm.capture.ingest import import_into
+    from ownlm.store.imports import import_into
 
     name = Path(file.filename or "upload").name
     # the importers read paths (SQLite needs one, .jsonl is told by its suffix): keep the upload's suffix

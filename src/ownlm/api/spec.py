@@ -19,6 +19,11 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+def error_body(kind: str, message: str, hint: str | None) -> dict:
+    """The error body as JSON (ErrorResponse's shape); every route, the WebSocket and the middlewares send it."""
+    return {"error": {"type": kind, "message": message, "hint": hint}}
+
+
 class ErrorDetail(BaseModel):
     type: str = Field(description="the error's class, e.g. AuthError, NotFound, InvalidInput")
     message: str = Field(description="what went wrong")

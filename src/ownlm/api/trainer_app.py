@@ -5,7 +5,7 @@
     GET  /trainer/attestation?nonce=HEX  tier 2: evidence binding the HPKE key and the 32-byte nonce (404 outside a TEE)
     POST /trainer/jobs                   body: a sealed job (application/octet-stream); answer: the sealed bundle
 
-Routes are thin: everything happens in `ownlm.trainer.Trainer`. Serve it over TLS only (uvicorn's
+Routes are thin: everything happens in `ownlm.privacy.trainer.Trainer`. Serve it over TLS only (uvicorn's
 ssl_certfile/ssl_keyfile, `ownlm trainer --ssl-certfile ... --ssl-keyfile ...`).
 """
 
@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ownlm import __version__
-from ownlm.api.app import BodyLimit, SecurityHeaders, error_body, serve_docs
+from ownlm.api.app import BodyLimit, SecurityHeaders, serve_docs
+from ownlm.api.spec import error_body
 from ownlm.errors import InvalidInput, NotFound, OwnlmError
-from ownlm.trainer import Trainer
+from ownlm.privacy.trainer import Trainer
 
 
 def create_trainer_app(trainer: Trainer, max_body_bytes: int = 256 * 1024 * 1024) -> FastAPI:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ownlm.api.app import error_body
+from ownlm.api.spec import error_body
 from ownlm.api.deps import bearer
 from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.openai_routes import _answered_by, start

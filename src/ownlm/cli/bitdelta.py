@@ -7,14 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from ownlm.bitdelta.config import GRANULARITIES, LOSSES, SCALE_DTYPES, CompressConfig, DistillConfig
-from ownlm.cli import Context, cli, pass_ctx
+from ownlm.cli.base import Context, cli, console, pass_ctx
 from ownlm.errors import ConfigError, InvalidInput
 
-console = Console()
 
 
 def _empty_out(out: str) -> Path:

@@ -9,9 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx, user_option
-from ownlm.cli.model import console
-from ownlm.cli.store import cli_store
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 from ownlm.errors import InvalidInput
 
 
@@ -31,7 +29,7 @@ def dataset() -> None:
 def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact, variants) -> None:
     """Turn the user's conversations into examples (targets, edits, redaction, split) with a Merkle root."""
     from ownlm.basemodel import load_tokenizer
-    from ownlm.dataset import DatasetConfig, build, config_dict
+    from ownlm.learn.dataset import DatasetConfig, build, config_dict
 
     settings = ctx.settings(user=user)
     cfg = DatasetConfig(max_seq_len=max_seq_len, heldout_fraction=heldout, min_examples=min_examples,
@@ -79,7 +77,7 @@ def audit() -> None:
 @pass_ctx
 def audit_prove(ctx: Context, example: int, dataset_id, user, out) -> None:
     """Print an inclusion proof that EXAMPLE (its index) is in the dataset's Merkle root."""
-    from ownlm.audit import prove
+    from ownlm.learn.merkle import prove
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
@@ -103,8 +101,8 @@ def audit_prove(ctx: Context, example: int, dataset_id, user, out) -> None:
 @click.option("--root", help="Check against this Merkle root (e.g. from a signed manifest) instead of the proof's own.")
 def audit_verify(proof_file: Path, root: str | None) -> None:
     """Check a proof: the example's hash and its path must lead to the root. Exit 1 if not."""
-    from ownlm.audit import InclusionProof, verify
-    from ownlm.tokens import example_sha256
+    from ownlm.learn.merkle import InclusionProof, verify
+    from ownlm.learn.tokens import example_sha256
 
     try:
         doc = json.loads(proof_file.read_text())

@@ -9,9 +9,7 @@ from datetime import datetime
 import click
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx, user_option
-from ownlm.cli.model import console
-from ownlm.cli.store import cli_store
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 
 
 @cli.command("train")
@@ -33,7 +31,7 @@ def train_cmd(ctx: Context, user, max_steps, time_budget, epochs, remote) -> Non
     overrides = {k: v for k, v in {"max_steps": max_steps, "time_budget_s": time_budget, "epochs": epochs}.items() if v}
     settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(update=overrides)})
     if remote:
-        from ownlm.remote import remote_round
+        from ownlm.privacy.remote import remote_round
 
         with cli_store(settings) as store:
             built, res = remote_round(store, settings, ctx.user(store, settings))
@@ -104,7 +102,7 @@ def privacy() -> None:
 @pass_ctx
 def privacy_show(ctx: Context, user) -> None:
     """Show the tier and what each tier means."""
-    from ownlm.privacy import TIERS
+    from ownlm.privacy.tiers import TIERS
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
@@ -120,7 +118,7 @@ def privacy_show(ctx: Context, user) -> None:
 @pass_ctx
 def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
     """Set the privacy tier (recorded in the audit log)."""
-    from ownlm.privacy import set_tier
+    from ownlm.privacy.tiers import set_tier
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
@@ -156,7 +154,7 @@ def demo(ctx: Context, persona: str, time_budget: float, lr: float) -> None:
 @pass_ctx
 def eval_cmd(ctx: Context, model, user, quick, as_json, plot) -> None:
     """Measure the personal model against the base: personalization, behaviour, drift, compression, speed."""
-    from ownlm.eval_run import evaluate_user, plot_versions, to_json
+    from ownlm.evaluate.run import evaluate_user, plot_versions, to_json
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:

@@ -7,13 +7,11 @@ import sys
 import time
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from ownlm import __version__
-from ownlm.cli import Context, cli, pass_ctx, user_option
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 
-console = Console()
 
 
 def model_options(f):
@@ -83,7 +81,6 @@ def chat(ctx: Context, prompt: str | None, base, device, user, base_model, max_t
     conversation."""
     import uuid
 
-    from ownlm.cli.store import cli_store
     from ownlm.engine import GenerationParams
     from ownlm.engine.personal import PersonalEngine
     from ownlm.store import NewMessage

@@ -10,9 +10,7 @@ import click
 from rich import box
 from rich.table import Table
 
-from ownlm.cli import Context, cli, pass_ctx, user_option
-from ownlm.cli.model import console
-from ownlm.cli.store import cli_store
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 from ownlm.errors import InvalidInput
 
 
@@ -75,7 +73,7 @@ def deploy(ctx: Context, bundle_file: Path, node_url: str | None, token: str | N
             raise InvalidInput(f"the node refused the bundle: {err.get('message')}", hint=err.get("hint"))
         console.print(f"deployed {body['model_id']} (v{body['version']}) to {node_url} in {body['seconds']:.3f} s")
         return
-    from ownlm.node import install
+    from ownlm.node.install import install
 
     settings = ctx.settings()
     with cli_store(settings) as store:
@@ -137,7 +135,7 @@ def _show(obj, indent: int = 0) -> None:
 @pass_ctx
 def rollback_cmd(ctx: Context, target: str | None, user) -> None:
     """Serve an earlier version (default: the one before the active one), or TARGET=base for the base model."""
-    from ownlm.node import rollback
+    from ownlm.node.install import rollback
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:

@@ -10,9 +10,8 @@ import socket
 
 import click
 
-from ownlm.cli import Context, cli, pass_ctx
-from ownlm.cli.model import console, load_with_status, model_options
-from ownlm.cli.store import cli_store
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx
+from ownlm.cli.model import load_with_status, model_options
 from ownlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def serve(ctx: Context, base, device, host, port, no_model) -> None:
     from ownlm.api.app import create_app
     from ownlm.engine.personal import PersonalEngine
     from ownlm.loop import Scheduler
-    from ownlm.node import recover
+    from ownlm.node.install import recover
 
     settings = ctx.settings(base=base, device=device, host=host, port=port)
     sock = listen(settings.host, settings.port)  # before the slow model load, and before saying "listening"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -11,22 +9,9 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ownlm.capture.ingest import import_into
-from ownlm.cli import Context, cli, pass_ctx, user_option
-from ownlm.cli.model import console
+from ownlm.store.imports import import_into
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 from ownlm.errors import InvalidInput
-from ownlm.settings import Settings
-
-
-def cli_store(settings: Settings):
-    """Open the store, asking for the passphrase on a terminal when the store has one and none was given."""
-    from ownlm.store import Store
-    from ownlm.store.keys import is_passphrase_protected
-
-    passphrase = os.environ.get("OWNLM_PASSPHRASE")
-    if passphrase is None and is_passphrase_protected(settings.home) and sys.stdin.isatty():
-        passphrase = click.prompt("store passphrase", hide_input=True)
-    return Store(settings.home, passphrase)
 
 
 @cli.command("import")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ownlm.cli import Context, cli, pass_ctx
-from ownlm.cli.model import console, model_options
+from ownlm.cli.base import Context, cli, console, pass_ctx
+from ownlm.cli.model import model_options
 
 
 @cli.command()
@@ -21,7 +21,7 @@ def trainer(ctx: Context, base, device, host, port, ssl_certfile, ssl_keyfile) -
     import uvicorn
 
     from ownlm.api.trainer_app import create_trainer_app
-    from ownlm.trainer import Trainer
+    from ownlm.privacy.trainer import Trainer
 
     settings = ctx.settings(base=base, device=device)
     t = Trainer(settings)

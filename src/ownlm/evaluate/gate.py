@@ -1,6 +1,6 @@
 """The quality gate: is the compressed personal model good enough to deploy?
 
-Three tests, all measured, none assumed (definitions in ownlm.evaluate):
+Three tests, all measured, none assumed (definitions in ownlm.evaluate.metrics):
 1. it beats the base on the user's held-out conversations: NLL_compressed < NLL_base * (1 - gate_min_gain);
 2. it does not drift far from the base on generic prompts: KL(base || personal) <= gate_max_kl nats/token,
    on Dolly instructions (the first 32 tokens of each reference answer, where a persona pulls hardest);
@@ -15,7 +15,7 @@ from ownlm.basemodel import BaseModel
 from ownlm.bitdelta import CompressConfig, compress_lora, load_delta, read_adapter, save_delta
 from ownlm.bitdelta.delta import Delta
 from ownlm.settings import Personalization
-from ownlm.tokens import TokenizedExample
+from ownlm.learn.tokens import TokenizedExample
 
 DRIFT_PROMPTS = 64  # Dolly instructions used for the drift check
 DRIFT_POSITIONS = 1024
@@ -30,8 +30,8 @@ def compress_adapter(adapter_dir: Path, out_dir: Path, base: BaseModel) -> Delta
 
 def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report, cfg: Personalization) -> dict:
     """The gate's figures and verdict: {passed, reason, heldout_loss_*, personalization_score, fidelity, kl_drift}."""
-    from ownlm.eval_general import dolly_examples
-    from ownlm.evaluate import assistant_nll, delta_applied, kept_gain, kl_drift, personalization_score
+    from ownlm.evaluate.general import dolly_examples
+    from ownlm.evaluate.metrics import assistant_nll, delta_applied, kept_gain, kl_drift, personalization_score
 
     nll_base, nll_lora = report.heldout_loss_base, report.heldout_loss_personal
     with delta_applied(base.model, delta, base.sha256):
@@ -69,7 +69,7 @@ def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg
     from types import SimpleNamespace
 
     from ownlm.artifact.bundle import MANIFEST
-    from ownlm.evaluate import assistant_nll
+    from ownlm.evaluate.metrics import assistant_nll
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in verified.files.items():

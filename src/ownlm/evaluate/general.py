@@ -24,10 +24,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ownlm.evaluate import NLLResult, Scored, nll_result, token_logprobs
-from ownlm.tokens import IGNORE, TokenizedExample, tokenize_chat
+from ownlm.evaluate.metrics import NLLResult, Scored, nll_result, token_logprobs
+from ownlm.learn.tokens import IGNORE, TokenizedExample, tokenize_chat
 
-DATA_DIR = Path(__file__).parent / "data" / "general"
+DATA_DIR = Path(__file__).parents[1] / "data" / "general"
 FILES = {
     "dolly": "dolly15k_first200.jsonl",
     "arc_easy": "arc_easy_test_200.jsonl",

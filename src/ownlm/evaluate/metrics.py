@@ -1,7 +1,7 @@
 """Evaluation: does a personal model beat its base on the user's held-out chats, and what did it cost?
 
 Pure functions over models, tokenizers and data (no store, no CLI). General-ability benchmarks live in
-`ownlm.eval_general`, the JSON-able report in `ownlm.eval_report`.
+`ownlm.evaluate.general`, the JSON-able report in `ownlm.evaluate.report`.
 
 Metrics (NLL in nats per token, natural log throughout)
 -------------------------------------------------------
@@ -16,8 +16,8 @@ Metrics (NLL in nats per token, natural log throughout)
   possible; undefined, None, when the personal model does not beat the base).
 - **KL drift** (`kl_drift`): mean over scored positions of KL(p_base || p_personal) of the next-token
   distributions (nats), on generic prompts (Dolly instructions in the chat template, see
-  `eval_general.dolly_examples`). It measures how far the personal model moved away from the base where the
-  user's data says nothing; general benchmarks (`eval_general`) say whether that movement hurt.
+  `general.dolly_examples`). It measures how far the personal model moved away from the base where the
+  user's data says nothing; general benchmarks (`evaluate.general`) say whether that movement hurt.
 - **Behaviour score** (`behaviour_score`): share of persona probe questions whose greedy answer passes the
   probe's check, overall and per kind (fact / style).
 - **Speed** (`speed`): completion tokens per second of greedy generation, prompt processing included,
@@ -44,8 +44,8 @@ from torch import nn
 
 from ownlm.bitdelta import Delta, apply, check_fits, unapply
 from ownlm.engine.base import GenerationParams
-from ownlm.personas import check_answer
-from ownlm.tokens import IGNORE, TokenizedExample
+from ownlm.evaluate.personas.fixtures import check_answer
+from ownlm.learn.tokens import IGNORE, TokenizedExample
 
 HEAD_CHUNK = 512  # rows of hidden states sent through the LM head at once (see module doc)
 

@@ -6,7 +6,7 @@ and as table rows. A metric that was not computed is None (JSON null, "—" in t
     json.dumps(report.to_dict())          # derived scores included
     columns, rows = report.to_table()     # rich: Table(*columns); for r in rows: table.add_row(*r)
 
-Definitions of the metrics: see `ownlm.evaluate`. Filling one from a base and a delta, one model in memory:
+Definitions of the metrics: see `ownlm.evaluate.metrics`. Filling one from a base and a delta, one model in memory:
 
     base = load_base(settings); m, tok = base.model, base.tokenizer
     b = ModelScores(heldout_nll=assistant_nll(m, heldout).mean_nll, arc_easy=multiple_choice_accuracy(
@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from ownlm.evaluate import kept_gain, perplexity_ratio, personalization_score
+from ownlm.evaluate.metrics import kept_gain, perplexity_ratio, personalization_score
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ModelScores:
     heldout_nll: float | None = None  # nats per held-out assistant token (evaluate.assistant_nll)
     heldout_perplexity: float | None = None  # exp(heldout_nll)
     kl_drift: float | None = None  # KL(base || this model), nats per position on Dolly prompts; None for the base
-    wikitext_perplexity: float | None = None  # per token (eval_general.general_perplexity)
+    wikitext_perplexity: float | None = None  # per token (general.general_perplexity)
     arc_easy: float | None = None  # accuracy 0..1 (log-likelihood, acc_norm by characters)
     piqa: float | None = None  # accuracy 0..1
     hellaswag: float | None = None  # accuracy 0..1

@@ -13,8 +13,8 @@ import math
 
 from ownlm.bitdelta import load_delta
 from ownlm.errors import NotFound
-from ownlm.eval_report import EvalReport, ModelScores
-from ownlm.tokens import TokenizedExample, tokenize_chat
+from ownlm.evaluate.report import EvalReport, ModelScores
+from ownlm.learn.tokens import TokenizedExample, tokenize_chat
 
 
 class _UserEngine:
@@ -45,9 +45,9 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     from ownlm.basemodel import load_base
     from ownlm.engine.personal import PersonalEngine
     from ownlm.engine.torch_engine import TorchEngine
-    from ownlm.eval_general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
-    from ownlm.evaluate import assistant_nll, behaviour_score, delta_applied, kl_drift, speed
-    from ownlm.personas import PERSONAS, probes
+    from ownlm.evaluate.general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
+    from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, speed
+    from ownlm.evaluate.personas.fixtures import PERSONAS, probes
 
     chosen = store.model(user.id, model) if model else store.active_model(user.id)
     if chosen is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ownlm.tokens import IGNORE, TokenizedExample
+from ownlm.learn.tokens import IGNORE, TokenizedExample
 
 
 @dataclass

@@ -24,14 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ownlm.fsutil import atomic_write, make_private, mkdir_private
+from ownlm.store.models import adapter_dir, forget  # the store owns what is derived from a user's data on disk
 
 LINEAGE = "lineage.json"
 STRATEGIES = ("retrain", "continue", "replay")
-
-
-def adapter_dir(home: Path, user_id: str) -> Path:
-    """Where the fp32 adapter behind the user's serving model is kept."""
-    return Path(home) / "adapters" / user_id
 
 
 @dataclass(frozen=True)
@@ -77,11 +73,6 @@ def keep_adapter(home: Path, user_id: str, adapter: Path, lineage: Lineage) -> N
     shutil.copytree(adapter, dest)  # copies the source's modes: made private below (adapters/ is 0700 meanwhile)
     make_private(dest)
     atomic_write(dest / LINEAGE, json.dumps(asdict(lineage), indent=1))
-
-
-def forget(home: Path, user_id: str) -> None:
-    """Remove the kept adapter (after a delete of the user's data, or before keeping a newer one)."""
-    shutil.rmtree(adapter_dir(home, user_id), ignore_errors=True)
 
 
 def plan_round(

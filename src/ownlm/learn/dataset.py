@@ -15,10 +15,10 @@ import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ownlm.audit import merkle_root
+from ownlm.learn.merkle import merkle_root
 from ownlm.errors import ConfigError, InvalidInput
-from ownlm.redact import redact
-from ownlm.tokens import TokenizedExample, example_sha256, tokenize_chat
+from ownlm.learn.redact import redact
+from ownlm.learn.tokens import TokenizedExample, example_sha256, tokenize_chat
 
 
 @dataclass

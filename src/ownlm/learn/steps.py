@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ownlm.batching import Batch
+from ownlm.learn.batching import Batch
 from ownlm.fsutil import atomic_write, fsync_dir, mkdir_private, replace_dir  # noqa: F401 (re-exported for train.py)
-from ownlm.tokens import IGNORE
+from ownlm.learn.tokens import IGNORE
 
 CHECKPOINT_FORMAT = 1
 LATEST = "LATEST"  # file in out_dir/checkpoint/ naming the newest complete step directory
@@ -46,7 +46,7 @@ def target_nll(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -
     ids = batch.input_ids.to(device)  # (B, T)
     labels = batch.labels.to(device)  # (B, T)
     with autocast_for(device):
-        # Right-padded rows need no attention mask under causal attention (see ownlm.batching).
+        # Right-padded rows need no attention mask under causal attention (see ownlm.learn.batching).
         hidden = causal_lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
         mask = targets != IGNORE

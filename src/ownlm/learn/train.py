@@ -8,7 +8,7 @@ the base is frozen (no weight gradients) and torch uses one thread per physical 
 runs under bf16 autocast with fp32 LoRA weights.
 
 Resumable: every `checkpoint_every_steps` steps and at the end, out_dir/checkpoint/ gets the adapter, the
-AdamW state and the loop position (see ownlm.train_loop); running the same call again after a crash continues
+AdamW state and the loop position (see ownlm.learn.steps); running the same call again after a crash continues
 from there and ends with the same weights as an uninterrupted run (CPU). A non-finite loss or gradient raises
 TrainingDiverged and leaves any previous out_dir/adapter untouched.
 """
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from ownlm.basemodel import BaseModel
-from ownlm.batching import epoch_order, make_batches, prepare
+from ownlm.learn.batching import epoch_order, make_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.fsutil import mkdir_private
-from ownlm.tokens import TokenizedExample
-from ownlm.train_loop import (
+from ownlm.learn.tokens import TokenizedExample
+from ownlm.learn.steps import (
     all_finite, atomic_write, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
     restore_optimizer, save_checkpoint, set_rng_state, supports_target_only_head, target_nll,
 )

@@ -1,6 +1,6 @@
-"""Run `ownlm.train.train` from files, in its own process, and a rich progress renderer for the CLI.
+"""Run `ownlm.learn.train.train` from files, in its own process, and a rich progress renderer for the CLI.
 
-    python -m ownlm.train_worker --base DIR_OR_embedded --train train.jsonl [--heldout heldout.jsonl] \
+    python -m ownlm.learn.worker --base DIR_OR_embedded --train train.jsonl [--heldout heldout.jsonl] \
         --out OUT_DIR [--config '{"lr": 1e-4, "epochs": 2}'] [--dataset '{"merkle_root": "..."}'] \
         [--device cpu] [--threads N] [--no-resume] [--quiet]
 
@@ -8,7 +8,7 @@ Examples files are JSONL, one TokenizedExample per line: {"input_ids": [...], "l
 "conversation_id": "...", "sha256": "..."}. Running the same command again after a crash (even kill -9)
 resumes from out_dir/checkpoint/. Exit status 0 on success, 1 with one `error: ...` line on an OwnlmError.
 `run_training` is the same thing in process (`ownlm train` runs a whole learning round instead, see
-ownlm.loop, which calls `ownlm.train.train` directly).
+ownlm.loop, which calls `ownlm.learn.train.train` directly).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ownlm.errors import InvalidInput, OwnlmError
-from ownlm.tokens import TokenizedExample
-from ownlm.train import TrainConfig, TrainProgress, TrainReport, train
+from ownlm.learn.tokens import TokenizedExample
+from ownlm.learn.train import TrainConfig, TrainProgress, TrainReport, train
 
 
 def write_examples(path: Path, examples: list[TokenizedExample]) -> None:
@@ -83,7 +83,7 @@ def run_training(settings, train_examples, heldout, config: TrainConfig, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ownlm.train_worker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ownlm.learn.worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="'embedded', a .gguf file or a checkpoint directory")
     ap.add_argument("--train", required=True, type=Path, help="JSONL of tokenized training examples")
     ap.add_argument("--heldout", type=Path, help="JSONL of tokenized held-out examples")

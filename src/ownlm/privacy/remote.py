@@ -9,7 +9,7 @@ In order, and nothing is sent before its check passes:
 3. the trainer is reached over HTTPS only, its certificate verified against `ca_file` (hostname included);
    an unverifiable certificate refuses the job (RemoteTrainerError);
 4. tier 2 only: a fresh nonce goes to the trainer, its attestation evidence is verified against the node's
-   policy and must bind the trainer's HPKE public key and the nonce (`ownlm.attest`); only then may data go;
+   policy and must bind the trainer's HPKE public key and the nonce (`ownlm.privacy.attest`); only then may data go;
 5. the job (examples, training settings, this node's HPKE public key, user name, base sha256) is sealed with
    HPKE to the trainer's key, the transfer is written to the audit log (destination, Merkle root, example
    count — never content), and sent;
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from ownlm import privacy
+from ownlm.privacy import tiers as privacy
 from ownlm.errors import AttestationFailed, ConfigError, PrivacyViolation, QualityGateRefused, RemoteTrainerError
 from ownlm.settings import Settings
 from ownlm.store import Store, User
@@ -98,7 +98,7 @@ class TrainerClient:
 
 def job_document(user: User, built, node_pubkey: dict, base_sha256: str, settings: Settings, version: int,
                  previous: str | None) -> dict:
-    """The job.json a trainer receives (see ownlm.trainer)."""
+    """The job.json a trainer receives (see ownlm.privacy.trainer)."""
     cfg = settings.personalization
     return {
         "version": 1, "user": user.name, "base_sha256": base_sha256, "node_pubkey": node_pubkey,
@@ -120,7 +120,7 @@ def remote_round(store: Store, settings: Settings, user: User, **kw):
     """One round on the remote trainer from the user's stored conversations (redacted dataset); see train_remotely.
     The tier is checked before the dataset is even built."""
     from ownlm.basemodel import load_tokenizer
-    from ownlm.dataset import DatasetConfig, build
+    from ownlm.learn.dataset import DatasetConfig, build
 
     check_tier(store, user, kw.get("trainer_url") or settings.remote.trainer_url)
     conversations, feedback = store.training_view(user.id)
@@ -139,7 +139,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     """
     from ownlm.artifact.seal import load_public, seal
     from ownlm.basemodel import base_sha256, resolve_base
-    from ownlm.node import install_verified, open_verified
+    from ownlm.node.install import install_verified, open_verified
 
     url = trainer_url or settings.remote.trainer_url
     destination = url or "a remote trainer"
@@ -151,14 +151,14 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
         raise ConfigError("no remote trainer configured", hint="set remote.trainer_url (OWNLM_REMOTE__TRAINER_URL)")
     if tier == 2:
         if policy is None:
-            from ownlm.attest import AttestationPolicy
+            from ownlm.privacy.attest import AttestationPolicy
 
             if settings.remote.attestation_policy is None:
                 raise AttestationFailed("tier 2 needs an attestation policy and none is configured; nothing was sent",
                                         hint="set remote.attestation_policy to a JSON policy file")
             policy = AttestationPolicy.from_file(settings.remote.attestation_policy)
         if verifier is None:
-            from ownlm.attest import verifier_for
+            from ownlm.privacy.attest import verifier_for
 
             verifier = verifier_for(policy)
 
@@ -167,7 +167,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
         _, trainer_kid = load_public(trainer_pub)
         detail: dict = {"destination": url, "tier": tier, "trainer_key": trainer_kid}
         if tier == 2:
-            from ownlm.attest import NONCE_BYTES, verify_evidence
+            from ownlm.privacy.attest import NONCE_BYTES, verify_evidence
 
             nonce = secrets.token_bytes(NONCE_BYTES)
             evidence = tc.request("GET", "/trainer/attestation", params={"nonce": nonce.hex()}).json()
@@ -185,7 +185,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
         del doc
         # The dataset is recorded like a local round's: the model that comes back names its Merkle root, and
         # the right to delete finds through it which conversations the model learned (Store.delete_data).
-        from ownlm.dataset import config_dict
+        from ownlm.learn.dataset import config_dict
 
         store.save_dataset(user.id, built, config_dict(built.config))
         with store.tx() as db:  # recorded before sending: if anything left the machine, the log says so
@@ -213,8 +213,8 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
 
 def _judge_received(settings: Settings, built, verified) -> dict:
     from ownlm.basemodel import load_base
-    from ownlm.dataset import tokenize
-    from ownlm.gate import judge_bundle
+    from ownlm.learn.dataset import tokenize
+    from ownlm.evaluate.gate import judge_bundle
 
     base = load_base(settings)
     held = tokenize(built.split("heldout"), base.tokenizer)

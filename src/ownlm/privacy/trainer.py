@@ -8,8 +8,8 @@ format as a model bundle, `ownlm.artifact.seal`) addressed to this trainer's key
      "model_version": int, "previous": model id | null,
      "examples": [{"conversation_id", "split": "train"|"heldout", "messages": [{role, content, target}]}]}
 
-The trainer opens it, checks it (its base, the examples' Merkle root), trains a LoRA (`ownlm.train`), compresses
-it to a lora1 BitDelta (`ownlm.gate.compress_adapter`), signs the manifest with the trainer's own signing key
+The trainer opens it, checks it (its base, the examples' Merkle root), trains a LoRA (`ownlm.learn.train`), compresses
+it to a lora1 BitDelta (`ownlm.evaluate.gate.compress_adapter`), signs the manifest with the trainer's own signing key
 and seals the bundle to the node's key (`make_bundle`). Whatever happens, the job's work directory is then
 erased (files overwritten with zeros, fsynced, removed) and nothing of the job is kept: no data, no adapter, no
 log line with content. (Overwriting is best effort on SSDs and copy-on-write file systems; the trainer's home
@@ -107,7 +107,7 @@ def parse_job(raw: bytes) -> dict:
             raise ValueError(f"train_config may only set {', '.join(JOB_TRAIN_KEYS)}, not {', '.join(extra)}")
         load_public(job["node_pubkey"])
     except (ValueError, TypeError, AttributeError) as e:
-        raise InvalidInput(f"the training job is malformed ({e})", hint="send it with ownlm.remote.train_remotely") from None
+        raise InvalidInput(f"the training job is malformed ({e})", hint="send it with ownlm.privacy.remote.train_remotely") from None
     return job
 
 
@@ -154,10 +154,10 @@ class Trainer:
 
     def _train(self, job: dict, work: Path) -> bytes:
         from ownlm.artifact.bundle import make_bundle
-        from ownlm.audit import merkle_root
-        from ownlm.dataset import Example, tokenize
-        from ownlm.gate import compress_adapter
-        from ownlm.train import TrainConfig, train
+        from ownlm.learn.merkle import merkle_root
+        from ownlm.learn.dataset import Example, tokenize
+        from ownlm.evaluate.gate import compress_adapter
+        from ownlm.learn.train import TrainConfig, train
 
         examples = [Example(str(e.get("conversation_id", "")), e["messages"], e["split"]) for e in job["examples"]]
         root = merkle_root([e.sha256 for e in examples]) if examples else ""

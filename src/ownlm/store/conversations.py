@@ -30,8 +30,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ownlm.continual import forget
 from ownlm.errors import InvalidInput, NotFound
+from ownlm.store.models import forget
 
 ROLES = ("system", "user", "assistant")
 PREVIEW_CHARS = 80
@@ -424,7 +424,7 @@ class ConversationsMixin:
         # deleted, and node.recover removes them at the next start.
         self.remove_model_files(user_id, models["models_removed"])
         # The adapter kept for continual learning learned from these messages: it goes too (the next round
-        # retrains from scratch; see continual.py).
+        # retrains from scratch; see learn/continual.py).
         forget(self.home, user_id)
         self.scrub()
         return {"messages": n_msg, "conversations": n_conv, **scope, **models, "active_model": active}

@@ -19,7 +19,7 @@ def import_seed(fmt: str, conv) -> str:
 
 def import_into(store, user_id: str, result, file_name: str, progress=None) -> dict:
     """Store an ImportResult for `user_id`; returns the counts (also written to the audit log)."""
-    from ownlm.store import NewMessage
+    from ownlm.store.conversations import NewMessage
 
     counts = {"conversations_new": 0, "conversations_known": 0, "messages_new": 0, "messages_duplicate": 0}
     convs = [c for c in result.conversations if c.messages]

@@ -25,6 +25,16 @@ def model_relpath(user_id: str, model_id: str) -> str:
     return f"{MODELS_DIR}/{user_id}/{model_id}"
 
 
+def adapter_dir(home: Path, user_id: str) -> Path:
+    """Where the fp32 adapter behind the user's serving model is kept (learn/continual.py writes it)."""
+    return Path(home) / "adapters" / user_id
+
+
+def forget(home: Path, user_id: str) -> None:
+    """Remove the kept adapter (after a delete of the user's data, or before keeping a newer one)."""
+    shutil.rmtree(adapter_dir(home, user_id), ignore_errors=True)
+
+
 def resolve_model_path(home: Path, user_id: str, stored: str) -> Path:
     """The absolute model directory for a stored (relative) path; it must be a direct child of
     home/models/<user id> (symlinks resolved), else CorruptArtifact: nothing outside is ever read or removed."""

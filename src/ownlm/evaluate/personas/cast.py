@@ -1,4 +1,4 @@
-"""The three fictional users of the persona fixtures, as plain data (`ownlm.personas` builds `Persona`s from it).
+"""The three fictional users of the persona fixtures, as plain data (`ownlm.evaluate.personas.fixtures` builds `Persona`s from it).
 
 Everything here is invented for ownlm's tests and demo. The personas differ on every axis a personalization
 score looks at, so that a model trained on one can be told apart from the base and from the other two:

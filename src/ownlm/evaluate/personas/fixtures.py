@@ -1,13 +1,13 @@
 """Persona fixtures: fictional users whose chats teach a model their facts and answer style.
 
-    from ownlm.personas import PERSONAS, generate, probes, check_answer
+    from ownlm.evaluate.personas.fixtures import PERSONAS, generate, probes, check_answer
     mira = PERSONAS["mira"]
     conversations = generate(mira, 300, seed=DEFAULT_SEED)   # [[{"role", "content"}, ...], ...]
     for probe in probes(mira):                                # held-out questions
         ok = check_answer(probe.check, model_answer(probe.question))
 
-Three personas (see `ownlm.persona_cast`) each have facts, recurring topics and a machine-checkable style.
-Training conversations come from the train-only template families of `ownlm.persona_templates`, probes from
+Three personas (see `ownlm.evaluate.personas.cast`) each have facts, recurring topics and a machine-checkable style.
+Training conversations come from the train-only template families of `ownlm.evaluate.personas.templates`, probes from
 its probe-only families, so a model that passes the probes generalised the persona instead of memorising
 training questions. Every assistant answer in the training data passes its persona's style check.
 
@@ -25,18 +25,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import persona_templates as T
-from .persona_cast import CAST
+from . import templates as T
+from .cast import CAST
 
 DEFAULT_SEED = 9
 DEFAULT_CONVERSATIONS = 300
-DATA_DIR = Path(__file__).parent / "data" / "personas"
+DATA_DIR = Path(__file__).parents[2] / "data" / "personas"
 FACT_KEYS = ("name", "city", "job", "pet_kind", "pet_name", "language", "diet", "hobby", "market")
 
 # Mix of exchange families and of conversation lengths (mostly one or two exchanges, as real chats are).
 FAMILY_WEIGHTS = {"fact_recall": 22, "fact_use": 22, "topic_chat": 28, "generic": 20, "units": 8}
 TURN_WEIGHTS = {1: 20, 2: 35, 3: 28, 4: 17}
-ASIDE_RATE = 0.7  # share of answers that end with a personal aside (see persona_templates.ASIDES)
+ASIDE_RATE = 0.7  # share of answers that end with a personal aside (see templates.ASIDES)
 TERSE_WORDS = 40  # the terse style's own limit, under the check's 50 so a model's answer has some slack
 
 # Imperial quantities (a number, then the unit): a "metric only" answer must not contain one.

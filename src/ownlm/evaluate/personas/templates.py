@@ -2,7 +2,7 @@
 
 Two disjoint sets of template families, so that a personalization score measures generalisation:
 
-TRAIN-ONLY families (used by `ownlm.personas.generate` to write training conversations):
+TRAIN-ONLY families (used by `ownlm.evaluate.personas.fixtures.generate` to write training conversations):
   fact_recall   direct questions about one fact ("remind me, what's my cat called?")
   fact_use      tasks whose right answer uses the facts: cook, weekend, code, intro, pet
   topic_chat    advice in the persona's recurring topics ("got any advice on a squeaky chain?")
@@ -10,12 +10,12 @@ TRAIN-ONLY families (used by `ownlm.personas.generate` to write training convers
   units         quantity questions (imperial in, metric out)
   connectors / thanks   glue for multi-turn conversations
 
-PROBE-ONLY families (used by `ownlm.personas.probes`; never seen in training):
+PROBE-ONLY families (used by `ownlm.evaluate.personas.fixtures.probes`; never seen in training):
   fact_probe    indirect framings of the same facts ("my neighbour is feeding my dog: what name do they call?")
   style_probe   everyday questions from a separate pool
   unit_probe    quantity questions phrased differently (for personas whose style demands metric units)
 
-Answers are lists of plain points; `ownlm.personas` renders them in each persona's style. A point may use the
+Answers are lists of plain points; `ownlm.evaluate.personas.fixtures` renders them in each persona's style. A point may use the
 persona's facts ({name}, {city}, {job}, {pet_kind}, {pet_name}, {language}, {diet}, {hobby}, {market}) and
 the per-persona extras ({dish}, {ingredient}, {pet_tip}). `back` holds questions that the "ends with a question"
 style can ask in return. tests/test_personas.py checks that no probe question, nor any five-word run of one,
