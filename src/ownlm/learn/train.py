@@ -32,6 +32,7 @@ from ownlm.basemodel import BaseModel
 from ownlm.learn.batching import epoch_order, make_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.fsutil import mkdir_private
+from ownlm.learn.qat import freeze_quantized, quantize_lora
 from ownlm.learn.tokens import TokenizedExample
 from ownlm.learn.steps import (
     all_finite, atomic_write, autocast_for, is_finite, load_checkpoint, lr_at, mean_nll, replace_dir,
@@ -83,6 +84,16 @@ class TrainConfig:
     checkpoint_every_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
     min_examples: int = field(default=1, metadata={"help": "Refuse to train on fewer usable examples than this."})
     eval_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per held-out batch (no gradients; the training batches' size)."})
+    qat: bool = field(
+        default=False,
+        metadata={"help": "Quantization-aware training: the LoRA factors are trained as the 1-bit sign x scale tensors "
+                  "that are deployed (learn/qat.py), so the lora1 artifact loses nothing of what was trained."},
+    )
+    qat_scales: str = field(
+        default="matrix",
+        metadata={"help": "With qat: one learned scale per factor matrix ('matrix', the lora1 default) or per rank "
+                  "component ('rank'); the artifact must be compressed with the same scales."},
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -112,6 +123,10 @@ class TrainConfig:
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise bad("target_modules", "must be a non-empty list of module names")
         self.target_modules = list(self.target_modules)
+        if not isinstance(self.qat, bool):
+            raise bad("qat", "must be true or false")
+        if self.qat_scales not in ("matrix", "rank"):
+            raise bad("qat_scales", "must be 'matrix' or 'rank'")
         if self.max_seq_len > self.batch_tokens:
             raise bad("max_seq_len", f"must be <= batch_tokens ({self.batch_tokens}) so that any example fits a batch")
 
@@ -253,9 +268,10 @@ def train(
                           hint="name linear modules of the base, e.g. q_proj, k_proj, v_proj, o_proj") from None
     try:
         causal_lm = model.get_base_model()  # the *ForCausalLM with LoRA layers injected
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if init is not None:
             _load_init(causal_lm, init[1], init_adapter)
+        quantized = quantize_lora(causal_lm, config.qat_scales) if config.qat else []  # after the init: scales start from it
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
 
         # Loop state, restored from a checkpoint when there is a matching one.
@@ -353,6 +369,7 @@ def train(
             report_progress("eval_personal", loss_curve[-1] if loss_curve else None, call_tokens / max(duration, 1e-9), duration)
             heldout_personal = mean_nll(causal_lm, held_batches, device)
 
+        freeze_quantized(quantized)  # the adapter saved holds the 1-bit factors themselves (plain peft format)
         mkdir_private(out_dir)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{ADAPTER_DIR}.tmp-"))
         try:
