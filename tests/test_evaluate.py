@@ -328,3 +328,14 @@ def test_embedded_model_general_ability(embedded_checkpoint):
           f"{ppl.perplexity:.2f} (NLL {ppl.mean_nll:.3f})")
     assert acc > 0.25  # chance with 4 choices
     assert math.isfinite(ppl.perplexity) and 5 < ppl.perplexity < 100
+
+
+def test_wilson_interval_known_values():
+    from ownlm.evaluate.metrics import wilson
+
+    # reference values of the 95% Wilson score interval
+    assert wilson(0, 12) == pytest.approx((0.0, 0.2425), abs=1e-4)
+    assert wilson(7, 12) == pytest.approx((0.3195, 0.8067), abs=1e-4)
+    assert wilson(12, 12) == pytest.approx((0.7575, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson(0, 0)

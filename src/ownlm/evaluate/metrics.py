@@ -252,6 +252,17 @@ def perplexity_ratio(nll_base: float, nll_personal: float) -> float:
     return math.exp(nll_personal - nll_base)
 
 
+def wilson(passed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval (z = 1.96) of a pass rate `passed`/`n`, as (low, high) in [0, 1]. Unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0/n and n/n, which small probe sets often give."""
+    if n <= 0:
+        raise ValueError("no trials")
+    p = passed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def kept_gain(nll_base: float, nll_personal: float, nll_compressed: float) -> float | None:
     """(NLL_base - NLL_compressed) / (NLL_base - NLL_personal); None when the personal model has no gain."""
     gain = nll_base - nll_personal
