@@ -83,3 +83,15 @@ def test_qat_settings_are_checked():
         TrainConfig(qat=True, qat_scales="row")
     with pytest.raises(ConfigError, match="qat"):
         TrainConfig(qat="yes")
+
+
+def test_a_loop_round_with_qat_serves_what_it_trained(home, tiny_base, tmp_path):
+    """personalization.qat: the round's gate finds the served 1-bit model exactly as good as the trained one."""
+    from ownlm.store import Store
+    from tests.test_loop import first_round, loop_settings
+
+    with Store(home) as store:
+        _, job = first_round(store, loop_settings(tiny_base, qat=True), tmp_path)
+    r = job["result"]
+    assert r["heldout_loss_compressed"] == pytest.approx(r["heldout_loss_lora"], abs=1e-4)
+    assert r["fidelity"] == pytest.approx(1.0, abs=1e-3)

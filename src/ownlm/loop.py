@@ -116,7 +116,8 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
 
         # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
-        tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s)
+        tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
+                           qat=cfg.qat)
         plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
         figures.update(continual=plan.summary())
 

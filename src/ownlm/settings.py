@@ -45,6 +45,10 @@ class Personalization(BaseModel):
     time_budget_s: float | None = Field(default=None, gt=0, description="Cap on training seconds per round.")
     epochs: int = Field(default=1, ge=1, le=20, description="Passes over the training examples per round.")
     lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
+    qat: bool = Field(
+        default=False,
+        description="Train the adapter quantization-aware (as the 1-bit factors that are deployed, learn/qat.py) "
+                    "instead of fp32 LoRA compressed afterwards; bench/qat.py compares the two.")
     gate_min_gain: float = Field(
         default=0.0, ge=0, lt=1,
         description="The compressed personal model must lower held-out NLL by more than this share of the base's.")
