@@ -60,6 +60,7 @@ bench: setup
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/fidelity.py
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/qat.py --personas bram,mira,chiara --steps 64 --epochs 1 --lr 2e-3
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/continual.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/personas.py
 

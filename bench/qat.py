@@ -7,7 +7,7 @@ an fp32 LoRA (then compressed post hoc to lora1, as the loop did before QAT) and
 passed with 95% Wilson intervals, for base / fp32 LoRA / post-hoc lora1 / QAT artifact, plus training seconds
 and the artifact's bytes.
 
-    OWNLM_HOME=... .venv/bin/python bench/qat.py [--personas bram] [--steps 64] [--lr 2e-3] [--json FILE]
+    OWNLM_HOME=... .venv/bin/python bench/qat.py [--personas bram] [--steps 64] [--epochs 1] [--lr 2e-3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
     ap.add_argument("--personas", default="bram")
-    ap.add_argument("--steps", type=int, default=64, help="optimizer steps per run (1,024-token batches)")
+    ap.add_argument("--steps", type=int, default=64, help="optimizer steps per run at most (1,024-token batches)")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training data at most (the runs stop at "
+                    "whichever of --steps and --epochs comes first; the row records the steps taken)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
@@ -69,9 +71,9 @@ def main() -> None:
             nll_base = assistant_nll(base.model, held).mean_nll
             row["nll"] = {"base": nll_base}
             for arm, qat in (("fp32", False), ("qat", True)):
-                report = train(base, train_ex, held, TrainConfig(max_steps=args.steps, lr=args.lr, qat=qat),
+                report = train(base, train_ex, held, TrainConfig(max_steps=args.steps, epochs=args.epochs, lr=args.lr, qat=qat),
                                work / name / arm)
-                row[f"train_seconds_{arm}"] = report.duration_s
+                row[f"train_seconds_{arm}"], row["steps"] = report.duration_s, report.steps
                 adapter = read_adapter(work / name / arm / "adapter")
                 delta = compress_lora(adapter, CompressConfig(mode="lora1"), base.sha256)
                 save_delta(delta, work / name / arm / "delta")
@@ -87,7 +89,7 @@ def main() -> None:
             for label in ("lora1 post hoc", "qat artifact"):
                 row.setdefault("kept_gain", {})[label] = kept_gain(nll_base, row["nll"]["fp32 lora"], row["nll"][label])
             rows.append(row)
-            print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples, {args.steps} steps at lr {args.lr}; "
+            print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples, {row['steps']} steps at lr {args.lr}; "
                   f"training {row['train_seconds_fp32']:.0f} s (fp32) / {row['train_seconds_qat']:.0f} s (QAT)")
             for label, nll in row["nll"].items():
                 kg = row.get("kept_gain", {}).get(label)

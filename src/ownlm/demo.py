@@ -53,7 +53,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
         job_id = store.enqueue_job(user.id, "ownlm demo", owner=PROCESS_OWNER)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(run_job(store, settings, job_id)))
-        columns = (TextColumn("[bold]2. learning[/] {task.description:<9}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        columns = (TextColumn("[bold]2. learning[/] {task.description:<26}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                    TimeElapsedColumn())
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("dataset", total=len(STAGES))
@@ -61,7 +61,11 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
             while worker.is_alive():
                 j = store.job(job_id)
                 if j["stage"] in STAGES:
-                    bar.update(task, description=j["stage"], completed=STAGES.index(j["stage"]) + j["progress"])
+                    live = (j.get("result") or {}).get("live") if j["stage"] == "train" else None
+                    what = j["stage"]
+                    if live and live.get("eta_s") is not None:  # training is most of the round: say how long
+                        what = f"train {live['step']}/{live['total_steps']}, ETA {live['eta_s']:.0f} s"
+                    bar.update(task, description=what, completed=STAGES.index(j["stage"]) + j["progress"])
                 worker.join(0.5)
             bar.update(task, completed=len(STAGES), description="done")
         r = result.get("result") or {}

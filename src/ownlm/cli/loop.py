@@ -129,17 +129,21 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
 @cli.command()
 @click.option("--persona", type=click.Choice(["bram", "mira", "chiara"]), default="bram", show_default=True,
               help="Which fictional user's history to learn from.")
-@click.option("--time-budget", type=float, default=150, show_default=True, help="Training seconds at most.")
-@click.option("--lr", type=float, default=1e-3, show_default=True,
-              help="LoRA learning rate: higher than the loop's default so a short demo round shows the persona.")
+@click.option("--steps", type=int, default=64, show_default=True,
+              help="Optimizer steps of the round: a fixed number, so a busy machine trains the same model, only later.")
+@click.option("--lr", type=float, default=2e-3, show_default=True,
+              help="LoRA learning rate: higher than the loop's default so one short round shows the persona "
+                   "(bench/qat.py: 64 steps at 2e-3).")
+@click.option("--qat/--no-qat", default=True, show_default=True,
+              help="Train the 1-bit factors quantization-aware (the served artifact is the trained model).")
 @pass_ctx
-def demo(ctx: Context, persona: str, time_budget: float, lr: float) -> None:
+def demo(ctx: Context, persona: str, steps: int, lr: float, qat: bool) -> None:
     """The whole loop from an EMPTY home (keeps only the model cache): import, learn, gate, deploy, compare."""
     from ownlm import demo as demo_mod
 
     settings = ctx.settings()
     settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(
-        update={"time_budget_s": time_budget, "lr": lr})})
+        update={"max_steps": steps, "time_budget_s": None, "epochs": 20, "lr": lr, "qat": qat})})
     result = demo_mod.run(settings, persona)
     if result.get("state") != "deployed":
         raise SystemExit(2)
