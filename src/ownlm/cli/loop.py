@@ -129,13 +129,14 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
 @cli.command()
 @click.option("--persona", type=click.Choice(["bram", "mira", "chiara"]), default="bram", show_default=True,
               help="Which fictional user's history to learn from.")
-@click.option("--steps", type=int, default=64, show_default=True,
+@click.option("--steps", type=int, default=32, show_default=True,
               help="Optimizer steps of the round: a fixed number, so a busy machine trains the same model, only later.")
-@click.option("--lr", type=float, default=2e-3, show_default=True,
+@click.option("--lr", type=float, default=1e-3, show_default=True,
               help="LoRA learning rate: higher than the loop's default so one short round shows the persona "
-                   "(bench/qat.py: 64 steps at 2e-3).")
-@click.option("--qat/--no-qat", default=True, show_default=True,
-              help="Train the 1-bit factors quantization-aware (the served artifact is the trained model).")
+                   "(64 steps at 2e-3 learned more but drifted past the gate's bound: KL 1.39 > 0.25).")
+@click.option("--qat/--no-qat", default=False, show_default=True,
+              help="Train the 1-bit factors quantization-aware (the served artifact is the trained model; at "
+                   "these settings it drifted 0.269 nats/token, past the gate's 0.25).")
 @pass_ctx
 def demo(ctx: Context, persona: str, steps: int, lr: float, qat: bool) -> None:
     """The whole loop from an EMPTY home (keeps only the model cache): import, learn, gate, deploy, compare."""
