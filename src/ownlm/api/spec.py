@@ -8,8 +8,9 @@ clients and fuzzers can rely on the spec; the codes come from `http_status` in o
     401 AuthError                       403 SignatureError, PrivacyViolation
     404 NotFound                        409 VersionConflict, DeltaMismatch, Busy
     413 PayloadTooLarge (BodyLimit)     422 InvalidInput, request validation, CorruptArtifact, WrongRecipient,
-    429 too many queued generations         ImportFormatError, NotEnoughData, QualityGateRefused
-    503 ModelUnavailable (a node without a model)
+                                        ImportFormatError, NotEnoughData, QualityGateRefused
+    503 ModelUnavailable (no model, shutting down), Overloaded (the waiting line is full, or the deadline
+        passed before the answer began)
 
 5xx other than 503 are bugs and are declared nowhere.
 """

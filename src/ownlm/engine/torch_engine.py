@@ -24,11 +24,10 @@ from ownlm.basemodel import BaseModel
 from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
 from ownlm.errors import ModelUnavailable, Overloaded
 
-# Prompt tokens per forward pass. Reading the prompt is what holds the engine for a long one (a 60 KB prompt:
-# templating and tokenizing 0.1 s, one forward pass over the 7,936 tokens kept 161 s on a loaded 2-core box,
-# SmolLM2-135M). In chunks, a cancel or the deadline can stop it between chunks, and attention scores are
-# (heads, 512, context) rather than (heads, context, context). Same logits; not slower in our measurement
-# (2,048 tokens: 40 s in 512-token chunks, 49 s in one pass, same loaded box).
+# Prompt tokens per forward pass. Reading a long prompt is what holds the engine (one forward pass over the
+# whole kept context; templating and tokenizing are small beside it, seen ad hoc, not a benchmark). In chunks, a
+# cancel or the deadline can stop it between chunks, and attention scores are (heads, 512, context) rather than
+# (heads, context, context); the logits are the same.
 PREFILL_CHUNK = 512
 POLL_S = 0.05  # how often a generation waiting for the engine looks at its cancel flag and deadline
 
