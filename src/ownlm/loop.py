@@ -135,11 +135,12 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         update(stage="compress", progress=0.0)
 
         # 3. compress, 4. gate
-        from ownlm.evaluate.gate import compress_adapter, judge
+        from ownlm.evaluate.gate import behaviour_prompts, compress_adapter, judge
 
         delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
         update(stage="gate", progress=0.0)
-        verdict = judge(base, delta, held_ex, report, cfg)
+        verdict = judge(base, delta, held_ex, report, cfg,
+                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")))
         figures.update(verdict)
         if not verdict["passed"]:
             raise GateRefused(verdict["reason"], figures)

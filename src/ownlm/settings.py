@@ -59,6 +59,14 @@ class Personalization(BaseModel):
         default=0.25, gt=0, description="Largest allowed drift KL(base || personal) on generic prompts, nats/token.")
     gate_min_fidelity: float = Field(
         default=0.5, ge=0, le=1, description="Smallest share of the LoRA's held-out NLL gain the 1-bit delta must keep.")
+    gate_behaviour: bool = Field(
+        default=True,
+        description="Behaviour check of the quality gate: when most of the user's replies share a habit (an opening, "
+                    "a closing, a final '?'), the personal model must show it in its answers to held-out prompts "
+                    "more often than the base (evaluate/habits.py). Users without such a habit get no check.")
+    gate_min_habit: float = Field(
+        default=0.0, ge=0, le=1,
+        description="With gate_behaviour: the smallest share of held-out answers that must show each habit.")
     keep_versions: int = Field(default=5, ge=1, description="Installed versions kept per user (for rollback).")
     continual: Literal["retrain", "continue", "replay"] = Field(
         default="replay",

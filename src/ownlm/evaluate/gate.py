@@ -4,7 +4,11 @@ Three tests, all measured, none assumed (definitions in ownlm.evaluate.metrics):
 1. it beats the base on the user's held-out conversations: NLL_compressed < NLL_base * (1 - gate_min_gain);
 2. it does not drift far from the base on generic prompts: KL(base || personal) <= gate_max_kl nats/token,
    on Dolly instructions (the first 32 tokens of each reference answer, where a persona pulls hardest);
-3. the 1-bit delta keeps enough of what the LoRA learned: kept gain >= gate_min_fidelity.
+3. the 1-bit delta keeps enough of what the LoRA learned: kept gain >= gate_min_fidelity;
+4. behaviour, where the user's data allows it: when most of the user's replies share a habit (an opening such
+   as "Ahoy!", a closing such as "— ok", a final "?"; evaluate/habits.py), the personal model's greedy answers
+   to held-out prompts show each habit more often than the base's (and at least `gate_min_habit` of the time).
+   NLL can fall while the answers still look like the base's; this is the check a person would make.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from ownlm.learn.tokens import TokenizedExample
 
 DRIFT_PROMPTS = 64  # Dolly instructions used for the drift check
 DRIFT_POSITIONS = 1024
+BEHAVIOUR_PROMPTS = 8  # held-out prompts answered by base and personal model for the behaviour check
+BEHAVIOUR_TOKENS = 80  # enough for a closing habit to appear (mira's answers are at most 40 words)
 
 
 def compress_adapter(adapter_dir: Path, out_dir: Path, base: BaseModel) -> Delta:
@@ -28,8 +34,48 @@ def compress_adapter(adapter_dir: Path, out_dir: Path, base: BaseModel) -> Delta
     return load_delta(out_dir, expect_base_sha256=base.sha256)
 
 
-def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report, cfg: Personalization) -> dict:
-    """The gate's figures and verdict: {passed, reason, heldout_loss_*, personalization_score, fidelity, kl_drift}."""
+def behaviour_prompts(train: list, heldout: list) -> tuple[list, list[list[dict]]]:
+    """(habits of the user's training replies, up to BEHAVIOUR_PROMPTS held-out prompts) from dataset Examples.
+
+    A prompt is a held-out example's messages before its final reply (role/content only)."""
+    from ownlm.evaluate.habits import habits
+
+    replies = [m["content"] for e in train if not e.augmented for m in e.messages if m.get("target")]
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in e.messages[:-1]] for e in heldout]
+    return habits(replies), prompts[:BEHAVIOUR_PROMPTS]
+
+
+def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[list[dict]], min_rate: float) -> dict:
+    """Greedy answers of base and personal model to `prompts`; per habit the share showing it.
+
+    Returns {"habits": [{"habit", "base", "personal", "passed"}], "passed": bool, "problems": [str]}; passed is
+    True (and nothing is generated) when there is no habit or no prompt."""
+    from ownlm.engine.torch_engine import TorchEngine
+    from ownlm.evaluate.habits import habit_rate
+    from ownlm.evaluate.metrics import delta_applied
+
+    if not found or not prompts:
+        return {"habits": [], "passed": True, "problems": []}
+    engine = TorchEngine(base)
+    answers_base = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS)
+    with delta_applied(base.model, delta, base.sha256):
+        answers_personal = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS)
+    rows, problems = [], []
+    for h in found:
+        rb, rp = habit_rate(h, answers_base), habit_rate(h, answers_personal)
+        ok = rp > rb and rp >= min_rate
+        rows.append({"habit": h.describe(), "base": rb, "personal": rp, "passed": ok})
+        if not ok:
+            problems.append(f"the personal model's answers to {len(prompts)} held-out prompts show the user's habit "
+                            f"({h.describe()}) {rp:.0%} of the time, the base's {rb:.0%}"
+                            + (f" (need at least {min_rate:.0%})" if min_rate else ""))
+    return {"habits": rows, "passed": not problems, "problems": problems, "prompts": len(prompts)}
+
+
+def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report, cfg: Personalization,
+          behaviour: tuple[list, list[list[dict]]] | None = None) -> dict:
+    """The gate's figures and verdict: {passed, reason, heldout_loss_*, personalization_score, fidelity, kl_drift,
+    behaviour}. behaviour: (habits, prompts) from `behaviour_prompts`, or None to skip check 4."""
     from ownlm.evaluate.general import dolly_examples
     from ownlm.evaluate.metrics import assistant_nll, delta_applied, kept_gain, kl_drift, personalization_score
 
@@ -48,6 +94,10 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
     if fidelity is None or fidelity < cfg.gate_min_fidelity:
         kept = "no gain to keep" if fidelity is None else f"{fidelity:.0%}"
         problems.append(f"the 1-bit delta keeps {kept} of the LoRA's held-out gain (need {cfg.gate_min_fidelity:.0%})")
+    checked = None
+    if behaviour is not None and cfg.gate_behaviour:
+        checked = behaviour_check(base, delta, *behaviour, min_rate=cfg.gate_min_habit)
+        problems += checked["problems"]
     return {
         "passed": not problems,
         "reason": "; ".join(problems) if problems else "beats the base, bounded drift, faithful compression",
@@ -58,10 +108,12 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
         "fidelity": fidelity,
         "kl_drift": kl,
         "delta_bytes": delta.nbytes,
+        "behaviour": checked,
     }
 
 
-def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg: Personalization) -> dict:
+def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg: Personalization,
+                 behaviour: tuple[list, list[list[dict]]] | None = None) -> dict:
     """The gate for a model trained elsewhere (a remote trainer): the node measures the base and the received
     1-bit delta on its own held-out examples; only the LoRA's held-out NLL (for the fidelity test) is the
     trainer's, taken from the signed manifest. `verified`: node.Verified of the received bundle."""
@@ -79,4 +131,4 @@ def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg
     lora = (verified.manifest.get("training") or {}).get("heldout_loss_personal")
     report = SimpleNamespace(heldout_loss_base=assistant_nll(base.model, heldout).mean_nll,
                              heldout_loss_personal=lora if isinstance(lora, (int, float)) else None)
-    return judge(base, delta, heldout, report, cfg)
+    return judge(base, delta, heldout, report, cfg, behaviour)

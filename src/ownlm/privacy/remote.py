@@ -17,7 +17,7 @@ In order, and nothing is sent before its check passes:
    trusts for this user (`store.trust(trainer's PEM, user_id=...)`, `ownlm trust add FILE --user NAME`),
    sealed to this node, for this user and base;
 7. the quality gate runs on the node (`gate.judge_bundle`: held-out NLL against the base, drift, fidelity
-   against the LoRA loss the trainer signed); a refusal raises QualityGateRefused and installs nothing;
+   against the LoRA loss the trainer signed, the user's reply habits); a refusal raises QualityGateRefused and installs nothing;
    otherwise `node.install_verified` installs it. Remote rounds always train from scratch (the trainer keeps nothing).
 """
 
@@ -214,11 +214,12 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
 def _judge_received(settings: Settings, built, verified) -> dict:
     from ownlm.basemodel import load_base
     from ownlm.learn.dataset import tokenize
-    from ownlm.evaluate.gate import judge_bundle
+    from ownlm.evaluate.gate import behaviour_prompts, judge_bundle
 
     base = load_base(settings)
     held = tokenize(built.split("heldout"), base.tokenizer)
     if not held:
         raise QualityGateRefused("no held-out conversations to judge the received model on; nothing was installed",
                                  hint="capture at least 2 conversations before training")
-    return judge_bundle(base, verified, held, settings.personalization)
+    return judge_bundle(base, verified, held, settings.personalization,
+                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")))

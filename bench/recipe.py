@@ -1,0 +1,122 @@
+"""Which training recipe makes the served 1-bit artifact behave like its person, within 64 KB of delta?
+
+For each persona fixture and each recipe (target modules, rank, learning rate, optimizer steps, fp32 LoRA
+compressed post hoc or quantization-aware training), one training run with the project's train() on the same
+data, then the *served* artifact (lora1) is measured exactly as the loop's quality gate and `ownlm eval` do:
+held-out assistant NLL, drift KL(base || personal) on the gate's Dolly prompts (bound 0.25 nats/token), and
+the persona's unseen probe questions (greedy, 48 tokens), style and fact separately with 95% Wilson intervals;
+plus training seconds and the artifact's bytes. Recipes are named `<modules>-r<rank>-lr<lr>-s<steps>[-qat]`.
+
+    OWNLM_HOME=... .venv/bin/python bench/recipe.py [--personas bram,mira,chiara] [--recipes NAME,...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import persona_conversations  # noqa: E402
+from ownlm.basemodel import load_base  # noqa: E402
+from ownlm.bitdelta import CompressConfig, compress_lora, read_adapter, save_delta  # noqa: E402
+from ownlm.engine import TorchEngine  # noqa: E402
+from ownlm.evaluate.gate import DRIFT_POSITIONS, DRIFT_PROMPTS  # noqa: E402
+from ownlm.evaluate.general import dolly_examples  # noqa: E402
+from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, wilson  # noqa: E402
+from ownlm.evaluate.personas.fixtures import PERSONAS, probes  # noqa: E402
+from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
+from ownlm.settings import load_settings  # noqa: E402
+
+MODULES = {
+    "qv": ["q_proj", "v_proj"],
+    "all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+DEFAULT_RECIPES = "qv-r8-lr1e-3-s32,qv-r8-lr1e-3-s32-qat,qv-r8-lr5e-4-s32-qat,all7-r1-lr1e-3-s32-qat,mlp-r2-lr1e-3-s32-qat"
+
+
+def parse_recipe(name: str) -> TrainConfig:
+    """'all7-r1-lr1e-3-s32-qat' -> the TrainConfig it names (alpha = 2r, as the default q/v r8 alpha 16)."""
+    m = re.fullmatch(r"(\w+)-r(\d+)-lr([0-9.e-]+?)-s(\d+)(-qat)?", name)
+    if not m or m[1] not in MODULES:
+        sys.exit(f"bad recipe {name!r}: use <{'|'.join(MODULES)}>-r<rank>-lr<lr>-s<steps>[-qat]")
+    r = int(m[2])
+    return TrainConfig(target_modules=MODULES[m[1]], r=r, alpha=2 * r, lr=float(m[3]), max_steps=int(m[4]), epochs=20,
+                       qat=m[5] is not None)
+
+
+def probe_row(engine, asked) -> dict:
+    score = behaviour_score(engine, asked, max_tokens=48)
+    out = {}
+    for kind, k in sorted(score["by_kind"].items()):
+        lo, hi = wilson(k["passed"], k["total"])
+        out[kind] = {"passed": k["passed"], "total": k["total"], "ci95": [round(lo, 3), round(hi, 3)]}
+    return out
+
+
+def fmt(p: dict) -> str:
+    return ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for kind, v in p.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
+    ap.add_argument("--personas", default="bram,mira,chiara")
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    base = load_base(load_settings(home=args.home))
+    tok, engine, rows = base.tokenizer, TorchEngine(base), []
+    drift_prompts = dolly_examples(tok, n=DRIFT_PROMPTS)
+    work = Path(tempfile.mkdtemp(prefix="ownlm-recipe-"))
+    try:
+        for name in args.personas.split(","):
+            built = build(persona_conversations(name), {}, tok, DatasetConfig(heldout_fraction=0.15))
+            train_ex, held = tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok)
+            asked = probes(PERSONAS[name])
+            nll_base = assistant_nll(base.model, held).mean_nll
+            print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples; base NLL {nll_base:.4f}, "
+                  f"probes {fmt(probe_row(engine, asked))}", flush=True)
+            for recipe in args.recipes.split(","):
+                cfg = parse_recipe(recipe)
+                out = work / name / recipe
+                report = train(base, train_ex, held, cfg, out)
+                delta = compress_lora(read_adapter(out / "adapter"), CompressConfig(mode="lora1"), base.sha256)
+                save_delta(delta, out / "delta")
+                with delta_applied(base.model, delta, base.sha256):
+                    nll = assistant_nll(base.model, held).mean_nll
+                    probed = probe_row(engine, asked)
+                drift = kl_drift(base.model, delta, drift_prompts, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
+                row = {"persona": name, "recipe": recipe, "steps": report.steps, "train_seconds": report.duration_s,
+                       "nll_base": nll_base, "nll_lora": report.heldout_loss_personal, "nll_served": nll,
+                       "kl_drift": drift, "probes": probed,
+                       "artifact_bytes": sum(f.stat().st_size for f in (out / "delta").iterdir())}
+                rows.append(row)
+                print(f"  {recipe:24s} NLL {nll:.4f} (LoRA {report.heldout_loss_personal:.4f}); drift {drift:.3f}; "
+                      f"probes {fmt(probed)}; {row['artifact_bytes']:,} B; {report.duration_s:.0f} s, "
+                      f"{report.steps} steps", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+                if args.json:  # partial results survive an interrupted sweep
+                    args.json.write_text(json.dumps(rows, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
+    for recipe in args.recipes.split(","):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        tot = {k: [sum(r["probes"][k]["passed"] for r in mine), sum(r["probes"][k]["total"] for r in mine)]
+               for k in ("style", "fact")}
+        print(f"{recipe:24s} style {tot['style'][0]}/{tot['style'][1]}, fact {tot['fact'][0]}/{tot['fact'][1]}, "
+              f"max drift {max(r['kl_drift'] for r in mine):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""A user's habitual reply shape, learned from their own data, and whether a model's replies show it.
+
+    found = habits(train_replies)          # [Habit(kind="opening", text="Ahoy!", share=1.0), ...]
+    rate = habit_rate(found[0], answers)   # share of `answers` that show it, 0..1
+
+The quality gate's behaviour check (where the user's data allows one): a personal model should answer
+*held-out* prompts the way the person's assistant replies habitually look — a fixed opening ("Ahoy!"),
+a fixed closing ("— ok"), a final question mark — more often than the base does. Only habits that most of
+the user's target replies share count (`min_share`); a user without one gets no behaviour check. Pure
+functions: no model, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+MIN_SHARE = 0.6  # a habit must appear in at least this share of the user's replies
+MAX_WORDS = 3  # longest opening/closing phrase considered, in words
+MIN_REPLIES = 10  # fewer target replies than this: too little evidence for a habit
+
+
+@dataclass(frozen=True)
+class Habit:
+    """kind: 'opening' (reply starts with text), 'closing' (ends with text) or 'final' (last character).
+    text: the phrase or character; share: the share of the user's replies that have it (0..1)."""
+
+    kind: Literal["opening", "closing", "final"]
+    text: str
+    share: float
+
+    def shown_by(self, reply: str) -> bool:
+        r = reply.strip()
+        if self.kind == "opening":
+            return r.startswith(self.text)
+        if self.kind == "closing":
+            return r.endswith(self.text)
+        return r.endswith(self.text)
+
+    def describe(self) -> str:
+        where = {"opening": "starts with", "closing": "ends with", "final": "ends with the character"}[self.kind]
+        return f"{where} {self.text!r} ({self.share:.0%} of the user's replies)"
+
+
+def _best_phrase(replies: list[list[str]], from_end: bool, min_share: float) -> tuple[str, float] | None:
+    """The longest (up to MAX_WORDS) word sequence at the start (or end) shared by >= min_share of replies."""
+    best = None
+    for n in range(1, MAX_WORDS + 1):
+        counts = Counter(" ".join(w[-n:] if from_end else w[:n]) for w in replies if len(w) >= n)
+        if not counts:
+            break
+        phrase, k = counts.most_common(1)[0]
+        share = k / len(replies)
+        if share < min_share:
+            break
+        best = (phrase, share)
+    return best
+
+
+def habits(replies: list[str], min_share: float = MIN_SHARE) -> list[Habit]:
+    """The habits shared by at least `min_share` of `replies` (the user's target assistant replies).
+
+    An opening or closing phrase needs a letter in it (a bare "1." or "-" is a list shape, not a phrase; the
+    'final' habit covers punctuation such as a closing '?'). A final '.' is not a habit: nearly every model
+    reply ends with one.
+    """
+    texts = [r.strip() for r in replies if r and r.strip()]
+    if len(texts) < MIN_REPLIES:
+        return []
+    words = [t.split() for t in texts]
+    out = []
+    for kind, from_end in (("opening", False), ("closing", True)):
+        found = _best_phrase(words, from_end, min_share)
+        if found and any(c.isalpha() for c in found[0]):
+            out.append(Habit(kind, found[0], round(found[1], 4)))
+    last, k = Counter(t[-1] for t in texts).most_common(1)[0]
+    if k / len(texts) >= min_share and not last.isalnum() and last != "." and not any(
+            h.kind == "closing" and h.text.endswith(last) for h in out):
+        out.append(Habit("final", last, round(k / len(texts), 4)))
+    return out
+
+
+def habit_rate(habit: Habit, answers: list[str]) -> float:
+    """Share of `answers` (0..1) that show `habit`; 0.0 for no answers."""
+    return sum(habit.shown_by(a) for a in answers) / len(answers) if answers else 0.0
