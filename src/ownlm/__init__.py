@@ -16,7 +16,7 @@ src/ownlm/                     each stage imports only the stages above it and t
   learn/         dataset (redact, merkle) → tokens → batching → train (steps) · continual · worker; imports
                  store, bitdelta
   engine/        the inference protocol, the torch engine, the personal engine; imports bitdelta
-  evaluate/      metrics · general · report · run · gate · personas/; imports learn, engine, artifact
+  evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
   node/          install: verify → open → install → route, rollback, prune, recover; imports store, artifact
   privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
