@@ -113,11 +113,10 @@ _LEADS = frozenset(["what", "which", "whose", "where", "who", "when", "why", "ho
 _GREET = r"hey|hi|hello|hiya|yo|morning|good morning|evening|long day|before i forget|by the way"
 _FILLER = (r"ok,? and|oh,? and|and also|ok,? so|okay,? so|thanks\.? next|quick question|quick one|one more thing|"
            r"different question|another question|i was wondering|alright|right|okay|ok|so|well|um|uh|btw|also|next")
-# A lead-in is stripped only when punctuation follows it, or (fillers) a question or request starts right after.
-_OPENER = re.compile(
-    rf"^(?:(?:{_GREET}|{_FILLER})\s*[,.:!;\u2014-]+\s*|(?:{_GREET}|{_FILLER})\s+(?=(?:{'|'.join(['what', 'how', 'where', 'who', 'which', 'why', 'when', 'any', 'got', 'remind'] + _AUX + _VERBS)})\b))",
-    re.I,
-)
+# A lead-in is stripped only when punctuation follows it ("Long day. ", never the "well-" of "well-known"), or
+# when a question or request starts right after it ("so how do I ...").
+_ASKS = "|".join(["what", "how", "where", "who", "which", "why", "when", "any", "got", "remind"] + _AUX + _VERBS)
+_OPENER = re.compile(rf"^(?:(?:{_GREET}|{_FILLER})\s*[,.:!;\u2014]+\s*|(?:{_GREET}|{_FILLER})\s+(?=(?:{_ASKS})\b))", re.I)
 _OUTER = re.compile(r"^(.*?[?.!])\s+(thanks[.!]*|thank you[.!]*|thx[.!]*|cheers[.!]*|asking for myself[.!]*|"
                     r"asking for a friend[.!]*)$", re.I)
 _INNER = re.compile(r"^(.*?\w.*?),?\s+(please|pls|thanks|thank you)\s*([?.!]*)$", re.I)
@@ -155,9 +154,15 @@ def _mood(core: str, punct: str) -> str:
     return "imp" if first in _VERBS or first == "please" else "stmt"
 
 
-def parse(text: str) -> _Parts:
+def parse(text: str, english: bool = True) -> _Parts:
+    """A turn taken apart. Not `english`: only the final punctuation comes off, nothing else is touched."""
     s = text.strip()
     p = _Parts(cap=s[:1].isupper())
+    if not english:
+        m = re.search(r"[?.!…？。！]+$", s)
+        p.core, p.punct = (s[: m.start()], m.group(0)) if m else (s, "")
+        p.mood = "q" if re.search(r"[?？]", p.punct) else "stmt"
+        return p
     for _ in range(4):  # "thanks. next: quick question: how ..." holds several
         m = _OPENER.match(s)
         if not m or not s[m.end():].strip():
@@ -328,20 +333,27 @@ def _case_as(src: str, new: str) -> str:
 
 def _expand(s: str) -> str:
     def one(m: re.Match) -> str:
-        word, nxt = m.group(1), m.group(2) or ""
+        word = m.group(0)
+        nxt = re.match(r"\s+(\w+)", m.string[m.end():])
+        perfect = bool(nxt and _PERFECT.match(nxt.group(1)))  # "what's happened", "I'd been": not is / would
         key = word.lower().replace("’", "'")
         if key in _IRREGULAR:
-            return _case_as(word, _IRREGULAR[key]) + nxt
+            return _case_as(word, _IRREGULAR[key])
         if key in _EXPAND_ONLY:
-            return (word if _PERFECT.match(nxt.strip()) else _case_as(word, _EXPAND_ONLY[key])) + nxt
+            return word if perfect else _case_as(word, _EXPAND_ONLY[key])
         for a, b, suffix in _CONTRACT:
-            if key == (a.lower() + ("" if suffix == "n't" else "'") + suffix).lower():
-                if suffix == "s" and _PERFECT.match(nxt.strip()):
-                    return word + nxt
-                return _case_as(word, f"{a if a == 'I' else word[: len(a)]} {b}") + nxt
-        return word + nxt
+            if key == a.lower() + ("" if suffix == "n't" else "'") + suffix:
+                if suffix == "s" and perfect:
+                    return word
+                return _case_as(word, f"{a if a == 'I' else word[: len(a)]} {b}")
+        return word  # a possessive ("my cat's") or a contraction without a safe expansion ("let's")
 
-    return re.sub(r"\b([A-Za-z]+(?:['’](?:s|m|re|ll|ve|d)|n['’]t))\b(\s+\w+)?", one, s)
+    return re.sub(r"\b[A-Za-z]+(?:['’](?:s|m|re|ll|ve|d)|n['’]t)\b", one, s)
+
+
+_BE_NEXT = (r"(?:a|an|the|my|your|his|her|our|their|this|that|these|those|it|not|going|so|very|really|just|still|"
+            r"also|too|always|never|here|there|up|on|in|at|from|for|about|over|ready|sure|fine|ok|okay|\d+|\w+ing|"
+            r"\w+ed)\b")
 
 
 def _contract(s: str) -> str:
@@ -349,8 +361,10 @@ def _contract(s: str) -> str:
     s2 = re.sub(r"\b(can)not\b", lambda m: m.group(1) + "n" + apo + "t", s, flags=re.I)
     for a, b, suffix in _CONTRACT:
         joined = (apo + suffix) if suffix != "n't" else ("n" + apo + "t")
-        # never at the end of a clause: "I know what it is" has no "what it's"
-        s2 = re.sub(rf"\b({a})\s+{b}\b(?=\s+\w)", lambda m: m.group(1) + joined, s2, flags=re.I)
+        # never where the verb ends a clause: "I know what it is (and ...)" has no "what it's"; a form of "be"
+        # contracts only before a word that starts what follows it ("what is my ...", "it is not ...")
+        after = _BE_NEXT if b in ("is", "am", "are") else r"\w"
+        s2 = re.sub(rf"\b({a})\s+{b}\b(?=\s+(?:{after}))", lambda m, j=joined: m.group(1) + j, s2, flags=re.I)
     return s2
 
 
@@ -380,10 +394,11 @@ def _case(p: _Parts) -> list[_Parts]:
     first = _first_word("".join(p.openers) + p.core)
     if not first or not first[0].isalpha() or first[0].lower() == first[0].upper():
         return []  # a script without case (Chinese, Japanese ...)
-    if p.cap:
-        # lower-case only a function word: "Paris", "I" and "NASA" stay as they are
-        return [replace(p, cap=False)] if (p.openers or _known_lead(p.core)) and first not in ("I", "I'm") and not first.isupper() else []
-    return [replace(p, cap=True)]
+    if not p.cap:
+        return [replace(p, cap=True)]
+    # lower-case only a function word: "Paris", "I" and "NASA" stay as they are
+    lowerable = (p.openers or _known_lead(p.core)) and not re.match(r"I\b", first) and not first.isupper()
+    return [replace(p, cap=False)] if lowerable else []
 
 
 def _punctuation(p: _Parts) -> list[_Parts]:
@@ -400,39 +415,38 @@ def paraphrases(text: str, k: int, seed: str = "") -> list[str]:
     """Up to k rewrites of `text`, each through at least two rule families (one where only one applies,
     e.g. punctuation of a language without case), distinct from `text` and from each other. [] when the text
     is untouchable (see `untouchable`) or admits no rule."""
+    return [v for v, _ in rewrites(text, k, seed)]
+
+
+def rewrites(text: str, k: int, seed: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """`paraphrases` with the rule families that made each variant: [(variant, families)]."""
     if k <= 0 or untouchable(text):
         return []
     english = is_english(text)
-    if english:
-        base = parse(text)
-    else:  # only language-neutral rules: take the final punctuation off, touch nothing else
-        s = text.strip()
-        m = re.search(r"[?.!…？。！]+$", s)
-        core, punct = (s[: m.start()], m.group(0)) if m else (s, "")
-        base = _Parts(core=core, punct=punct, cap=s[:1].isupper(), mood="q" if "?" in punct or "？" in punct else "stmt")
+    base = parse(text, english)
+    families = [f for f in RULES if _options(f, base, english)]
     rng = _Rng(f"{seed}:{text}")
-    seen, out = {" ".join(text.split())}, []
-    for _ in range(12 * k):  # bounded: a text that admits few rules yields fewer than k
+    seen = {" ".join(text.split())}
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for _ in range(12 * k if families else 0):  # bounded: a text that admits few rules yields fewer than k
         if len(out) >= k:
-            break
-        families = [f for f in RULES if _options(f, base, english)]
-        if not families:
             break
         wanted = rng.sample(families, min(len(families), 2 + rng.below(2)))
         if "reform" in families and "reform" not in wanted and rng.below(4):
             wanted.append("reform")  # the reframes vary a question most: favour them
-        p, applied = base, 0
+        p, applied = base, []
         for fam in RULES:  # fixed order: reframe before wrapping, wrap before case and punctuation
             if fam not in wanted:
                 continue
             options = _options(fam, p, english)
             if options:
-                p, applied = rng.choice(options), applied + 1
+                p = rng.choice(options)
+                applied.append(fam)
         variant = p.text()
-        if applied < min(2, len(families)) or not variant or " ".join(variant.split()) in seen:
+        if len(applied) < min(2, len(families)) or not variant or " ".join(variant.split()) in seen:
             continue
         seen.add(" ".join(variant.split()))
-        out.append(variant)
+        out.append((variant, tuple(applied)))
     return out
 
 
