@@ -185,6 +185,29 @@ def test_non_english_turns_get_only_neutral_rules(built):
     assert seen  # the llamafactory fixture's Chinese turns
 
 
+def test_rules_copy_the_words_that_carry_meaning(convs):
+    """On every English user turn of the exports and of the persona fixtures, a variant adds or drops only the
+    rules' own words (openers, wrappers, frames, contraction parts): the rest is the user's, verbatim."""
+    import ownlm.learn.paraphrase as pp
+    from ownlm.evaluate.personas.fixtures import DATA_DIR
+
+    frame = set(re.findall(r"[a-z]+", " ".join([
+        pp._GREET, pp._FILLER, pp._OUTER.pattern, pp._INNER.pattern, " ".join(sum(pp._ADD_OPENERS.values(), [])),
+        "what which where who how is are am do does did can could would should will i you me my your it the a to of",
+        "on about for please thanks remind remember know tell best way take advice tips any got not cannot again",
+        "s m re ll ve d t don doesn didn isn aren wasn shouldn couldn wouldn haven hasn won"]).lower()))
+    texts = {m["content"] for rows in convs.values() for m in rows if m["role"] == "user"}
+    texts |= {m.content for p in sorted(DATA_DIR.glob("*.jsonl")) for c in parse_file(p).conversations
+              for m in c.messages if m.role == "user"}
+    words = lambda t: set(re.findall(r"[a-z0-9]+", t.lower()))  # noqa: E731
+    checked = 0
+    for text in sorted(t for t in texts if is_english(t)):
+        for variant in paraphrases(text, 5, "s"):
+            checked += 1
+            assert not (words(text) ^ words(variant)) - frame, (text, variant)
+    assert checked > 2000
+
+
 def test_merkle_root_covers_the_augmented_examples(built, plain):
     assert built.merkle_root != plain.merkle_root
     leaves = [e.sha256 for e in built.examples]
@@ -245,6 +268,10 @@ def test_paraphrases_setting(convs, tokenizer, built):
 
     with pytest.raises(ConfigError, match="paraphrases"):
         DatasetConfig(paraphrases=-1)
+    from ownlm.cli.dataset import dataset_build
+
+    cli_default = next(p.default for p in dataset_build.params if p.name == "paraphrases")
+    assert cli_default == DatasetConfig().paraphrases  # the CLI builds what the loop builds
 
 
 def test_cli_builds_with_paraphrases_and_prints_the_counts(home, model_cache_home, tmp_path):
