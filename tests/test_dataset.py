@@ -95,7 +95,7 @@ def test_build_removes_duplicates_and_refuses_too_little(tokenizer):
     convs = conversations(12, turns=1)
     dup = {f"copy{k}": [dict(r) for r in v] for k, v in convs.items()}  # same text, other conversations
     built = build({**convs, **dup}, {}, tokenizer, DatasetConfig(heldout_fraction=0))
-    assert built.stats["duplicates_removed"] == 12 and len(built.examples) == 12
+    assert built.stats["duplicates_removed"] == 12 and len([e for e in built.examples if not e.augmented]) == 12
     with pytest.raises(InvalidInput, match="only 3 training examples"):
         build(conversations(3, turns=1), {}, tokenizer, DatasetConfig(heldout_fraction=0))
     with pytest.raises(ConfigError):

@@ -25,15 +25,24 @@ def dataset() -> None:
 @click.option("--min-examples", type=int, default=10, show_default=True, help="Refuse to build with fewer.")
 @click.option("--redact/--no-redact", default=True, show_default=True, help="Replace secrets and PII with placeholders.")
 @click.option("--variants/--no-variants", default=True, show_default=True, help="Add last-exchange context variants.")
+@click.option("--paraphrases", type=click.IntRange(0, 16), default=3, show_default=True,
+              help="Rephrasings of each training example's last question (reply kept); 0 = none.")
+@click.option("--reorder/--no-reorder", default=True, show_default=True,
+              help="Add each multi-turn training example with its earlier exchanges reordered.")
 @pass_ctx
-def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact, variants) -> None:
-    """Turn the user's conversations into examples (targets, edits, redaction, split) with a Merkle root."""
+def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact, variants, paraphrases, reorder) -> None:
+    """Turn the user's conversations into examples (targets, edits, redaction, split) with a Merkle root.
+
+    Training examples are augmented (never held-out ones): the last exchange alone, rephrased questions with
+    the same reply, and reordered earlier exchanges. Each augmented example names its source example's hash
+    and is a leaf of the Merkle root like the others."""
     from ownlm.basemodel import load_tokenizer
+    from ownlm.learn.augment import KINDS
     from ownlm.learn.dataset import DatasetConfig, build, config_dict
 
     settings = ctx.settings(user=user)
     cfg = DatasetConfig(max_seq_len=max_seq_len, heldout_fraction=heldout, min_examples=min_examples,
-                        redact=redact, context_variants=variants)
+                        redact=redact, context_variants=variants, paraphrases=paraphrases, reorder_variants=reorder)
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
         conversations, feedback = store.training_view(u.id)
@@ -47,6 +56,9 @@ def dataset_build(ctx: Context, user, max_seq_len, heldout, min_examples, redact
         table.add_row(key.replace("_", " "), str(value))
     table.add_row("merkle root", built.merkle_root)
     console.print(table)
+    kinds = ", ".join(f"{built.stats[f'examples_augmented_{k}']} {k}" for k in KINDS)
+    console.print(f"augmented: {built.stats['examples_augmented']} training examples added ({kinds}), "
+                  f"from {built.stats['examples_train']} originals")
 
 
 @dataset.command("list")

@@ -5,8 +5,12 @@ reply; every assistant reply in it that is a *target* carries loss. Feedback dec
 is replaced by the user's edit, a reply with thumbs down or a rating ≤ 2 (and no edit) stays as context but
 is never a target. Long paths are cut into windows that fit `max_seq_len`, each starting at a user turn. The
 held-out split is by conversation (never by message), decided by a hash of the conversation id so it is
-stable as data grows. Augmentation (train split only): a context-window variant per multi-turn example —
-the last exchange on its own — so the model also answers well without the history.
+stable as data grows. Augmentation (train split only, learn/augment.py): per train example, the last
+exchange on its own, `paraphrases` rephrasings of its last user turn with the reply kept, and its earlier
+exchanges reordered. Each augmented example records its source example's hash and its kind; like every
+example it is a leaf of the Merkle root (so an inclusion proof covers it too), and it never enters the
+held-out split: originals of both splits are made first, augmentation comes after and can neither add to the
+held-out split nor displace an original through dedup.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from ownlm.learn.augment import KINDS, augment
 from ownlm.learn.merkle import merkle_root
 from ownlm.errors import ConfigError, InvalidInput
 from ownlm.learn.redact import redact
@@ -28,6 +33,10 @@ class DatasetConfig:
     min_examples: int = 10  # fewer training examples than this is an error
     redact: bool = True  # replace API keys, secrets, e-mails, phone and card numbers with placeholders
     context_variants: bool = True  # add the last exchange of multi-turn examples as its own example
+    # rule-based rephrasings of each train example's last user turn (reply kept): facts generalise to unseen
+    # questions only when seen asked several ways. 0 = off; the default is provisional until measured.
+    paraphrases: int = 3
+    reorder_variants: bool = True  # add each train window with 2+ earlier exchanges in another order
     bad_rating: int = 2  # a rating at or below this (without an edit) makes a reply a non-target
     seed: str = "ownlm"  # salt of the held-out hash: another seed, another split
 
@@ -38,6 +47,8 @@ class DatasetConfig:
             raise ConfigError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.min_examples < 1:
             raise ConfigError(f"min_examples={self.min_examples} must be at least 1")
+        if not 0 <= self.paraphrases <= 16:
+            raise ConfigError(f"paraphrases={self.paraphrases} is out of range", hint="use 0 (off) .. 16 per example")
 
 
 @dataclass
@@ -48,6 +59,8 @@ class Example:
     messages: list[dict]
     split: str  # "train" | "heldout"
     augmented: bool = False
+    source_sha256: str | None = None  # augmented: the sha256 of the train example it was made from
+    augmentation: str | None = None  # augmented: its kind, one of learn.augment.KINDS
 
     @property
     def sha256(self) -> str:
@@ -141,7 +154,7 @@ def build(conversations: dict[str, list[dict]], feedback: dict[str, dict], token
     def n_tokens(window: list[dict]) -> int:
         return len(tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in window], tokenize=True, return_dict=False))
 
-    examples: list[Example] = []
+    originals: list[Example] = []
     seen: set[str] = set()
     heldout_ids = {c for c in conversations if is_heldout(c, cfg)}
     if len(conversations) >= 2 and cfg.heldout_fraction > 0 and not heldout_ids:
@@ -159,26 +172,54 @@ def build(conversations: dict[str, list[dict]], feedback: dict[str, dict], token
                     m["content"], hits = redact(m["content"])
                     stats.update({f"redacted_{k.lower()}": v for k, v in hits.items()})
             for window in windows(msgs, n_tokens, cfg.max_seq_len, stats):
-                variants = [(window, False)]
-                last_user = max((i for i, m in enumerate(window) if m["role"] == "user"), default=0)
-                if cfg.context_variants and split == "train" and last_user > 0:
-                    tail = [dict(m) for m in window[last_user:]]
-                    variants.append((tail, True))
-                for msgs_, augmented in variants:
-                    ex = Example(conv_id, msgs_, split, augmented)
-                    if ex.sha256 in seen:
-                        stats["duplicates_removed"] += 1
-                        continue
-                    seen.add(ex.sha256)
-                    examples.append(ex)
-                    stats["examples_augmented" if augmented else f"examples_{split}"] += 1
-    n_train = sum(1 for e in examples if e.split == "train")
+                ex = Example(conv_id, window, split)
+                if ex.sha256 in seen:
+                    stats["duplicates_removed"] += 1
+                    continue
+                seen.add(ex.sha256)
+                originals.append(ex)
+                stats[f"examples_{split}"] += 1
+    # Augmentation after every original is in `seen`: a variant never displaces an original (of either split)
+    examples: list[Example] = []
+    for kind in KINDS:
+        stats[f"examples_augmented_{kind}"] += 0  # every kind is reported, also when none was made
+    for ex in originals:
+        examples.append(ex)
+        if ex.split != "train":
+            continue
+        for v in augment(ex.messages, source_sha256=ex.sha256, paraphrases=cfg.paraphrases,
+                         context=cfg.context_variants, reorder=cfg.reorder_variants, salt=cfg.seed):
+            aug = Example(ex.conversation_id, v.messages, "train", True, ex.sha256, v.kind)
+            if aug.sha256 in seen:
+                stats["augmented_duplicates_removed"] += 1
+                continue
+            if v.kind != "context" and n_tokens(v.messages) > cfg.max_seq_len:  # e.g. a longer question
+                stats["augmented_dropped_too_long"] += 1
+                continue
+            seen.add(aug.sha256)
+            examples.append(aug)
+            stats["examples_augmented"] += 1
+            stats[f"examples_augmented_{v.kind}"] += 1
+    check_augmentation(examples)
+    n_train = sum(1 for e in examples if e.split == "train" and not e.augmented)  # variants add no new data
     if n_train < cfg.min_examples:
         raise InvalidInput(
             f"only {n_train} training examples (need at least {cfg.min_examples})",
             hint="capture or import more conversations with assistant replies, or lower --min-examples",
         )
     return BuiltDataset(examples, merkle_root([e.sha256 for e in examples]), stats, cfg)
+
+
+def check_augmentation(examples: list[Example]) -> None:
+    """The augmentation invariants, checked on every build: an augmented example is a train example, names
+    its kind, and comes from a (non-augmented) train example of the same dataset. Raises AssertionError."""
+    sources = {e.sha256 for e in examples if e.split == "train" and not e.augmented}
+    for e in examples:
+        if e.augmented or e.augmentation or e.source_sha256:
+            if e.split != "train":
+                raise AssertionError(f"augmented example {e.sha256[:12]} is in the {e.split} split")
+            if not (e.augmented and e.augmentation in KINDS and e.source_sha256 in sources):
+                raise AssertionError(f"augmented example {e.sha256[:12]} has no train source or kind")
 
 
 def tokenize(examples: list[Example], tokenizer) -> list[TokenizedExample]:

@@ -1,4 +1,7 @@
-"""The audit trail's maths: a Merkle tree over the sha256 of every training example.
+"""The audit trail's maths: a Merkle tree over the sha256 of every example of a dataset.
+
+The leaves are every example in dataset order (learn/dataset.py build()): both splits, and the augmented
+variants too (each right after its source), since a model learns from those as much as from the originals.
 
 The root goes into every signed manifest. An inclusion proof shows that one example was in the data a model
 was trained on, without revealing the others. Leaves and inner nodes are hashed with different prefixes

@@ -49,9 +49,10 @@ class DatasetsMixin:
                  json.dumps(config), json.dumps(dict(built.stats))),
             )
             db.executemany(
-                "INSERT INTO dataset_examples (dataset_id, idx, split, augmented, conversation_id, sha256, messages)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(ds_id, i, e.split, int(e.augmented), e.conversation_id, e.sha256, json.dumps(e.messages, ensure_ascii=False))
+                "INSERT INTO dataset_examples (dataset_id, idx, split, augmented, source_sha256, augmentation,"
+                " conversation_id, sha256, messages) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(ds_id, i, e.split, int(e.augmented), e.source_sha256, e.augmentation, e.conversation_id, e.sha256,
+                  json.dumps(e.messages, ensure_ascii=False))
                  for i, e in enumerate(built.examples)],
             )
             self.audit(db, user_id, "dataset_built", dataset=ds_id, merkle_root=built.merkle_root, examples=len(built.examples))
@@ -74,15 +75,18 @@ class DatasetsMixin:
                 "config": json.loads(r[5]), "stats": json.loads(r[6])}
 
     def dataset_examples(self, user_id: str, dataset_id: str) -> list[dict]:
-        """Every example of one of the user's datasets in Merkle order: idx, split, sha256, messages (or None)."""
+        """Every example of one of the user's datasets in Merkle order: idx, split, augmented, source_sha256 and
+        augmentation (the source example's hash and the kind, None for an original), conversation_id, sha256,
+        messages (None once deleted)."""
         self.dataset_info(user_id, dataset_id)  # ownership check
         rows = self.query(
-            "SELECT idx, split, augmented, conversation_id, sha256, messages FROM dataset_examples"
-            " WHERE dataset_id = ? ORDER BY idx",
+            "SELECT idx, split, augmented, source_sha256, augmentation, conversation_id, sha256, messages"
+            " FROM dataset_examples WHERE dataset_id = ? ORDER BY idx",
             (dataset_id,),
         )
-        return [{"idx": r[0], "split": r[1], "augmented": bool(r[2]), "conversation_id": r[3], "sha256": r[4],
-                 "messages": json.loads(r[5]) if r[5] is not None else None} for r in rows]
+        return [{"idx": r[0], "split": r[1], "augmented": bool(r[2]), "source_sha256": r[3], "augmentation": r[4],
+                 "conversation_id": r[5], "sha256": r[6], "messages": json.loads(r[7]) if r[7] is not None else None}
+                for r in rows]
 
     def dataset_hashes(self, user_id: str, dataset_id: str, split: str = "train") -> set[str]:
         """sha256 of one split's examples of a dataset (an empty set when the dataset is gone)."""

@@ -290,3 +290,19 @@ def m008_live_threads(db) -> None:
         CREATE INDEX messages_parent ON messages(parent_id)
         """,
     )
+
+
+@migration
+def m009_augmentation(db) -> None:
+    # Knowledge augmentation (issue #16): an augmented example records the train example it was made from
+    # (its sha256) and its kind ('context', 'paraphrase', 'reorder'); NULL for an original. Before this
+    # migration the last-exchange-alone variant was the only kind, so the augmented rows recorded so far are
+    # 'context' variants; their source hash was never stored and stays unknown (NULL).
+    run_script(
+        db,
+        """
+        ALTER TABLE dataset_examples ADD COLUMN source_sha256 TEXT;
+        ALTER TABLE dataset_examples ADD COLUMN augmentation TEXT;
+        UPDATE dataset_examples SET augmentation = 'context' WHERE augmented = 1
+        """,
+    )
