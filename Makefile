@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ownlm-installed
 DEMO_HOME ?= $(CURDIR)/.ownlm-demo
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup browser demo test fuzz bench clean
+.PHONY: setup browser demo test fuzz bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -61,8 +61,18 @@ bench: setup
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/fidelity.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/qat.py --personas bram,mira,chiara --steps 64 --epochs 1 --lr 2e-3
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/recipe.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/continual.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/personas.py
+
+# The headline rows of bench/README.md (the behaviour benchmark) with smaller settings, in about 15 minutes on 2
+# cores: one round per persona of BENCH_QUICK_STEPS steps instead of the node's default and three rounds, no
+# fp32 comparison and no general-ability items. Its figures are *not* the table's: the table is `make bench`.
+BENCH_QUICK_STEPS ?= 24
+bench-quick: setup
+	mkdir -p $(BENCH_HOME)
+	@echo "bench-quick: 1 round of $(BENCH_QUICK_STEPS) steps per persona (make bench: 3 rounds at the node's settings)"
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/personas.py --rounds 1 --steps $(BENCH_QUICK_STEPS) --quick
 
 clean:
 	rm -rf $(VENV) .ownlm-test-cache test-output .pytest_cache

@@ -144,7 +144,15 @@ def test_eval_after_a_round(home, tiny_base, tmp_path):
     assert doc["personal"]["heldout_nll"] < doc["base"]["heldout_nll"]
     assert doc["personal"]["kl_drift"] > 0 and doc["base"]["behaviour"] is not None
     assert doc["derived"]["personalization_score"] > 0 and doc["artifact"]["ratio_to_fp16_lora"] > 10
+    probes = doc["artifact"]["probes"]  # bram is a persona: counts with 95% Wilson intervals, per kind
+    for label in ("base", "personal"):
+        for kind in ("fact", "style"):
+            v = probes[label][kind]
+            assert v["total"] > 0 and 0 <= v["ci95"][0] <= v["passed"] / v["total"] <= v["ci95"][1] <= 1
+    habit = doc["artifact"]["habits"][0]  # bram's replies all start with "Ahoy!"
+    assert "Ahoy!" in habit["habit"] and 0 <= habit["personal"] <= 1 and 0 <= habit["base"] <= 1
     plot = tmp_path / "versions.png"
     r = run_cli("eval", "--quick", "--plot", str(plot), env=env)
     assert r.returncode == 0, r.stderr
     assert "held-out assistant NLL" in r.stdout and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "personal probes: fact" in r.stdout and "reply habit, starts with 'Ahoy!'" in r.stdout

@@ -13,7 +13,7 @@ src/ownlm/                     each stage imports only the stages above it and t
   store/         SQLCipher: migrations, users/tokens, conversations, imports (an importer's result into the
                  store), datasets, models and the files derived from a user's data, jobs; imports capture,
                  artifact
-  learn/         dataset (redact, merkle) → tokens → batching → train (steps) · continual · worker; imports
+  learn/         dataset (redact, merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
                  store, bitdelta
   engine/        the inference protocol, the torch engine, the personal engine; imports bitdelta
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact

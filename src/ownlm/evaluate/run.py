@@ -46,7 +46,9 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     from ownlm.engine.personal import PersonalEngine
     from ownlm.engine.torch_engine import TorchEngine
     from ownlm.evaluate.general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
-    from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, speed
+    from ownlm.evaluate.gate import behaviour_check
+    from ownlm.evaluate.habits import habits
+    from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, speed, wilson
     from ownlm.evaluate.personas.fixtures import PERSONAS, probes
 
     chosen = store.model(user.id, model) if model else store.active_model(user.id)
@@ -72,6 +74,15 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     b.heldout_perplexity, p.heldout_perplexity = math.exp(b.heldout_nll), math.exp(p.heldout_nll)
     progress("drift KL on Dolly prompts…")
     p.kl_drift = kl_drift(m, delta, dolly_examples(tok, n=64), max_positions=1024, base_sha256=base.sha256)
+    # The user's own reply habits (any user, not only the fixtures): shown in held-out answers of each model
+    progress("reply habits on held-out prompts (greedy answers)…")
+    rows = store.dataset_examples(user.id, store.dataset_info(user.id)["id"])
+    found = habits([m["content"] for r in rows if r["split"] == "train" and not r["augmented"]
+                    for m in r["messages"] if m.get("target")])
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in r["messages"][:-1]]
+               for r in rows if r["split"] == "heldout" and r["messages"]][:8]
+    habit_rows = behaviour_check(base, delta, found, prompts, min_rate=0.0)["habits"]
+    probe_counts: dict = {}
     if user.name in PERSONAS:
         # batched greedy answers (TorchEngine.greedy_batch) with the delta merged for 'personal': the same
         # weights a single-user node serves
@@ -79,7 +90,10 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
         plain, asked = TorchEngine(base), probes(PERSONAS[user.name])
         with delta_applied(m, delta, base.sha256):
             r_personal = behaviour_score(plain, asked, max_tokens=48)
-        for scores, r in ((p, r_personal), (b, behaviour_score(plain, asked, max_tokens=48))):
+        for scores, r, label in ((p, r_personal, "personal"), (b, behaviour_score(plain, asked, max_tokens=48), "base")):
+            probe_counts[label] = {kind: {"passed": k["passed"], "total": k["total"],
+                                          "ci95": [round(x, 3) for x in wilson(k["passed"], k["total"])]}
+                                   for kind, k in sorted(r["by_kind"].items())}
             scores.behaviour = r["pass_rate"]
             scores.behaviour_fact = r["by_kind"].get("fact", {}).get("rate")
             scores.behaviour_style = r["by_kind"].get("style", {}).get("rate")
@@ -101,6 +115,8 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
         "ratio_to_fp16_lora": fp16_lora / delta.nbytes,
         "ratio_to_fp16_base": (base.n_params * 2) / delta.nbytes,
         "heldout_loss_lora_at_training": training.get("heldout_loss_personal"),
+        "habits": habit_rows,  # [{"habit", "base", "personal", "passed"}] on up to 8 held-out prompts
+        "probes": probe_counts,  # persona users: {"base"|"personal": {kind: {passed, total, ci95}}}
         "versions": [{"version": v["version"], "id": v["id"],
                       "heldout_loss_base": v["manifest"]["training"].get("heldout_loss_base"),
                       "heldout_loss_personal": v["manifest"]["training"].get("heldout_loss_personal")}
