@@ -5,7 +5,10 @@ compressed post hoc or quantization-aware training), one training run with the p
 data, then the *served* artifact (lora1) is measured exactly as the loop's quality gate and `ownlm eval` do:
 held-out assistant NLL, drift KL(base || personal) on the gate's Dolly prompts (bound 0.25 nats/token), and
 the persona's unseen probe questions (greedy, 48 tokens), style and fact separately with 95% Wilson intervals;
-plus training seconds and the artifact's bytes. Recipes are named `<modules>-r<rank>-lr<lr>-s<steps>[-qat]`.
+ARC-Easy (100 items), training seconds and the artifact's bytes. As a diagnostic, drift is also measured from
+the 4th answer token on, to show how much of it a persona's opening accounts for. Recipes are named
+`<modules>-r<rank>-lr<lr>-s<steps>[-qat][-p<N>]` (-pN: N question variants per training example, learn/augment.py;
+without it, no augmentation but the context variants).
 
     OWNLM_HOME=... .venv/bin/python bench/recipe.py [--personas bram,mira,chiara] [--recipes NAME,...] [--json FILE]
 """
@@ -32,6 +35,8 @@ from ownlm.evaluate.general import dolly_examples  # noqa: E402
 from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, wilson  # noqa: E402
 from ownlm.evaluate.personas.fixtures import PERSONAS, probes  # noqa: E402
 from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
+from ownlm.evaluate.general import mc_items, multiple_choice_accuracy  # noqa: E402
+from ownlm.learn.tokens import IGNORE, TokenizedExample  # noqa: E402
 from ownlm.learn.train import TrainConfig, train  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 
@@ -45,12 +50,28 @@ DEFAULT_RECIPES = "qv-r8-lr1e-3-s32,qv-r8-lr1e-3-s32-qat,qv-r8-lr5e-4-s32-qat,al
 
 def parse_recipe(name: str) -> TrainConfig:
     """'all7-r1-lr1e-3-s32-qat' -> the TrainConfig it names (alpha = 2r, as the default q/v r8 alpha 16)."""
-    m = re.fullmatch(r"(\w+)-r(\d+)-lr([0-9.e-]+?)-s(\d+)(-qat)?", name)
+    m = re.fullmatch(r"(\w+)-r(\d+)-lr([0-9.e-]+?)-s(\d+)(-qat)?(?:-p\d+)?", name)
     if not m or m[1] not in MODULES:
         sys.exit(f"bad recipe {name!r}: use <{'|'.join(MODULES)}>-r<rank>-lr<lr>-s<steps>[-qat]")
     r = int(m[2])
     return TrainConfig(target_modules=MODULES[m[1]], r=r, alpha=2 * r, lr=float(m[3]), max_steps=int(m[4]), epochs=20,
                        qat=m[5] is not None)
+
+
+def paraphrases_of(name: str) -> int:
+    """'...-p3' -> 3 question variants per training example (DatasetConfig.paraphrases); none: 0 (off)."""
+    m = re.search(r"-p(\d+)$", name)
+    return int(m[1]) if m else 0
+
+
+def after_opening(examples, skip: int = 3):
+    """The drift prompts scored only from the `skip`-th answer token on: how much of the drift is the opening."""
+    out = []
+    for e in examples:
+        targets = [t for t, x in enumerate(e.labels) if x != IGNORE]
+        labels = [IGNORE if t in targets[:skip] else x for t, x in enumerate(e.labels)]
+        out.append(TokenizedExample(e.input_ids, labels))
+    return out
 
 
 def probe_row(engine, asked) -> dict:
@@ -77,11 +98,22 @@ def main() -> None:
     base = load_base(load_settings(home=args.home))
     tok, engine, rows = base.tokenizer, TorchEngine(base), []
     drift_prompts = dolly_examples(tok, n=DRIFT_PROMPTS)
+    drift_late = after_opening(drift_prompts)
+    arc = mc_items("arc_easy", 100)
+    arc_base = multiple_choice_accuracy(base.model, tok, arc)
+    print(f"base ARC-Easy {arc_base:.0%} (100 items)", flush=True)
+    built_for: dict = {}
     work = Path(tempfile.mkdtemp(prefix="ownlm-recipe-"))
     try:
         for name in args.personas.split(","):
-            built = build(persona_conversations(name), {}, tok, DatasetConfig(heldout_fraction=0.15))
-            train_ex, held = tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok)
+            def data(n_para: int):
+                if n_para not in built_for:
+                    built = build(persona_conversations(name), {}, tok, DatasetConfig(heldout_fraction=0.15, paraphrases=n_para))
+                    built_for[n_para] = (tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok))
+                return built_for[n_para]
+
+            built_for.clear()
+            train_ex, held = data(0)
             asked = probes(PERSONAS[name])
             nll_base = assistant_nll(base.model, held).mean_nll
             print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples; base NLL {nll_base:.4f}, "
@@ -89,19 +121,24 @@ def main() -> None:
             for recipe in args.recipes.split(","):
                 cfg = parse_recipe(recipe)
                 out = work / name / recipe
-                report = train(base, train_ex, held, cfg, out)
+                recipe_train, _ = data(paraphrases_of(recipe))
+                report = train(base, recipe_train, held, cfg, out)
                 delta = compress_lora(read_adapter(out / "adapter"), CompressConfig(mode="lora1"), base.sha256)
                 save_delta(delta, out / "delta")
                 with delta_applied(base.model, delta, base.sha256):
                     nll = assistant_nll(base.model, held).mean_nll
                     probed = probe_row(engine, asked)
+                    arc_p = multiple_choice_accuracy(base.model, tok, arc)
                 drift = kl_drift(base.model, delta, drift_prompts, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
+                late = kl_drift(base.model, delta, drift_late, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
                 row = {"persona": name, "recipe": recipe, "steps": report.steps, "train_seconds": report.duration_s,
                        "nll_base": nll_base, "nll_lora": report.heldout_loss_personal, "nll_served": nll,
-                       "kl_drift": drift, "probes": probed,
+                       "kl_drift": drift, "kl_drift_after_opening": late, "arc_easy_base": arc_base,
+                       "arc_easy": arc_p, "train_examples": len(recipe_train), "probes": probed,
                        "artifact_bytes": sum(f.stat().st_size for f in (out / "delta").iterdir())}
                 rows.append(row)
-                print(f"  {recipe:24s} NLL {nll:.4f} (LoRA {report.heldout_loss_personal:.4f}); drift {drift:.3f}; "
+                print(f"  {recipe:24s} NLL {nll:.4f} (LoRA {report.heldout_loss_personal:.4f}); drift {drift:.3f} ({late:.3f} after the opening); "
+                      f"ARC-Easy {arc_p:.0%}; "
                       f"probes {fmt(probed)}; {row['artifact_bytes']:,} B; {report.duration_s:.0f} s, "
                       f"{report.steps} steps", flush=True)
                 shutil.rmtree(out, ignore_errors=True)

@@ -106,7 +106,7 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         audit_mark = store.audit_mark()  # a delete after this point makes this round's adapter unfit to continue
         conversations, feedback = store.training_view(user.id)
         base = load_base(settings)
-        dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10))
+        dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10), paraphrases=cfg.paraphrases)
         built = build(conversations, feedback, base.tokenizer, dcfg)
         ds_id = store.save_dataset(user.id, built, config_dict(dcfg))
         update(watermark=watermark, stage="train", progress=0.0)

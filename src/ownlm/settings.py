@@ -52,6 +52,10 @@ class Personalization(BaseModel):
                     "the QAT artifact kept 104-111% of an fp32 LoRA's held-out gain, post hoc 65-69%. Off by default "
                     "until the recipe is tuned: a 32-step demo round with QAT drifted 0.269 nats/token (gate bound "
                     "0.25), and 3-step rounds on the tiny test model did not beat the base.")
+    paraphrases: int = Field(
+        default=3, ge=0, le=16,
+        description="Question variants per training example (learn/augment.py: the last user turn rephrased, the "
+                    "reply kept; marked in the dataset, leaves of its Merkle root, never held out). 0 turns it off.")
     gate_min_gain: float = Field(
         default=0.0, ge=0, lt=1,
         description="The compressed personal model must lower held-out NLL by more than this share of the base's.")

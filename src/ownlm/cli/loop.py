@@ -129,22 +129,21 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
 @cli.command()
 @click.option("--persona", type=click.Choice(["bram", "mira", "chiara"]), default="bram", show_default=True,
               help="Which fictional user's history to learn from.")
-@click.option("--steps", type=int, default=32, show_default=True,
-              help="Optimizer steps of the round: a fixed number, so a busy machine trains the same model, only later.")
-@click.option("--lr", type=float, default=1e-3, show_default=True,
-              help="LoRA learning rate: higher than the loop's default so one short round shows the persona "
-                   "(64 steps at 2e-3 learned more but drifted past the gate's bound: KL 1.39 > 0.25).")
-@click.option("--qat/--no-qat", default=False, show_default=True,
-              help="Train the 1-bit factors quantization-aware (the served artifact is the trained model; at "
-                   "these settings it drifted 0.269 nats/token, past the gate's 0.25).")
+@click.option("--steps", type=int, default=None,
+              help="Optimizer steps of the round (default: the node's personalization.max_steps): a fixed number, "
+                   "so a busy machine trains the same model, only later.")
+@click.option("--lr", type=float, default=None, help="LoRA learning rate (default: the node's personalization.lr).")
+@click.option("--qat/--no-qat", default=None,
+              help="Train the 1-bit factors quantization-aware (default: the node's personalization.qat).")
 @pass_ctx
-def demo(ctx: Context, persona: str, steps: int, lr: float, qat: bool) -> None:
+def demo(ctx: Context, persona: str, steps: int | None, lr: float | None, qat: bool | None) -> None:
     """The whole loop from an EMPTY home (keeps only the model cache): import, learn, gate, deploy, compare."""
     from ownlm import demo as demo_mod
 
     settings = ctx.settings()
+    chosen = {k: v for k, v in (("max_steps", steps), ("lr", lr), ("qat", qat)) if v is not None}
     settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(
-        update={"max_steps": steps, "time_budget_s": None, "epochs": 20, "lr": lr, "qat": qat})})
+        update={"time_budget_s": None, **chosen})})
     result = demo_mod.run(settings, persona)
     if result.get("state") != "deployed":
         raise SystemExit(2)

@@ -124,7 +124,8 @@ def remote_round(store: Store, settings: Settings, user: User, **kw):
 
     check_tier(store, user, kw.get("trainer_url") or settings.remote.trainer_url)
     conversations, feedback = store.training_view(user.id)
-    dcfg = DatasetConfig(min_examples=min(settings.personalization.min_samples, 10), redact=True)
+    dcfg = DatasetConfig(min_examples=min(settings.personalization.min_samples, 10), redact=True,
+                         paraphrases=settings.personalization.paraphrases)
     built = build(conversations, feedback, load_tokenizer(settings), dcfg)
     return built, train_remotely(store, settings, user, built, **kw)
 
