@@ -30,7 +30,7 @@ MEASUREMENT = "ab" * 48
 def settings_for(home, tiny_base):
     s = load_settings(home=str(home), base=str(tiny_base), device="cpu")
     return s.model_copy(update={"personalization": s.personalization.model_copy(
-        update={"max_steps": 2, "lr": 5e-3, "gate_max_kl": 10.0, "gate_behaviour": False})})
+        update={"max_steps": 2, "lr": 5e-3, "gate_max_kl": 10.0, "gate_behaviour": False, "qat": False})})
 
 
 def conversations() -> dict:

@@ -102,7 +102,8 @@ def job_document(user: User, built, node_pubkey: dict, base_sha256: str, setting
     cfg = settings.personalization
     return {
         "version": 1, "user": user.name, "base_sha256": base_sha256, "node_pubkey": node_pubkey,
-        "train_config": {"lr": cfg.lr, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s},
+        "train_config": {"lr": cfg.lr, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s,
+                         "qat": cfg.qat},
         "merkle_root": built.merkle_root, "model_version": version, "previous": previous,
         "examples": [{"conversation_id": e.conversation_id, "split": e.split, "messages": e.messages} for e in built.examples],
     }

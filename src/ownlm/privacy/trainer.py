@@ -4,7 +4,7 @@ A job is what a node may send under privacy tier 0 (cloud) or 2 (TEE): one HPKE-
 format as a model bundle, `ownlm.artifact.seal`) addressed to this trainer's key, holding `job.json`:
 
     {"version": 1, "user": name, "base_sha256": hex, "node_pubkey": {...node HPKE key JSON...},
-     "train_config": {lr, epochs, max_steps, time_budget_s}, "merkle_root": hex,
+     "train_config": {lr, epochs, max_steps, time_budget_s, qat}, "merkle_root": hex,
      "model_version": int, "previous": model id | null,
      "examples": [{"conversation_id", "split": "train"|"heldout", "messages": [{role, content, target}]}]}
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 JOB_VERSION = 1
 # Only these training settings may come from a node; the rest (rank, modules...) are the trainer's.
-JOB_TRAIN_KEYS = ("lr", "epochs", "max_steps", "time_budget_s")
+JOB_TRAIN_KEYS = ("lr", "epochs", "max_steps", "time_budget_s", "qat")
 
 
 class TrainerKeys:
