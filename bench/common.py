@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: persona histories as store-shaped conversations, temporary weight deltas."""
+"""Helpers shared by the benchmarks: persona histories as store-shaped conversations, probe rows, temporary weight deltas."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
+from ownlm.evaluate.metrics import behaviour_score, by_kind_with_intervals  # noqa: E402
 from ownlm.evaluate.personas.fixtures import DATA_DIR  # noqa: E402
+
+
+def probe_row(engine, asked, max_tokens: int = 48) -> dict:
+    """The persona's probes answered greedily: {kind: {passed, total, ci95}} (95% Wilson intervals)."""
+    return by_kind_with_intervals(behaviour_score(engine, asked, max_tokens=max_tokens))
+
+
+def fmt(p: dict) -> str:
+    """'fact 1/9 [0.02, 0.43], style 8/11 [0.43, 0.90]' from a probe_row."""
+    return ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for kind, v in p.items())
 
 
 def persona_conversations(persona: str) -> dict[str, list[dict]]:

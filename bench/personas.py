@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, probe_row  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import load_delta  # noqa: E402
 from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.capture.importers.base import ImportResult  # noqa: E402
 from ownlm.engine.torch_engine import TorchEngine  # noqa: E402
 from ownlm.evaluate.general import general_perplexity, mc_items, multiple_choice_accuracy  # noqa: E402
-from ownlm.evaluate.metrics import behaviour_score, delta_applied, wilson  # noqa: E402
+from ownlm.evaluate.metrics import delta_applied, wilson  # noqa: E402
 from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, probes  # noqa: E402
 from ownlm.learn.tokens import TokenizedExample, tokenize_chat  # noqa: E402
 from ownlm.learn.train import TrainConfig, train  # noqa: E402
@@ -44,16 +46,6 @@ from ownlm.store.imports import import_into  # noqa: E402
 GOALS = {"style": 0.90, "fact": 0.60}  # issue 16: probes passed after the demo-sized round
 MAX_KL, ARC_POINTS = 0.25, 0.05
 
-
-def probe_row(engine, asked) -> dict:
-    """{kind: {passed, total, ci95}} over the persona's probes, greedy 48 tokens."""
-    score = behaviour_score(engine, asked, max_tokens=48)
-    return {kind: {"passed": k["passed"], "total": k["total"], "ci95": [round(x, 3) for x in wilson(k["passed"], k["total"])]}
-            for kind, k in sorted(score["by_kind"].items())}
-
-
-def fmt(p: dict) -> str:
-    return ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for kind, v in p.items())
 
 
 def general(base, n_arc: int) -> dict:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import persona_conversations  # noqa: E402
+from common import fmt, probe_row, persona_conversations  # noqa: E402
 from ownlm.basemodel import load_base  # noqa: E402
 from ownlm.bitdelta import CompressConfig, compress_lora, read_adapter, save_delta  # noqa: E402
 from ownlm.engine import TorchEngine  # noqa: E402
 from ownlm.evaluate.gate import DRIFT_POSITIONS, DRIFT_PROMPTS  # noqa: E402
 from ownlm.evaluate.general import dolly_examples  # noqa: E402
-from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, wilson  # noqa: E402
+from ownlm.evaluate.metrics import assistant_nll, delta_applied, kl_drift  # noqa: E402
 from ownlm.evaluate.personas.fixtures import PERSONAS, probes  # noqa: E402
 from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
 from ownlm.evaluate.general import mc_items, multiple_choice_accuracy  # noqa: E402
@@ -74,17 +74,6 @@ def after_opening(examples, skip: int = 3):
     return out
 
 
-def probe_row(engine, asked) -> dict:
-    score = behaviour_score(engine, asked, max_tokens=48)
-    out = {}
-    for kind, k in sorted(score["by_kind"].items()):
-        lo, hi = wilson(k["passed"], k["total"])
-        out[kind] = {"passed": k["passed"], "total": k["total"], "ci95": [round(lo, 3), round(hi, 3)]}
-    return out
-
-
-def fmt(p: dict) -> str:
-    return ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for kind, v in p.items())
 
 
 def main() -> None:

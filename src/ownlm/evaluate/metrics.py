@@ -391,6 +391,12 @@ def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
     return {"pass_rate": passed / len(answers), "n": len(answers), "by_kind": by_kind, "answers": answers}
 
 
+def by_kind_with_intervals(score: dict) -> dict:
+    """{kind: {"passed", "total", "ci95": [low, high]}} from a `behaviour_score` result (95% Wilson intervals)."""
+    return {kind: {"passed": k["passed"], "total": k["total"], "ci95": [round(x, 3) for x in wilson(k["passed"], k["total"])]}
+            for kind, k in sorted(score["by_kind"].items())}
+
+
 def speed(engine, prompts: Sequence[str], max_tokens: int = 64, runs: int = 3, warmup: bool = True) -> float:
     """Greedy generation speed in completion tokens per second: per run, all prompts' completion tokens over
     their wall time (prompt processing included, as a user waits for it); the median over `runs`.

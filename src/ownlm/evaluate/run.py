@@ -48,7 +48,8 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     from ownlm.evaluate.general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
     from ownlm.evaluate.gate import behaviour_check
     from ownlm.evaluate.habits import habits
-    from ownlm.evaluate.metrics import assistant_nll, behaviour_score, delta_applied, kl_drift, speed, wilson
+    from ownlm.evaluate.metrics import (assistant_nll, behaviour_score, by_kind_with_intervals, delta_applied, kl_drift,
+                                        speed)
     from ownlm.evaluate.personas.fixtures import PERSONAS, probes
 
     chosen = store.model(user.id, model) if model else store.active_model(user.id)
@@ -91,9 +92,7 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
         with delta_applied(m, delta, base.sha256):
             r_personal = behaviour_score(plain, asked, max_tokens=48)
         for scores, r, label in ((p, r_personal, "personal"), (b, behaviour_score(plain, asked, max_tokens=48), "base")):
-            probe_counts[label] = {kind: {"passed": k["passed"], "total": k["total"],
-                                          "ci95": [round(x, 3) for x in wilson(k["passed"], k["total"])]}
-                                   for kind, k in sorted(r["by_kind"].items())}
+            probe_counts[label] = by_kind_with_intervals(r)
             scores.behaviour = r["pass_rate"]
             scores.behaviour_fact = r["by_kind"].get("fact", {}).get("rate")
             scores.behaviour_style = r["by_kind"].get("style", {}).get("rate")
