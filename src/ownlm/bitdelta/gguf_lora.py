@@ -21,6 +21,7 @@ float32 signs x scales, only reordered.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -49,24 +50,33 @@ class BaseLayout:
     n_head: int
     n_head_kv: int
     weight_shapes: dict[str, tuple[int, int]]  # GGUF tensor name -> (out, in), e.g. 'blk.0.attn_q.weight'
+    context_length: int = 2048  # tokens the base was trained for
 
     @classmethod
     def read(cls, path: str | Path) -> "BaseLayout":
-        """Read from a base .gguf's metadata and tensor list (memory-mapped; the weights are not read)."""
-        reader = gguf.GGUFReader(str(path))
+        """Read from a base .gguf's metadata and tensor list (the weights are not read). gguf's reader parses
+        every field, the tokenizer's 100k strings included (3 s on 2 cores), so the result is kept per file
+        version for the process: a deploy does not pay it again."""
+        st = os.stat(path)
+        return _read_layout(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
-        def value(key: str):
-            field = reader.get_field(key)
-            if field is None:
-                raise DeltaMismatch(f"base {path} has no {key} in its GGUF metadata", hint=HINT)
-            return field.contents()
 
-        arch = value(gguf.Keys.General.ARCHITECTURE)
-        n_head = int(value(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)))
-        kv = reader.get_field(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch))
-        shapes = {t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2}
-        return cls(arch, int(value(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))), n_head,
-                   int(kv.contents()) if kv is not None else n_head, shapes)
+@functools.lru_cache(maxsize=8)
+def _read_layout(path: str, size: int, mtime_ns: int) -> BaseLayout:
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str, default=None):
+        field = reader.get_field(key)
+        if field is None and default is None:
+            raise DeltaMismatch(f"base {path} has no {key} in its GGUF metadata", hint=HINT)
+        return default if field is None else field.contents()
+
+    arch = value(gguf.Keys.General.ARCHITECTURE)
+    n_head = int(value(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)))
+    shapes = {t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2}
+    return BaseLayout(arch, int(value(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))), n_head,
+                      int(value(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head)), shapes,
+                      int(value(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch), 2048)))
 
 
 def rope_permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
