@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ownlm.artifact.bundle import make_bundle
 from ownlm.basemodel import base_sha256, resolve_base
-from ownlm.bitdelta import apply, load_delta, save_delta
-from ownlm.bitdelta import gguf_lora
+from ownlm.bitdelta import apply, gguf_lora, load_delta, save_delta
 from ownlm.bitdelta.gguf_lora import write_gguf_lora
 from ownlm.engine import GenerationParams
 from ownlm.engine.llama import LlamaEngine, LlamaPersonalEngine, load_llama_engine
@@ -140,9 +139,8 @@ def test_cancel_deadline_line_and_shutdown(world):
     stream.cancel()
     rest = list(stream)
     assert stream.finish_reason == "cancelled" and len(rest) < 190
-    with engine._lock:  # a generation is running: the line (0 places) is full
-        with pytest.raises(Overloaded):
-            engine.stream(Q, GREEDY).text()
+    with engine._lock, pytest.raises(Overloaded):  # a generation is running: the line (0 places) is full
+        engine.stream(Q, GREEDY).text()
     engine.close()
     with pytest.raises(ModelUnavailable):
         engine.stream(Q, GREEDY)

@@ -14,8 +14,6 @@ top-1 tokens are equal, |d log p| the difference of the teacher token's log-prob
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
