@@ -97,6 +97,12 @@ class ModelUnavailable(OwnlmError):
     http_status = 503
 
 
+class EngineUnavailable(OwnlmError):
+    """The configured inference engine cannot run here: its package is missing, or the base does not suit it."""
+
+    http_status = 503
+
+
 class DeltaMismatch(OwnlmError):
     """A personal delta that does not fit the model it is applied to (another base, shape or module)."""
 

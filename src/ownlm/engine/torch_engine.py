@@ -8,13 +8,12 @@ Under faults: each generation runs in its own thread (GenerationStream.produced_
 in a plain function whose `finally` releases it, never across a `yield` to a consumer that may vanish. The
 loop checks between steps (each decode step and each prefill chunk) whether the request was cancelled (its
 client left), its deadline passed, or the node is shutting down. At most `max_waiting` generations wait for
-the lock; more are refused at once with Overloaded.
+the lock; more are refused at once with Overloaded (serial.py).
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable
 
@@ -22,31 +21,27 @@ import torch
 
 from ownlm.basemodel import BaseModel
 from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
-from ownlm.errors import ModelUnavailable, Overloaded
+from ownlm.engine.serial import SerialEngine
+from ownlm.errors import Overloaded
 
 # Prompt tokens per forward pass. Reading a long prompt is what holds the engine (one forward pass over the
 # whole kept context; templating and tokenizing are small beside it, seen ad hoc, not a benchmark). In chunks, a
 # cancel or the deadline can stop it between chunks, and attention scores are (heads, 512, context) rather than
 # (heads, context, context); the logits are the same.
 PREFILL_CHUNK = 512
-POLL_S = 0.05  # how often a generation waiting for the engine looks at its cancel flag and deadline
 
 
-class TorchEngine:
+class TorchEngine(SerialEngine):
     """Serves one causal LM. Requests run one at a time (a lock): on a CPU node, concurrent forward passes
     only split the same cores, and a KV cache per request would multiply memory."""
 
     def __init__(self, base: BaseModel, model_name: str | None = None, max_waiting: int | None = None):
         """`max_waiting`: generations allowed to wait while one runs (None: no limit, for the CLI and evaluation)."""
+        super().__init__(max_waiting)
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.model_name = model_name or base.source.name
-        self.max_waiting = max_waiting
-        self._lock = threading.Lock()  # held by the one running generation (or a refresh, or a batch)
-        self._line = threading.Lock()  # guards _waiting
-        self._waiting = 0
-        self._closing = False
         self._eos_ids = self._end_token_ids()
         self._context = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
@@ -95,16 +90,6 @@ class TorchEngine:
                     answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
         return answers
 
-    @property
-    def waiting(self) -> int:
-        """Generations waiting for the engine right now."""
-        return self._waiting
-
-    def close(self) -> None:
-        """Stop serving: generations running or waiting end at their next step with ModelUnavailable, and new
-        ones are refused. It only sets a flag, so a signal handler may call it."""
-        self._closing = True
-
     def stream(self, messages: list[Message], params: GenerationParams) -> GenerationStream:
         """Validate and template `messages`; generation starts at the stream's first next() (see module doc)."""
         self._refuse_if_closing()
@@ -113,10 +98,6 @@ class TorchEngine:
         room = max(1, self._context - params.max_tokens)
         prompt = prompt[-room:]
         return GenerationStream.produced_by(functools.partial(self._generate, prompt, params), len(prompt))
-
-    def _refuse_if_closing(self) -> None:
-        if self._closing:
-            raise ModelUnavailable("the node is shutting down", hint="retry once it is back")
 
     @torch.inference_mode()
     def _generate(self, prompt: list[int], params: GenerationParams, out: GenerationStream,
@@ -135,39 +116,6 @@ class TorchEngine:
                 self._end(out)
         finally:
             self._lock.release()
-
-    def _acquire(self, out: GenerationStream, deadline: float | None, timeout_s: float | None) -> bool:
-        """Take the engine lock (True), or give up: False when cancelled while waiting; Overloaded when the
-        line is full or the deadline passes; ModelUnavailable when the node shuts down."""
-        if self._lock.acquire(blocking=False):
-            return True
-        with self._line:
-            if self.max_waiting is not None and self._waiting >= self.max_waiting:
-                raise Overloaded(f"{self._waiting} generation(s) are already waiting for this node's model",
-                                 hint="retry in a few seconds, or raise max_queued_generations in the node settings")
-            self._waiting += 1
-        try:
-            while not self._lock.acquire(timeout=POLL_S):
-                stop = self._should_stop(out, deadline)
-                if stop == "cancelled":
-                    out.finish_reason = "cancelled"
-                    return False
-                if stop == "deadline":
-                    raise Overloaded(f"waited {timeout_s:g} s for this node's model without getting it",
-                                     hint="retry later, or raise generation_timeout_s in the node settings")
-            return True
-        finally:
-            with self._line:
-                self._waiting -= 1
-
-    def _should_stop(self, out: GenerationStream, deadline: float | None) -> str | None:
-        """'cancelled', 'deadline' or None; raises ModelUnavailable once the node shuts down."""
-        self._refuse_if_closing()
-        if out.cancelled.is_set():
-            return "cancelled"
-        if deadline is not None and time.monotonic() > deadline:
-            return "deadline"
-        return None
 
     def _begin(self, stream: GenerationStream) -> None:
         """Called with the engine lock held, before a request's first forward pass (subclasses select weights)."""
