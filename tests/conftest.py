@@ -25,7 +25,7 @@ CACHE_ROOT = Path(os.environ.get("OWNLM_TEST_CACHE", REPO / ".ownlm-test-cache")
 def home(tmp_path, monkeypatch) -> Path:
     h = tmp_path / "home"
     monkeypatch.setenv("OWNLM_HOME", str(h))
-    for var in ("OWNLM_BASE", "OWNLM_DEVICE", "OWNLM_THREADS", "OWNLM_PORT", "OWNLM_HOST"):
+    for var in ("OWNLM_BASE", "OWNLM_DEVICE", "OWNLM_ENGINE", "OWNLM_THREADS", "OWNLM_PORT", "OWNLM_HOST"):
         monkeypatch.delenv(var, raising=False)
     return h
 

@@ -139,10 +139,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="'auto' picks CUDA (bf16) when present, else CPU (fp32)."
     )
-    engine: Literal["torch", "llama"] = Field(
-        default="torch",
-        description="Serving engine: 'torch' (transformers; also what trains and evaluates) or 'llama' (llama.cpp "
-        "through xllamacpp on the base's GGUF, users' personal models as LoRA adapters; about 5x the tokens/s on CPU).")
+    engine: Literal["auto", "torch", "llama"] = Field(
+        default="auto",
+        description="Serving engine: 'llama' (llama.cpp through xllamacpp on the base's GGUF, users' personal models "
+        "as LoRA adapters; about 4x the torch engine's tokens/s on CPU), 'torch' (transformers; also what trains and "
+        "evaluates), or 'auto': llama when the base is a GGUF file, the device is the CPU and xllamacpp imports, "
+        "else torch (`ownlm info` says which and why).")
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch and llama.cpp; default: the number of physical cores."
     )

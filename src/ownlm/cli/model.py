@@ -23,31 +23,64 @@ def model_options(f):
     return f
 
 
-def load_with_status(settings):
-    """Load the base, telling the user when the one-time GGUF conversion is about to take a while."""
-    from ownlm.basemodel import CACHE_MARKER, base_sha256, cache_dir, load_base, resolve_base
+def engine_option(f):
+    """--engine, on the commands that serve (serve, chat, info)."""
+    return click.option("--engine", type=click.Choice(["auto", "torch", "llama"]),
+                        help="Serving engine (default auto: llama.cpp for a GGUF base on the CPU, else torch).")(f)
+
+
+def _loading(settings) -> str:
+    """What the spinner says: the one-time GGUF conversion takes a while (the llama.cpp engine needs it too,
+    for the base's tokenizer)."""
+    from ownlm.basemodel import CACHE_MARKER, base_sha256, cache_dir, resolve_base
 
     source = resolve_base(settings.base)
     first = source.kind == "gguf" and not (cache_dir(settings.home, base_sha256(source, settings.home)) / CACHE_MARKER).exists()
-    message = f"first use of {source.name}: converting the GGUF once (about 30 s)…" if first else f"loading {source.name}…"
-    with console.status(message, spinner="dots"):
+    return f"first use of {source.name}: converting the GGUF once (about 30 s)…" if first else f"loading {source.name}…"
+
+
+def load_with_status(settings):
+    """Load the base, telling the user when the one-time GGUF conversion is about to take a while."""
+    from ownlm.basemodel import load_base
+
+    with console.status(_loading(settings), spinner="dots"):
         return load_base(settings)
+
+
+def engine_with_status(settings, store, choice, max_waiting: int | None = None, base=None):
+    """The chosen serving engine (engine/serving.py) on `store`, with the loading spinner."""
+    from ownlm.engine.serving import load_serving_engine
+
+    if choice.name == "torch":
+        return load_serving_engine(settings, store, max_waiting=max_waiting, choice=choice,
+                                   base=base or load_with_status(settings))
+    with console.status(_loading(settings), spinner="dots"):
+        return load_serving_engine(settings, store, max_waiting=max_waiting, choice=choice, base=base)
 
 
 @cli.command()
 @model_options
+@engine_option
 @click.option("--no-load", is_flag=True, help="Only show settings; do not load the model.")
 @pass_ctx
-def info(ctx: Context, base: str | None, device: str | None, no_load: bool) -> None:
-    """Show the home, the base model and its sha256, the device and library versions."""
+def info(ctx: Context, base: str | None, device: str | None, engine: str | None, no_load: bool) -> None:
+    """Show the home, the base model and its sha256, the device, the serving engine and library versions."""
     import torch
     import transformers
 
-    settings = ctx.settings(base=base, device=device)
+    from ownlm.engine.serving import choose_engine
+    from ownlm.errors import OwnlmError
+
+    settings = ctx.settings(base=base, device=device, engine=engine)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("ownlm", __version__)
     table.add_row("home", str(settings.home))
     table.add_row("base setting", settings.base)
+    try:
+        choice = choose_engine(settings)
+        table.add_row("serving engine", f"{choice.name} ({choice.reason})")
+    except OwnlmError as e:  # an unusable base: said below when loading it, or here with --no-load
+        table.add_row("serving engine", f"unknown: {e.message}")
     if not no_load:
         b = load_with_status(settings)
         table.add_row("base model", f"{b.source.name} ({b.source.kind}: {b.source.path})")
@@ -66,6 +99,7 @@ def info(ctx: Context, base: str | None, device: str | None, no_load: bool) -> N
 @cli.command()
 @click.argument("prompt", required=False)
 @model_options
+@engine_option
 @user_option
 @click.option("--base-model", is_flag=True, help="Answer with the base model instead of your personal model (to compare).")
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True, help="New tokens at most.")
@@ -74,7 +108,7 @@ def info(ctx: Context, base: str | None, device: str | None, no_load: bool) -> N
 @click.option("--seed", type=int, help="Sampling seed (same seed, same answer).")
 @click.option("--system", help="System prompt.")
 @pass_ctx
-def chat(ctx: Context, prompt: str | None, base, device, user, base_model, max_tokens, temperature, top_p, seed,
+def chat(ctx: Context, prompt: str | None, base, device, engine, user, base_model, max_tokens, temperature, top_p, seed,
          system) -> None:
     """Chat with your personal model (the base until one is deployed): answer PROMPT, or without PROMPT chat
     interactively (empty line or Ctrl-D ends). Every exchange is stored, like the API's; a session is one
@@ -82,16 +116,17 @@ def chat(ctx: Context, prompt: str | None, base, device, user, base_model, max_t
     import uuid
 
     from ownlm.engine import GenerationParams
-    from ownlm.engine.personal import PersonalEngine
+    from ownlm.engine.serving import choose_engine
     from ownlm.store import NewMessage
 
-    settings = ctx.settings(base=base, device=device, user=user)
-    base_loaded = load_with_status(settings)  # a bad --base fails before the store is touched
+    settings = ctx.settings(base=base, device=device, engine=engine, user=user)
+    choice = choose_engine(settings)  # a bad --base fails before the store is touched
+    base_loaded = load_with_status(settings) if choice.name == "torch" else None
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     history = [{"role": "system", "content": system}] if system else []
     with cli_store(settings) as store:
         u = ctx.user(store, settings, create=True)
-        engine = PersonalEngine(base_loaded, store)
+        engine = engine_with_status(settings, store, choice, base=base_loaded)
         use = "base" if base_model else "personal"
         last: list[str] = []  # id of the last stored message: the next turn continues from it
 

@@ -11,7 +11,7 @@ import socket
 import click
 
 from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx
-from ownlm.cli.model import load_with_status, model_options
+from ownlm.cli.model import engine_option, engine_with_status, model_options
 from ownlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,29 +23,30 @@ SCHEDULER_STOP_S = 3  # a training round in progress is left to its daemon threa
 
 @cli.command()
 @model_options
+@engine_option
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default 8420).")
 @click.option("--no-model", is_flag=True, help="Capture only: do not load a model (generation answers 503).")
 @pass_ctx
-def serve(ctx: Context, base, device, host, port, no_model) -> None:
+def serve(ctx: Context, base, device, engine, host, port, no_model) -> None:
     """Run the node: OpenAI-compatible API, WebSocket chat, capture and personalization API."""
     import uvicorn
 
     from ownlm.api.app import create_app
-    from ownlm.engine.personal import PersonalEngine
+    from ownlm.engine.serving import choose_engine
     from ownlm.loop import Scheduler
     from ownlm.node.install import recover
 
-    settings = ctx.settings(base=base, device=device, host=host, port=port)
+    settings = ctx.settings(base=base, device=device, engine=engine, host=host, port=port)
+    choice = None if no_model else choose_engine(settings)
     sock = listen(settings.host, settings.port)  # before the slow model load, and before saying "listening"
     store = cli_store(settings)
     recover(store, settings)  # leftovers of an install that was killed
-    engine = None if no_model else PersonalEngine(load_with_status(settings), store,
-                                                  max_waiting=settings.max_queued_generations)
+    engine = None if no_model else engine_with_status(settings, store, choice, max_waiting=settings.max_queued_generations)
     app = create_app(settings, store, engine)
     scheduler = Scheduler(store, settings, on_deployed=engine.refresh if engine else None).start()
     watcher = engine.watch() if engine else None  # installs and rollbacks made by another process
-    model = engine.model_name if engine else "none (capture only)"
+    model = f"{engine.model_name} on {choice.name} ({choice.reason})" if engine else "none (capture only)"
     config = uvicorn.Config(app, log_level="warning", ws_max_size=4 * 1024 * 1024,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     console.print(f"ownlm node on http://{settings.host}:{settings.port} — model: {model}; API docs at /docs")
