@@ -1,5 +1,6 @@
-"""`ownlm serve` on the llama.cpp engine (issue 17 item 1): which engine settings.engine = "auto" picks, and a
-real node on 127.0.0.1 answering two users with their own adapters.
+"""`ownlm serve` on the llama.cpp engine (issue 17 items 1 and 2): which engine settings.engine = "auto" picks, a
+real node on 127.0.0.1 answering two users with their own adapters, and hot deploy: installs and rollbacks (over
+the API, and by another process) served from the next request on, never by a stale or another user's adapter.
 
 All on the tiny random Llama as an F32 GGUF (tests/tiny_gguf.py), llama.cpp on one thread. The expected answers
 come from a LlamaEngine in this process loaded with the same deltas: greedy and F32, so text identifies the model.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from ownlm.engine.serving import choose_engine
 from ownlm.node.install import install
 from ownlm.settings import load_settings
 from ownlm.store import Store
-from tests.conftest import make_tiny_delta
+from tests.conftest import make_tiny_delta, run_cli
 from tests.servers import ProcessServer
 from tests.test_llama_engine import gguf_delta
 from tests.tiny_gguf import write_tiny_gguf
@@ -171,6 +173,93 @@ def test_serve_answers_each_user_with_their_adapter(world, node, home):
         srv.stop()
     banner = " ".join(srv.proc.stdout.read().split())
     assert "on llama (auto: a GGUF base on the CPU" in banner, banner
+
+
+def test_hot_deploy_while_two_users_stream(world, node, home):
+    """Installs and rollbacks over the API while alice and bob keep asking (streaming and not): every answer is
+    the asker's own model's; one asked after a switch returned (and done before the next began) is the new one."""
+    settings, users = node
+    install_v1(home, settings, users)
+    srv = ProcessServer(home, "--base", str(world["gguf"]), "--device", "cpu", "--engine", "llama").start()
+    # (user, what the API is asked, the delta then serving them)
+    switches = [("alice", ("deploy", 2), "a2"), ("bob", ("rollback", "base"), None), ("bob", ("deploy", 2), "b2"),
+                ("alice", ("rollback", "1"), "a1"), ("bob", ("rollback", "1"), "b1")]
+    log: dict[str, list] = {name: [] for name in users}  # (sent, done, delta that answered)
+    events: dict[str, list] = {name: [(0.0, 0.0, VERSIONS[name][1])] for name in users}  # (began, returned, delta)
+    stop, failures, last = threading.Event(), [], [0.0]  # last: when the latest switch returned
+
+    def client(name: str) -> None:
+        n = 0
+        try:
+            while not stop.is_set() and n < 400:
+                sent = time.monotonic()
+                text, stored = ask(srv.url, users[name]["token"], stream=n % 2 == 0)
+                log[name].append((sent, time.monotonic(), answered(world, users, name, text, stored)))
+                n += 1
+        except BaseException as e:  # reported by the main thread
+            failures.append(e)
+
+    def served_after(t: float) -> bool:
+        return all(sum(sent > t for sent, _, _ in log[name]) >= 2 for name in users) or bool(failures)
+
+    threads = [threading.Thread(target=client, args=(name,), daemon=True) for name in users]
+    try:
+        for t in threads:
+            t.start()
+        for name, (action, arg), delta in switches:
+            wait_until(lambda: served_after(last[0]))
+            u, began = users[name], time.monotonic()
+            auth = {"Authorization": f"Bearer {u['token']}"}
+            if action == "deploy":
+                r = httpx.post(srv.url + "/api/personalization/deploy", content=u["bundles"][arg], headers=auth, timeout=60)
+                assert r.status_code == 200, r.text
+                u["models"][r.json()["model_id"]] = delta
+            else:
+                r = httpx.post(srv.url + "/api/personalization/rollback", json={"target": arg}, headers=auth, timeout=60)
+                assert r.status_code == 200, r.text
+            last[0] = time.monotonic()
+            events[name].append((began, last[0], delta))
+        wait_until(lambda: served_after(last[0]))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        srv.stop()
+    if failures:
+        raise failures[0]
+    for name in users:
+        assert len(log[name]) >= 2 * len(events[name])
+        for sent, done, got in log[name]:
+            # the switches of this user that may have been served: the last one returned before it was sent,
+            # and any that began before it was answered
+            last = max(i for i, (_, returned, _) in enumerate(events[name]) if returned < sent)
+            allowed = {d for i, (began, _, d) in enumerate(events[name]) if i == last or (i > last and began < done)}
+            assert got in allowed, (name, got, allowed)
+
+
+def test_serve_follows_rollback_and_deploy_run_by_another_process(world, node, home, tmp_path):
+    """`ownlm rollback` and `ownlm deploy` in a shell while `ownlm serve` (llama.cpp) runs: the very next request
+    after the command returns is answered by the model it routed."""
+    settings, users = node
+    alice = users["alice"]
+    with Store(home) as store:
+        alice["models"][install(store, settings, alice["bundles"][1]).model_id] = "a1"
+    (tmp_path / "v2.ownlm").write_bytes(alice["bundles"][2])
+    srv = ProcessServer(home, "--base", str(world["gguf"]), "--device", "cpu", "--engine", "llama").start()
+    env = {"OWNLM_HOME": str(home), "OWNLM_BASE": str(world["gguf"]), "OWNLM_USER": "alice"}
+    try:
+        assert answered(world, users, "alice", *ask(srv.url, alice["token"], stream=False)) == "a1"
+        r = run_cli("rollback", "base", env=env)
+        assert r.returncode == 0, r.stderr
+        assert answered(world, users, "alice", *ask(srv.url, alice["token"], stream=True)) is None
+        r = run_cli("deploy", str(tmp_path / "v2.ownlm"), env=env)
+        assert r.returncode == 0, r.stderr
+        with Store(home) as store:
+            alice["models"][store.active_model(alice["id"])["id"]] = "a2"
+        assert answered(world, users, "alice", *ask(srv.url, alice["token"], stream=False)) == "a2"
+        assert answered(world, users, "bob", *ask(srv.url, users["bob"]["token"], stream=True)) is None  # never installed
+    finally:
+        srv.stop()
 
 
 def wait_until(done, timeout: float = 60) -> None:

@@ -36,21 +36,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import secrets
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 from ownlm.bitdelta.gguf_lora import BaseLayout
 from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
+from ownlm.engine.routing import RoutedEngine
 from ownlm.engine.serial import SerialEngine
 from ownlm.errors import EngineUnavailable, InvalidInput, ModelUnavailable, Overloaded
-
-log = logging.getLogger(__name__)
 
 MAX_CONTEXT = 8192  # tokens of KV per server (SmolLM2-135M: 188 MB at f16); the torch engine's context
 SEED_SPACE = 0xFFFFFFFF  # llama.cpp seeds are uint32, and 0xFFFFFFFF means "pick one at random"
@@ -249,9 +246,9 @@ class LlamaEngine(SerialEngine):
         return out
 
 
-class LlamaPersonalEngine(LlamaEngine):
+class LlamaPersonalEngine(RoutedEngine, LlamaEngine):
     """A LlamaEngine that answers each user with their personal model, as the torch PersonalEngine does: the
-    routing table says which model answers each user; the routed models are the loaded adapters."""
+    routing table says which model answers each user (routing.py); the routed models are the loaded adapters."""
 
     def __init__(self, gguf: str | Path, tokenizer, store, base_sha256: str, base_name: str, model_name: str = "ownlm",
                  threads: int | None = None, max_waiting: int | None = None):
@@ -259,13 +256,10 @@ class LlamaPersonalEngine(LlamaEngine):
         self.base_sha256 = base_sha256
         self.base_name = base_name
         self.gguf = Path(gguf)
-        self._refresh_lock = threading.Lock()
+        self._refresh_lock = threading.RLock()
         self._routes = self._stored_routes()
         with self._adapter_files(self._routes) as paths:
             super().__init__(gguf, tokenizer, model_name, adapters=paths, threads=threads, max_waiting=max_waiting)
-
-    def _stored_routes(self) -> dict[str, tuple[str, str] | None]:
-        return {uid: (uid, mid) if mid else None for uid, mid in self.store.query("SELECT user_id, model_id FROM routing")}
 
     @contextlib.contextmanager
     def _adapter_files(self, routes: dict[str, tuple[str, str] | None]) -> Iterator[dict[tuple[str, str], Path]]:
@@ -301,42 +295,16 @@ class LlamaPersonalEngine(LlamaEngine):
             else:
                 self._routes = routes
 
-    def refresh_if_changed(self) -> bool:
-        """Refresh when the stored routing differs from what this engine serves; True if it did."""
-        if self._stored_routes() == self._routes:
-            return False
-        self.refresh()
-        return True
-
-    def watch(self, every: float = 1.0) -> threading.Event:
-        """Poll the routing table every `every` seconds in a daemon thread; set the returned event to stop it."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(every):
-                try:
-                    self.refresh_if_changed()
-                except Exception:  # a model that fails to load keeps the old routes; say so, try again later
-                    log.warning("routing refresh failed: %s", traceback.format_exc())
-
-        threading.Thread(target=loop, daemon=True, name="ownlm-routing-watch").start()
-        return stop
-
-    def model_for(self, user_id: str | None, use: str = "personal") -> tuple[str, str] | None:
-        """The (user id, model id) that answers `user_id` (None: the base)."""
-        return None if use == "base" or user_id is None else self._routes.get(user_id)
-
     def stream(self, messages: list[Message], params: GenerationParams, user_id: str | None = None,
                use: str = "personal") -> GenerationStream:
-        stream = super().stream(messages, params)
-        stream.user_id, stream.use = user_id, use
-        stream.model_id = self.model_for(user_id, use)
-        return stream
+        return self.addressed(super().stream(messages, params), user_id, use)
+
+    def _generate(self, prompt, params, out, emit) -> None:
+        self.follow_store()  # an install by another process: its server is built before this generation waits
+        super()._generate(prompt, params, out, emit)
 
     def _target(self, stream: GenerationStream) -> tuple[str, str] | None:
-        # Routed when the generation starts, not when it was asked for: a deploy in between is already served.
-        stream.model_id = self.model_for(stream.user_id, stream.use)
-        return stream.model_id
+        return self.route(stream)  # with the engine lock held: routes and loaded adapters agree
 
 
 def load_llama_engine(settings, store, max_waiting: int | None = None) -> LlamaPersonalEngine:

@@ -8,16 +8,13 @@
   is copied.
 - Base on request (model "base", or the routing says base): on a merged node the merged delta is
   subtracted by the same hooks (y -= x D^T), so the base answers exactly.
-The routing table in the store says which model answers each user; `refresh` re-reads it after a deploy
-or rollback. Another process on the same home (`ownlm deploy`, `ownlm rollback` from a shell) changes the table
-behind the node's back: `watch` polls it (one indexed read per second) and refreshes when it differs.
+The routing table in the store says which model answers each user (routing.py: refresh after a deploy or
+rollback, each generation and `watch` following installs by other processes, a stream routed as it starts).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +25,8 @@ from ownlm.bitdelta import apply, load_delta, unapply
 from ownlm.bitdelta.delta import Delta
 from ownlm.bitdelta.quant import dequantise
 from ownlm.engine.base import GenerationParams, GenerationStream, Message
+from ownlm.engine.routing import RoutedEngine
 from ownlm.engine.torch_engine import TorchEngine
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +63,7 @@ class LoadedDelta:
         return out + sign * (x @ f[0].T)
 
 
-class PersonalEngine(TorchEngine):
+class PersonalEngine(RoutedEngine, TorchEngine):
     """A TorchEngine that answers each user with their personal model (see module doc)."""
 
     def __init__(self, base: BaseModel, store, model_name: str = "ownlm", max_waiting: int | None = None):
@@ -78,7 +74,7 @@ class PersonalEngine(TorchEngine):
         self._routes: dict[str, tuple[str, str] | None] = {}  # user id -> (user id, model id); None: base
         self._merged: LoadedDelta | None = None
         self._active: list[tuple[LoadedDelta, float]] = []  # what the hooks add during the current request
-        self._refresh_lock = threading.Lock()
+        self._refresh_lock = threading.RLock()
         self._modules = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
         self._handles: list = []  # hooks of the current request; none at all when the resident weights serve it
         self.refresh()
@@ -109,43 +105,17 @@ class PersonalEngine(TorchEngine):
             self._routes = routes
             self._deltas = {mid: d for mid, d in self._deltas.items() if mid in personal}
 
-    def _stored_routes(self) -> dict[str, tuple[str, str] | None]:
-        return {uid: (uid, mid) if mid else None for uid, mid in self.store.query("SELECT user_id, model_id FROM routing")}
-
-    def refresh_if_changed(self) -> bool:
-        """Refresh when the stored routing differs from what this engine serves; True if it did."""
-        if self._stored_routes() == self._routes:
-            return False
-        self.refresh()
-        return True
-
-    def watch(self, every: float = 1.0) -> threading.Event:
-        """Poll the routing table every `every` seconds in a daemon thread; set the returned event to stop it."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(every):
-                try:
-                    self.refresh_if_changed()
-                except Exception:  # a model that fails to load keeps the old routes; say so, try again later
-                    log.warning("routing refresh failed: %s", traceback.format_exc())
-
-        threading.Thread(target=loop, daemon=True, name="ownlm-routing-watch").start()
-        return stop
-
-    def model_for(self, user_id: str | None, use: str = "personal") -> tuple[str, str] | None:
-        """The (user id, model id) that answers `user_id` (None: the base)."""
-        return None if use == "base" or user_id is None else self._routes.get(user_id)
-
     def stream(self, messages: list[Message], params: GenerationParams, user_id: str | None = None,
                use: str = "personal") -> GenerationStream:
-        stream = super().stream(messages, params)
-        stream.model_id = self.model_for(user_id, use)
-        return stream
+        return self.addressed(super().stream(messages, params), user_id, use)
+
+    def _generate(self, prompt, params, out, emit) -> None:
+        self.follow_store()  # before waiting for the engine: a refresh takes its lock
+        super()._generate(prompt, params, out, emit)
 
     def _begin(self, stream: GenerationStream) -> None:
         # With the engine lock held: make the hooks turn the resident weights into this request's model.
-        target, merged = stream.model_id, self._merged
+        target, merged = self.route(stream), self._merged
         active = []
         if merged is not None and target != merged.model_id:
             active.append((merged, -1.0))
