@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from ownlm.artifact.bundle import make_bundle
-from ownlm.basemodel import CACHE_MARKER, base_sha256, cache_dir, checkpoint_dir, resolve_base
+from ownlm.basemodel import checkpoint_dir, resolve_base
 from ownlm.bitdelta import load_delta
 from ownlm.bitdelta.gguf_lora import write_gguf_lora
 from ownlm.cli import cli
@@ -34,7 +34,7 @@ from ownlm.store import Store
 from tests.conftest import make_tiny_delta, run_cli
 from tests.servers import ProcessServer
 from tests.test_llama_engine import gguf_delta
-from tests.tiny_gguf import write_tiny_gguf
+from tests.tiny_gguf import place_conversion, write_tiny_gguf
 
 Q = [{"role": "user", "content": "Tell me something about the sea."}]
 MAX_TOKENS = 12
@@ -48,11 +48,9 @@ def world(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-llama")
     gguf = write_tiny_gguf(tiny_base, root / "tiny.gguf")
     seed_home = root / "seed-home"
-    sha = base_sha256(resolve_base(str(gguf)), seed_home)
-    # The GGUF's conversion is the checkpoint it was written from: placed as the cache, not converted again (13 s)
-    directory = shutil.copytree(tiny_base, cache_dir(seed_home, sha))
-    (directory / CACHE_MARKER).write_text(json.dumps({"source": str(gguf), "name": "tiny", "sha256": sha}))
-    assert checkpoint_dir(resolve_base(str(gguf)), seed_home) == (directory, sha, True)
+    directory = place_conversion(tiny_base, gguf, seed_home)
+    _, sha, cached = checkpoint_dir(resolve_base(str(gguf)), seed_home)
+    assert cached
     deltas = {}
     for seed, name in enumerate(("a1", "a2", "b1", "b2"), start=1):
         made = make_tiny_delta(tiny_base, root / f"made-{name}", seed=seed, scale=30.0)

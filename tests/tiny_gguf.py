@@ -66,3 +66,17 @@ def write_tiny_gguf(checkpoint: Path, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def place_conversion(checkpoint: Path, gguf_path: Path, home: Path) -> Path:
+    """Put `checkpoint` (the one `gguf_path` was written from) in `home` as the GGUF's safetensors conversion,
+    the cache that basemodel.checkpoint_dir would otherwise build by converting the GGUF (13 s for the tiny one,
+    most of it the tokenizer); returns its directory. The llama.cpp engine reads the base's tokenizer there."""
+    import shutil
+
+    from ownlm.basemodel import CACHE_MARKER, base_sha256, cache_dir, resolve_base
+
+    sha = base_sha256(resolve_base(str(gguf_path)), home)
+    directory = Path(shutil.copytree(checkpoint, cache_dir(home, sha)))
+    (directory / CACHE_MARKER).write_text(json.dumps({"source": str(gguf_path), "name": gguf_path.stem, "sha256": sha}))
+    return directory
