@@ -15,9 +15,11 @@ src/ownlm/                     each stage imports only the stages above it and t
                  artifact
   learn/         dataset (redact, merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
                  store, bitdelta
-  engine/        the inference protocol, the torch engine, the personal engine; imports bitdelta
+  engine/        the inference protocol, the torch engine, the personal engine, the llama.cpp engine, routing
+                 (hot deploy), serving (which engine serves); imports bitdelta
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
-  node/          install: verify → open → install → route, rollback, prune, recover; imports store, artifact
+  node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
+                 ollama); imports store, artifact, engine
   privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
   api/           FastAPI app: OpenAI routes, personalization, models, loop, /ws/chat, dashboard, trainer_app
