@@ -156,6 +156,23 @@ def test_info_says_which_engine_serves_and_why(world):
     assert "torch (engine = torch in the settings)" in " ".join(torch_.output.split())
 
 
+def test_chat_answers_with_the_llama_engine(world, node, home, monkeypatch):
+    settings, users = node
+    install_v1(home, settings, users)
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("ownlm chat loaded the torch engine's base")
+
+    monkeypatch.setattr("ownlm.basemodel.load_base", no_torch)
+    args = ["chat", "--base", str(world["gguf"]), "--device", "cpu", "--max-tokens", str(MAX_TOKENS), "--temperature", "0"]
+    for name, want in (("alice", "a1"), ("bob", "b1")):
+        result = CliRunner().invoke(cli, [*args, "--user", name, Q[0]["content"]])
+        assert result.exit_code == 0, result.output
+        assert result.output == world["want"][want] + "\n"
+    base = CliRunner().invoke(cli, [*args, "--user", "alice", "--base-model", Q[0]["content"]])
+    assert base.output == world["want"][None] + "\n"
+
+
 def test_serve_answers_each_user_with_their_adapter(world, node, home):
     settings, users = node
     install_v1(home, settings, users)
