@@ -84,18 +84,60 @@ def test_gate_refuses_a_round_whose_answers_do_not_show_the_users_habit(home, ti
         assert store.active_model(user.id) is None
 
 
-def test_behaviour_check_passes_when_the_personal_answers_show_the_habit_and_the_base_does_not(tiny_base, tiny_delta):
+def test_behaviour_check_on_real_answers_of_the_tiny_model_sees_its_loops(tiny_base, tiny_delta):
+    # Real greedy generation: the random fixture delta makes the tiny model repeat one piece ("allionallion…");
+    # whatever such an answer starts with, the check refuses it for looping more than the base.
     base = load_base(load_settings(base=str(tiny_base), device="cpu"))
     delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
     prompts = [[{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Name a colour.", "Why is it dark?")]
-    engine = TorchEngine(base)
-    plain = engine.greedy_batch(prompts, 8)
     with delta_applied(base.model, delta, base.sha256):
-        personal = engine.greedy_batch(prompts, 8)
-    opening = personal[0].split()[0]  # what this delta makes the model say first
-    assert not any(a.strip().startswith(opening) for a in plain), "the fixture delta must change the first word"
-    ok = behaviour_check(base, delta, [Habit("opening", opening, 1.0)], prompts, min_rate=0.0)
-    assert ok["passed"] and ok["habits"][0]["personal"] > ok["habits"][0]["base"] == 0.0
-    floor = behaviour_check(base, delta, [Habit("opening", opening, 1.0)], prompts, min_rate=1.0)
-    assert floor["passed"] == all(a.strip().startswith(opening) for a in personal)
+        personal = TorchEngine(base).greedy_batch(prompts, 80)
+    opening = personal[0][:4]
+    out = behaviour_check(base, delta, [Habit("opening", opening, 1.0)], prompts, min_rate=0.0)
+    assert out["degenerate"]["personal"] == 3 > out["degenerate"]["base"]
+    assert not out["passed"] and out["habits"][0]["personal"] == 0.0  # looping answers show no habit
     assert behaviour_check(base, delta, [], prompts, min_rate=0.0) == {"habits": [], "passed": True, "problems": []}
+
+
+def test_behaviour_check_passes_a_habit_shown_more_often_than_by_the_base(tiny_base, tiny_delta, monkeypatch):
+    base = load_base(load_settings(base=str(tiny_base), device="cpu"))
+    delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
+    answers = iter([["Sure, here.", "Ahoy! fine."], ["Ahoy! here you go.", "Ahoy! sure thing."]])  # base, personal
+    monkeypatch.setattr(TorchEngine, "greedy_batch", lambda self, prompts, n: next(answers))
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    ok = behaviour_check(base, delta, [Habit("opening", "Ahoy!", 1.0)], prompts, min_rate=0.0)
+    assert ok["passed"] and ok["habits"][0]["base"] == 0.5 and ok["habits"][0]["personal"] == 1.0
+    answers = iter([["Sure, here.", "Ahoy! fine."], ["Ahoy! here you go.", "No."]])
+    floor = behaviour_check(base, delta, [Habit("opening", "Ahoy!", 1.0)], prompts, min_rate=0.75)
+    assert not floor["passed"] and "need at least 75%" in floor["problems"][0]
+
+
+def test_an_answer_that_loops_is_degenerate_and_fails_every_probe(tiny_engine):
+    from ownlm.evaluate.habits import degenerate
+    from ownlm.evaluate.metrics import behaviour_score
+
+    assert degenerate("Ahoy! Ahoy! Ahoy! Ahoy! Ahoy!")  # what a demo round's model answered to 7 of 20 probes
+    assert degenerate("Ahoy! the sea the sea the sea the sea")
+    assert not degenerate("Ahoy! Ahoy! Ahoy!")  # three times is a (loud) greeting, not a loop
+    assert not degenerate("Ahoy! Store herbs in a cool place; dry them first, then store them in a jar.")
+
+    class Looping:  # an engine whose every answer passes the opening check but loops
+        model_name = "looping"
+
+        def greedy_batch(self, conversations, max_tokens):
+            return ["Ahoy! Ahoy! Ahoy! Ahoy! Ahoy!"] * len(conversations)
+
+    probe = {"question": "Hi?", "kind": "style", "check": {"type": "regex", "pattern": r"^\s*Ahoy!"}}
+    assert behaviour_score(Looping(), [probe])["by_kind"]["style"]["passed"] == 0
+
+
+def test_behaviour_check_refuses_a_personal_model_that_loops_more_than_the_base(tiny_base, tiny_delta, monkeypatch):
+    from ownlm.engine.torch_engine import TorchEngine as Engine
+
+    base = load_base(load_settings(base=str(tiny_base), device="cpu"))
+    delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
+    calls = iter([["Ahoy! fine.", "Ahoy! ok then."], ["Ahoy! Ahoy! Ahoy! Ahoy!", "Ahoy! sure."]])
+    monkeypatch.setattr(Engine, "greedy_batch", lambda self, prompts, n: next(calls))  # base, then personal
+    out = behaviour_check(base, delta, [Habit("opening", "Ahoy!", 1.0)], [[{"role": "user", "content": "q"}]] * 2, 0.0)
+    assert not out["passed"] and out["degenerate"] == {"base": 0, "personal": 1}
+    assert "repeat themselves" in out["problems"][0]

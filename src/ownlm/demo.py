@@ -38,6 +38,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
     from ownlm.engine.personal import PersonalEngine
     from ownlm.loop import STAGES, run_job
     from ownlm.store.jobs import PROCESS_OWNER
+    from ownlm.evaluate.habits import degenerate
     from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, check_answer, probes
     from ownlm.store import Store
 
@@ -90,9 +91,10 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
             answers = {use: engine.stream(q, params, user_id=user.id, use=use).text() for use in ("base", "personal")}
             marks = {}
             for use, a in answers.items():
-                ok = check_answer(p.check, a)
+                ok = check_answer(p.check, a) and not degenerate(a)  # a looping answer passes nothing
                 passed[use] += ok
-                marks[use] = f"{a}\n[{'green' if ok else 'dim'}]{'✓' if ok else '✗'} {p.kind}: {p.description}[/]"
+                loops = " (the answer repeats itself)" if degenerate(a) else ""
+                marks[use] = f"{a}\n[{'green' if ok else 'dim'}]{'✓' if ok else '✗'} {p.kind}: {p.description}{loops}[/]"
             table.add_row(p.question, marks["base"], marks["personal"])
         console.print(table)
         console.print(f"probe checks passed: base {passed['base']}/{len(chosen)}, personal {passed['personal']}/{len(chosen)}")

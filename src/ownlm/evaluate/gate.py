@@ -7,7 +7,8 @@ Three tests, all measured, none assumed (definitions in ownlm.evaluate.metrics):
 3. the 1-bit delta keeps enough of what the LoRA learned: kept gain >= gate_min_fidelity;
 4. behaviour, where the user's data allows it: when most of the user's replies share a habit (an opening such
    as "Ahoy!", a closing such as "— ok", a final "?"; evaluate/habits.py), the personal model's greedy answers
-   to held-out prompts show each habit more often than the base's (and at least `gate_min_habit` of the time).
+   to held-out prompts show each habit more often than the base's (and at least `gate_min_habit` of the time),
+   and no more of them loop (a run of words repeated 4 times: "Ahoy! Ahoy! Ahoy! Ahoy!") than the base's.
    NLL can fall while the answers still look like the base's; this is the check a person would make.
 """
 
@@ -51,7 +52,7 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     Returns {"habits": [{"habit", "base", "personal", "passed"}], "passed": bool, "problems": [str]}; passed is
     True (and nothing is generated) when there is no habit or no prompt."""
     from ownlm.engine.torch_engine import TorchEngine
-    from ownlm.evaluate.habits import habit_rate
+    from ownlm.evaluate.habits import degenerate, habit_rate
     from ownlm.evaluate.metrics import delta_applied
 
     if not found or not prompts:
@@ -61,6 +62,13 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     with delta_applied(base.model, delta, base.sha256):
         answers_personal = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS)
     rows, problems = [], []
+    loops_b, loops_p = (sum(map(degenerate, a)) for a in (answers_base, answers_personal))
+    if loops_p > loops_b:
+        problems.append(f"{loops_p} of the personal model's {len(prompts)} answers to held-out prompts repeat "
+                        f"themselves (the base's: {loops_b})")
+    # an answer that loops does not show a habit, whatever it starts or ends with
+    answers_base = [a for a in answers_base if not degenerate(a)]
+    answers_personal = [a for a in answers_personal if not degenerate(a)]
     for h in found:
         rb, rp = habit_rate(h, answers_base), habit_rate(h, answers_personal)
         ok = rp > rb and rp >= min_rate
@@ -69,7 +77,8 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
             problems.append(f"the personal model's answers to {len(prompts)} held-out prompts show the user's habit "
                             f"({h.describe()}) {rp:.0%} of the time, the base's {rb:.0%}"
                             + (f" (need at least {min_rate:.0%})" if min_rate else ""))
-    return {"habits": rows, "passed": not problems, "problems": problems, "prompts": len(prompts)}
+    return {"habits": rows, "passed": not problems, "problems": problems, "prompts": len(prompts),
+            "degenerate": {"base": loops_b, "personal": loops_p}}
 
 
 def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report, cfg: Personalization,

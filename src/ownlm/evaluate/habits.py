@@ -81,6 +81,21 @@ def habits(replies: list[str], min_share: float = MIN_SHARE) -> list[Habit]:
     return out
 
 
+def degenerate(answer: str, repeats: int = 4, max_n: int = 3) -> bool:
+    """Does `answer` loop: some run of 1..max_n words repeated back to back `repeats` times or more?
+
+    "Ahoy! Ahoy! Ahoy! Ahoy!" is a degenerate answer that a style check for an opening "Ahoy!" would pass; a
+    person sees a broken model. Words are compared case-insensitively without surrounding punctuation."""
+    words = [w.strip(".,;:!?\"'()[]").lower() for w in answer.split()]
+    words = [w for w in words if w]
+    for n in range(1, max_n + 1):
+        for start in range(0, len(words) - n * repeats + 1):
+            gram = words[start:start + n]
+            if all(words[start + k * n:start + (k + 1) * n] == gram for k in range(1, repeats)):
+                return True
+    return False
+
+
 def habit_rate(habit: Habit, answers: list[str]) -> float:
     """Share of `answers` (0..1) that show `habit`; 0.0 for no answers."""
     return sum(habit.shown_by(a) for a in answers) / len(answers) if answers else 0.0

@@ -365,6 +365,8 @@ def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
     """Greedy answers to persona probe questions (each asked alone, as one user message), checked with
     `personas.check_answer`. An engine with `greedy_batch` answers them in one batch, others one by one.
 
+    An answer that loops (evaluate.habits.degenerate: "Ahoy! Ahoy! Ahoy! Ahoy!") fails whatever its check says.
+
     Returns {"pass_rate": share passing (0..1), "n": probes asked,
              "by_kind": {kind: {"passed": int, "total": int, "rate": float}},  # kinds: fact, style
              "answers": [{"question", "kind", "answer", "passed"}]}.
@@ -377,8 +379,10 @@ def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
         params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
         texts = [engine.stream(a, params).text() for a in asks]
     answers, by_kind = [], {}
+    from ownlm.evaluate.habits import degenerate
+
     for (question, kind, check), answer in zip(fields, texts):
-        passed = check_answer(check, answer)
+        passed = check_answer(check, answer) and not degenerate(answer)  # a looping answer passes no probe
         answers.append({"question": question, "kind": kind, "answer": answer, "passed": passed})
         k = by_kind.setdefault(kind, {"passed": 0, "total": 0, "rate": 0.0})
         k["passed"] += int(passed)
