@@ -57,8 +57,7 @@ bench: setup
 	$(PY) bench/capture.py
 	$(PY) bench/capture.py --messages-per-request 2 --requests 3000
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/deploy.py
-	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py
-	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/llama_speed.py --rounds 3 --tokens 64 --threads 1
+	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/serve_overhead.py --threads 1
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/train_speed.py --data src/ownlm/data/personas/bram.jsonl --conversations 100
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/fidelity.py
 	OWNLM_HOME=$(BENCH_HOME) $(PY) bench/qat.py --personas bram,mira,chiara --steps 64 --epochs 1 --lr 2e-3

@@ -144,6 +144,8 @@ def test_eval_after_a_round(home, tiny_base, tmp_path):
     assert doc["personal"]["heldout_nll"] < doc["base"]["heldout_nll"]
     assert doc["personal"]["kl_drift"] > 0 and doc["base"]["behaviour"] is not None
     assert doc["derived"]["personalization_score"] > 0 and doc["artifact"]["ratio_to_fp16_lora"] > 10
+    # speed rows come from the serving engine's choice: a checkpoint directory is served by torch
+    assert doc["notes"]["speed_engine"].startswith("torch (auto: the base ")
     probes = doc["artifact"]["probes"]  # bram is a persona: counts with 95% Wilson intervals, per kind
     for label in ("base", "personal"):
         for kind in ("fact", "style"):

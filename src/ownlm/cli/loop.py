@@ -175,6 +175,7 @@ def eval_cmd(ctx: Context, model, user, quick, as_json, plot) -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    console.print(f"speed rows: the {report.notes['speed_engine']} engine, as `ownlm serve` would serve")
     for label, kinds in extras["probes"].items():
         console.print(f"{label} probes: " + ", ".join(
             f"{kind} {v['passed']}/{v['total']} (95% CI {v['ci95'][0]:.0%}–{v['ci95'][1]:.0%})" for kind, v in kinds.items()))

@@ -4,7 +4,8 @@
 is a GGUF file (llama.cpp reads nothing else), the device is the CPU (on a CUDA GPU torch runs the base, and the
 xllamacpp wheels installed by default are CPU builds), and xllamacpp imports. Otherwise torch
 (engine/personal.py). Training, evaluation, the quality gate and the demo's probes use torch whatever this says:
-they need gradients, batched greedy answers, or the exact logits the gate compares.
+they need gradients, batched greedy answers, or the exact logits the gate compares (`ownlm eval`'s speed rows
+excepted: they time the engine chosen here).
 """
 
 from __future__ import annotations

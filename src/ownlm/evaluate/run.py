@@ -43,7 +43,7 @@ def heldout_examples(store, user_id: str, tokenizer) -> list[TokenizedExample]:
 def evaluate_user(store, settings, user, model: str | None = None, quick: bool = False, progress=print) -> tuple[EvalReport, dict]:
     """(report, extras) for `user`'s model `model` (version or id; default: the active one)."""
     from ownlm.basemodel import load_base
-    from ownlm.engine.personal import PersonalEngine
+    from ownlm.engine.serving import choose_engine, load_serving_engine
     from ownlm.engine.torch_engine import TorchEngine
     from ownlm.evaluate.general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
     from ownlm.evaluate.gate import behaviour_check
@@ -96,15 +96,21 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
             scores.behaviour = r["pass_rate"]
             scores.behaviour_fact = r["by_kind"].get("fact", {}).get("rate")
             scores.behaviour_style = r["by_kind"].get("style", {}).get("rate")
-    # speed through the real serving path: a node that serves this exact model
-    engine = PersonalEngine(base, store)
-    progress("speed…")
-    prompts = ["Give me three tips for a rainy weekend."]
-    for scores, use in ((b, "base"), (p, "personal")):
-        scores.tokens_per_s = speed(_UserEngine(engine, user.id, use), prompts, max_tokens=32, runs=3)
+    # speed through the real serving path: the engine `ownlm serve` would choose (engine/serving.py), serving
+    # the user's routed model and the base. Last, because a one-user torch node merges the delta into `m`.
+    choice = choose_engine(settings)
+    progress(f"speed ({choice.name} engine)…")
+    engine = load_serving_engine(settings, store, choice=choice, base=base)
+    try:
+        prompts = ["Give me three tips for a rainy weekend."]
+        for scores, use in ((b, "base"), (p, "personal")):
+            scores.tokens_per_s = speed(_UserEngine(engine, user.id, use), prompts, max_tokens=32, runs=3)
+    finally:
+        engine.close()
     report = EvalReport(base=b, personal=p, heldout_tokens=sum(e.n_loss_tokens for e in held),
                         items={"heldout_examples": len(held), "arc_easy": 0 if quick else n_mc},
-                        notes={"model": chosen["id"], "base_sha256": base.sha256, "device": base.device.describe()})
+                        notes={"model": chosen["id"], "base_sha256": base.sha256, "device": base.device.describe(),
+                               "speed_engine": f"{choice.name} ({choice.reason})"})
     training = chosen["manifest"].get("training", {})
     fp16_lora = sum(2 * (s[0] * s[1]) for s in (q.shape for q in delta.quantised.values()))
     extras = {
