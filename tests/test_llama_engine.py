@@ -7,7 +7,6 @@ the torch engine is tests/test_llama_parity.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import replace
@@ -16,17 +15,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ownlm.artifact.bundle import make_bundle
 from ownlm.basemodel import base_sha256, resolve_base
 from ownlm.bitdelta import apply, gguf_lora, load_delta, save_delta
 from ownlm.bitdelta.gguf_lora import write_gguf_lora
 from ownlm.engine import GenerationParams
 from ownlm.engine.llama import LlamaEngine, LlamaPersonalEngine, load_llama_engine
 from ownlm.errors import EngineUnavailable, ModelUnavailable, Overloaded
-from ownlm.node.install import install, rollback
+from ownlm.node.install import rollback
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from tests.conftest import make_tiny_delta
+from tests.test_personal_engine import deploy
 from tests.tiny_gguf import write_tiny_gguf
 
 Q = [{"role": "user", "content": "Tell me something about the sea."}]
@@ -151,15 +150,6 @@ def gguf_delta(delta_root, sha: str, out):
     save_delta(replace(load_delta(delta_root / "delta"), base_sha256=sha), out / "delta")
     shutil.copy(delta_root / "report.json", out / "report.json")
     return out
-
-
-def deploy(store, settings, user, delta_root, version):
-    data, manifest = make_bundle(delta_dir=delta_root / "delta", report=json.loads((delta_root / "report.json").read_text()),
-                                 user_name=user.name, signing_key=store.signing_key(user.id),
-                                 recipient=store.node_key().public_json(), base_name="tiny", version=version, previous=None,
-                                 created_at=1_790_000_000 + version)
-    install(store, settings, data)
-    return manifest["model"]["id"]
 
 
 def test_personal_engine_routes_each_user_and_follows_installs(world, engine, home, tmp_path):
