@@ -45,7 +45,8 @@ MODULES = {
     "all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
 }
-DEFAULT_RECIPES = "qv-r8-lr1e-3-s32,qv-r8-lr1e-3-s32-qat,qv-r8-lr5e-4-s32-qat,all7-r1-lr1e-3-s32-qat,mlp-r2-lr1e-3-s32-qat"
+DEFAULT_RECIPES = ("qv-r8-lr1e-3-s48-qat-p3,qv-r8-lr1e-3-s48-qat,qv-r8-lr1e-3-s48-p3,qv-r8-lr5e-4-s48-qat-p3,"
+                   "all7-r1-lr1e-3-s48-qat-p3,mlp-r2-lr1e-3-s48-qat-p3")  # the first is the loop's default
 
 
 def parse_recipe(name: str) -> TrainConfig:
