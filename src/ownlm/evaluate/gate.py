@@ -66,9 +66,9 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     if loops_p > loops_b:
         problems.append(f"{loops_p} of the personal model's {len(prompts)} answers to held-out prompts repeat "
                         f"themselves (the base's: {loops_b})")
-    # an answer that loops does not show a habit, whatever it starts or ends with
-    answers_base = [a for a in answers_base if not degenerate(a)]
-    answers_personal = [a for a in answers_personal if not degenerate(a)]
+    # an answer that loops shows no habit, whatever it starts or ends with (rates stay per prompt asked)
+    answers_base = ["" if degenerate(a) else a for a in answers_base]
+    answers_personal = ["" if degenerate(a) else a for a in answers_personal]
     for h in found:
         rb, rp = habit_rate(h, answers_base), habit_rate(h, answers_personal)
         ok = rp > rb and rp >= min_rate
