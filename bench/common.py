@@ -10,18 +10,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
+from ownlm.evaluate.habits import degenerate  # noqa: E402
 from ownlm.evaluate.metrics import behaviour_score, by_kind_with_intervals  # noqa: E402
 from ownlm.evaluate.personas.fixtures import DATA_DIR  # noqa: E402
 
 
-def probe_row(engine, asked, max_tokens: int = 48) -> dict:
-    """The persona's probes answered greedily: {kind: {passed, total, ci95}} (95% Wilson intervals)."""
-    return by_kind_with_intervals(behaviour_score(engine, asked, max_tokens=max_tokens))
+def probe_row(engine, asked, max_tokens: int = 48, repetition_penalty: float = 1.0) -> dict:
+    """The persona's probes answered greedily: {kind: {passed, total, ci95}} (95% Wilson intervals), plus
+    "loops": how many answers looped (evaluate.habits.degenerate; they pass no probe). repetition_penalty: 1 is
+    plain greedy; the node serves with settings.repetition_penalty."""
+    score = behaviour_score(engine, asked, max_tokens=max_tokens, repetition_penalty=repetition_penalty)
+    return {**by_kind_with_intervals(score), "loops": sum(degenerate(a["answer"]) for a in score["answers"])}
 
 
 def fmt(p: dict) -> str:
-    """'fact 1/9 [0.02, 0.43], style 8/11 [0.43, 0.90]' from a probe_row."""
-    return ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for kind, v in p.items())
+    """'fact 1/9 [0.02, 0.43], style 8/11 [0.43, 0.90]; 2 looped' from a probe_row."""
+    kinds = ", ".join(f"{kind} {v['passed']}/{v['total']} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+                      for kind, v in p.items() if kind != "loops")
+    return f"{kinds}; {p['loops']} looped" if "loops" in p else kinds
 
 
 def persona_conversations(persona: str) -> dict[str, list[dict]]:

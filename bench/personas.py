@@ -64,18 +64,18 @@ def dataset_examples(store, user_id: str, tokenizer, split: str) -> list[Tokeniz
     return out
 
 
-def fp32_arm(base, engine, store, user_id, cfg: TrainConfig, steps: int, asked, work: Path) -> dict:
+def fp32_arm(base, engine, store, user_id, cfg: TrainConfig, steps: int, asked, work: Path, pen: float = 1.0) -> dict:
     """An fp32 LoRA on round 1's dataset with the round's settings (no QAT, no compression): its probes."""
     from peft import PeftModel
 
     tok = base.tokenizer
     report = train(base, dataset_examples(store, user_id, tok, "train"), dataset_examples(store, user_id, tok, "heldout"),
-                   TrainConfig(lr=cfg.lr, max_steps=steps, epochs=20, qat=False), work)
+                   TrainConfig(lr=cfg.lr, max_steps=steps, epochs=20, qat=False, anchor_kl=cfg.anchor_kl), work)
     # peft injects the LoRA layers into base.model itself (the engine's model); unload() puts the original
     # layers back untouched (nothing was merged into the weights)
     model = PeftModel.from_pretrained(base.model, str(work / "adapter"))
     try:
-        probed = probe_row(engine, asked)
+        probed = probe_row(engine, asked, repetition_penalty=pen)
     finally:
         model.unload()
     return {"probes": probed, "nll": report.heldout_loss_personal, "train_seconds": report.duration_s}
@@ -102,8 +102,9 @@ def main() -> None:
     update = {k: v for k, v in (("max_steps", args.steps), ("lr", args.lr)) if v is not None}
     settings = settings.model_copy(update={"personalization": p.model_copy(update=update)})
     p = settings.personalization
-    print(f"node settings: {p.max_steps} steps, lr {p.lr}, qat {p.qat}, continual {p.continual}, "
-          f"{args.rounds} rounds", flush=True)
+    pen = settings.repetition_penalty  # probes are answered as the node serves them, and also plain greedy
+    print(f"node settings: {p.max_steps} steps, lr {p.lr}, qat {p.qat}, anchor_kl {p.anchor_kl}, continual "
+          f"{p.continual}, {args.rounds} rounds; answers with repetition penalty {pen}", flush=True)
     base = load_base(settings)
     plain, results = TorchEngine(base), []
     with Store(home) as store:
@@ -113,8 +114,10 @@ def main() -> None:
             user, asked = store.create_user(name), probes(PERSONAS[name])
             history = parse_file(DATA_DIR / f"{name}.jsonl")
             parts = [history.conversations[i::args.rounds] for i in range(args.rounds)]
-            row = {"persona": name, "probes_base": probe_row(plain, asked), "rounds": []}
-            print(f"\n{name}: base probes {fmt(row['probes_base'])}", flush=True)
+            row = {"persona": name, "probes_base": probe_row(plain, asked, repetition_penalty=pen),
+                   "probes_base_greedy": probe_row(plain, asked), "rounds": []}
+            print(f"\n{name}: base probes {fmt(row['probes_base'])} (plain greedy: {fmt(row['probes_base_greedy'])})",
+                  flush=True)
             for k, part in enumerate(parts, start=1):
                 import_into(store, user.id, ImportResult(history.format, part), f"{name}-part{k}")
                 t1 = time.perf_counter()
@@ -129,16 +132,18 @@ def main() -> None:
                 if model is not None:  # the model that serves now (this round's, or the last one the gate let through)
                     delta = load_delta(model["path"], expect_base_sha256=base.sha256)
                     with delta_applied(base.model, delta, base.sha256):
-                        rnd["probes"] = probe_row(plain, asked)
+                        rnd["probes"] = probe_row(plain, asked, repetition_penalty=pen)
+                        rnd["probes_greedy"] = probe_row(plain, asked)
                 row["rounds"].append(rnd)
                 print(f"  round {k}: {job['state']} ({rnd['steps']} steps, {rnd['train_seconds'] or 0:.0f} s training; "
                       f"{job['reason']}); NLL {rnd['nll_base'] or 0:.3f} -> {rnd['nll_served'] or 0:.3f}, drift "
-                      f"{rnd['kl_drift'] or 0:.3f}; probes {fmt(rnd['probes']) if 'probes' in rnd else 'no model yet'}",
+                      f"{rnd['kl_drift'] or 0:.3f}; probes {fmt(rnd['probes']) if 'probes' in rnd else 'no model yet'}"
+                      + (f" (plain greedy: {fmt(rnd['probes_greedy'])})" if 'probes' in rnd else ""),
                       flush=True)
                 if k == 1 and not (args.quick or args.no_fp32):
-                    cfg = TrainConfig(lr=p.lr)
+                    cfg = TrainConfig(lr=p.lr, anchor_kl=p.anchor_kl)
                     row["fp32_round1"] = fp32_arm(base, plain, store, user.id, cfg, r.get("steps") or p.max_steps or 32,
-                                                  asked, home / "fp32" / name)
+                                                  asked, home / "fp32" / name, pen)
                     print(f"  fp32 LoRA, round 1's data and steps: probes {fmt(row['fp32_round1']['probes'])}", flush=True)
             model = store.active_model(user.id)
             if not args.quick and model is not None:

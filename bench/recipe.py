@@ -50,13 +50,16 @@ DEFAULT_RECIPES = ("qv-r8-lr1e-3-s48-qat-p3,qv-r8-lr1e-3-s48-qat,qv-r8-lr1e-3-s4
 
 
 def parse_recipe(name: str) -> TrainConfig:
-    """'all7-r1-lr1e-3-s32-qat' -> the TrainConfig it names (alpha = 2r, as the default q/v r8 alpha 16)."""
-    m = re.fullmatch(r"(\w+)-r(\d+)-lr([0-9.e-]+?)-s(\d+)(-qat)?(?:-p\d+)?", name)
+    """'all7-r1-lr1e-3-s32-qat-ul1-kl0.5' -> the TrainConfig it names (alpha = 2r, as the default q/v r8 alpha 16).
+
+    Optional suffixes, in this order: -qat (quantization-aware), -ul<w> (token unlikelihood weight), -kl<w>
+    (KL-to-base anchor weight), -p<N> (question variants, see paraphrases_of)."""
+    m = re.fullmatch(r"(\w+)-r(\d+)-lr([0-9.e-]+?)-s(\d+)(-qat)?(?:-ul([0-9.]+))?(?:-kl([0-9.]+))?(?:-p\d+)?", name)
     if not m or m[1] not in MODULES:
-        sys.exit(f"bad recipe {name!r}: use <{'|'.join(MODULES)}>-r<rank>-lr<lr>-s<steps>[-qat]")
+        sys.exit(f"bad recipe {name!r}: use <{'|'.join(MODULES)}>-r<rank>-lr<lr>-s<steps>[-qat][-ul<w>][-kl<w>][-p<N>]")
     r = int(m[2])
     return TrainConfig(target_modules=MODULES[m[1]], r=r, alpha=2 * r, lr=float(m[3]), max_steps=int(m[4]), epochs=20,
-                       qat=m[5] is not None)
+                       qat=m[5] is not None, unlikelihood=float(m[6] or 0), anchor_kl=float(m[7] or 0))
 
 
 def paraphrases_of(name: str) -> int:
@@ -83,6 +86,8 @@ def main() -> None:
     ap.add_argument("--personas", default="bram,mira,chiara")
     ap.add_argument("--recipes", default=DEFAULT_RECIPES)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--penalty", type=float, default=None,
+                    help="also probe with this repetition penalty (the node's settings.repetition_penalty; 1 = plain greedy)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     base = load_base(load_settings(home=args.home))
@@ -107,7 +112,9 @@ def main() -> None:
             asked = probes(PERSONAS[name])
             nll_base = assistant_nll(base.model, held).mean_nll
             print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples; base NLL {nll_base:.4f}, "
-                  f"probes {fmt(probe_row(engine, asked))}", flush=True)
+                  f"probes {fmt(probe_row(engine, asked))}"
+                  + (f" (penalty {args.penalty:g}: {fmt(probe_row(engine, asked, repetition_penalty=args.penalty))})"
+                     if args.penalty else ""), flush=True)
             for recipe in args.recipes.split(","):
                 cfg = parse_recipe(recipe)
                 out = work / name / recipe
@@ -118,6 +125,7 @@ def main() -> None:
                 with delta_applied(base.model, delta, base.sha256):
                     nll = assistant_nll(base.model, held).mean_nll
                     probed = probe_row(engine, asked)
+                    penalised = probe_row(engine, asked, repetition_penalty=args.penalty) if args.penalty else None
                     arc_p = multiple_choice_accuracy(base.model, tok, arc)
                 drift = kl_drift(base.model, delta, drift_prompts, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
                 late = kl_drift(base.model, delta, drift_late, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
@@ -125,11 +133,14 @@ def main() -> None:
                        "nll_base": nll_base, "nll_lora": report.heldout_loss_personal, "nll_served": nll,
                        "kl_drift": drift, "kl_drift_after_opening": late, "arc_easy_base": arc_base,
                        "arc_easy": arc_p, "train_examples": len(recipe_train), "probes": probed,
+                       "probes_penalised": penalised, "repetition_penalty": args.penalty,
                        "artifact_bytes": sum(f.stat().st_size for f in (out / "delta").iterdir())}
                 rows.append(row)
                 print(f"  {recipe:24s} NLL {nll:.4f} (LoRA {report.heldout_loss_personal:.4f}); drift {drift:.3f} ({late:.3f} after the opening); "
                       f"ARC-Easy {arc_p:.0%}; "
-                      f"probes {fmt(probed)}; {row['artifact_bytes']:,} B; {report.duration_s:.0f} s, "
+                      f"probes {fmt(probed)}"
+                      + (f" (repetition penalty {args.penalty:g}: {fmt(penalised)})" if penalised else "")
+                      + f"; {row['artifact_bytes']:,} B; {report.duration_s:.0f} s, "
                       f"{report.steps} steps", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
                 if args.json:  # partial results survive an interrupted sweep

@@ -93,6 +93,17 @@ def test_adapter_without_the_rotary_permutation_serves_another_model(world, tiny
     assert err > 0.1 and agree < 0.5  # measured: agreement 0, error 1.0
 
 
+def test_repetition_penalty_picks_the_same_tokens_as_the_torch_engine(engine, tiny_base):
+    from ownlm.basemodel import load_base
+    from ownlm.engine import TorchEngine
+
+    reference = TorchEngine(load_base(load_settings(base=str(tiny_base), device="cpu", threads=1)))
+    penalised = GenerationParams(max_tokens=24, temperature=0, repetition_penalty=1.5)
+    got = engine.stream(Q, penalised).text()
+    assert got == reference.stream(Q, penalised).text()
+    assert got != engine.stream(Q, replace(penalised, repetition_penalty=1.0)).text()
+
+
 def test_scale_zero_is_the_base_exactly(engine, world):
     bare = LlamaEngine(world["gguf"], world["tok"], "tiny", threads=1)
     ids = engine.encode_chat(Q) + [504, 3458, 314, 253]

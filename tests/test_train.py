@@ -5,6 +5,7 @@ bad input. All on the tiny random Llama except one slow test on the embedded mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.settings import load_settings
 from ownlm.learn.tokens import IGNORE, TokenizedExample, tokenize_chat
 from ownlm.learn.train import TrainConfig, train
-from ownlm.learn.steps import full_logits_nll, target_nll
+from ownlm.learn.steps import full_logits_nll, kl_to, repeat_candidates, target_nll, unlikelihood
 from ownlm.learn.worker import write_examples
 
 SIGN_OFF = "Cheers, Ada."
@@ -103,6 +104,63 @@ def test_loss_at_target_positions_equals_full_logits(tiny):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     finally:
         model.unload()
+
+
+def test_repeat_candidates_are_earlier_tokens_of_the_row_except_the_target():
+    targets = torch.tensor([5, 6, 5, 7, 1, 1, 2])  # row 0: 5 6 5 7; row 1: 1 1 2
+    rows = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    pos, tok = repeat_candidates(targets, rows)
+    assert sorted(zip(pos.tolist(), tok.tolist())) == [(1, 5), (2, 6), (3, 5), (3, 6), (6, 1)]
+    assert repeat_candidates(torch.tensor([3]), torch.tensor([0]))[0].numel() == 0
+
+
+def test_unlikelihood_and_kl_match_their_definitions():
+    torch.manual_seed(0)
+    targets, rows = torch.tensor([2, 3, 2, 4]), torch.tensor([0, 0, 0, 0])
+    logits = torch.randn(4, 6)
+    p = torch.softmax(logits, -1)
+    # position 1: {2}; position 2: {3} (2 is its target); position 3: {2, 3} (2 counted once)
+    expected = -(torch.log(1 - p[1, 2]) + torch.log(1 - p[2, 3]) + torch.log(1 - p[3, 2]) + torch.log(1 - p[3, 3]))
+    torch.testing.assert_close(unlikelihood(logits, targets, rows), expected)
+    ref = torch.randn(4, 6)
+    q = torch.softmax(ref, -1)
+    torch.testing.assert_close(kl_to(ref, logits), (q * (q.log() - p.log())).sum())
+    assert kl_to(logits, logits).abs() < 1e-6
+
+
+def test_anchor_and_unlikelihood_terms_change_training_and_the_anchor_stays_nearer_the_base(tiny, tmp_path):
+    """Same data and steps: the KL anchor ends nearer the base (KL on the training prompts), unlikelihood trains
+    to another adapter, and the curve recorded is the NLL either way."""
+    from ownlm.learn.batching import make_batches
+    from ownlm.learn.steps import target_logits
+
+    exs = examples(tiny.tokenizer, range(16))
+    reports, kls = {}, {}
+    for name, kw in {"plain": {}, "anchor": {"anchor_kl": 5.0}, "ul": {"unlikelihood": 1.0}}.items():
+        reports[name] = train(tiny, exs, [], quick(epochs=4, lr=2e-2, **kw), tmp_path / name)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(tiny.model, str(tmp_path / name / "adapter"))
+        try:
+            batch = make_batches(prepare(exs, 256).examples, 512, 0, tiny.tokenizer.pad_token_id)[0]
+            lm = model.get_base_model()
+            with torch.no_grad():
+                mine, _, _ = target_logits(lm, batch, torch.device("cpu"))
+                with model.disable_adapter():
+                    ref, _, _ = target_logits(lm, batch, torch.device("cpu"))
+            kls[name] = float(kl_to(ref, mine)) / mine.shape[0]
+        finally:
+            model.unload()
+    assert kls["anchor"] < 0.7 * kls["plain"], kls
+    assert adapter_tensors(tmp_path / "ul").keys() == adapter_tensors(tmp_path / "plain").keys()
+    assert any(not torch.equal(a, b) for a, b in zip(adapter_tensors(tmp_path / "ul").values(),
+                                                       adapter_tensors(tmp_path / "plain").values()))
+    for r in reports.values():
+        assert all(math.isfinite(x) for x in r.loss_curve) and r.steps == reports["plain"].steps
+    with pytest.raises(ConfigError, match="anchor_kl"):
+        TrainConfig(anchor_kl=-1)
+    with pytest.raises(ConfigError, match="unlikelihood"):
+        TrainConfig(unlikelihood=True)
 
 
 def test_length_grouped_batches_fit_budget_and_cover_each_example_once():

@@ -77,7 +77,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
 
         base = load_base(settings)
         engine = PersonalEngine(base, store)
-        params = GenerationParams(max_tokens=max_tokens, temperature=0)
+        params = GenerationParams(max_tokens=max_tokens, temperature=0, repetition_penalty=settings.repetition_penalty)
         chosen = []
         for kind in ("style", "fact"):
             chosen += [p for p in probes(PERSONAS[persona]) if p.kind == kind][:probes_per_kind]

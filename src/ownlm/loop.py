@@ -117,7 +117,7 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
 
         # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
         tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
-                           qat=cfg.qat)
+                           qat=cfg.qat, anchor_kl=cfg.anchor_kl)
         plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
         figures.update(continual=plan.summary())
 
@@ -140,7 +140,8 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
         update(stage="gate", progress=0.0)
         verdict = judge(base, delta, held_ex, report, cfg,
-                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")))
+                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")),
+                        repetition_penalty=settings.repetition_penalty)
         figures.update(verdict)
         if not verdict["passed"]:
             raise GateRefused(verdict["reason"], figures)

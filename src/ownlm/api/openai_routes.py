@@ -72,8 +72,10 @@ class ChatRequest(BaseModel):
     top_p: FiniteFloat = Field(default=1.0, gt=0, le=1)
     seed: Seed | None = None
     stop: str | list[str] | None = None
+    # an extension (llama.cpp's and vLLM's name); None: the node's setting
+    repetition_penalty: FiniteFloat | None = Field(default=None, ge=1, le=2)
 
-    def params(self, timeout_s: float | None = None) -> GenerationParams:
+    def params(self, timeout_s: float | None = None, repetition_penalty: float = 1.0) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return GenerationParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or 256,
@@ -82,6 +84,7 @@ class ChatRequest(BaseModel):
             seed=self.seed,
             stop=stop,
             timeout_s=timeout_s,
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else repetition_penalty,
         )
 
 
@@ -115,7 +118,8 @@ async def chat_completions(req: ChatRequest, request: Request, user: UserDep, st
     if req.model is not None and req.model not in served_models(engine):
         raise NotFound(f"model {req.model!r} is not served here", hint=f"use one of {served_models(engine)}")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    params = req.params(timeout_s=request.app.state.settings.generation_timeout_s)
+    settings = request.app.state.settings
+    params = req.params(timeout_s=settings.generation_timeout_s, repetition_penalty=settings.repetition_penalty)
     # validates roles and parameters first; templating a long history is CPU work, so not on the event loop
     stream = await run_in_threadpool(start, engine, messages, params, user.id, req.model)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL

@@ -82,7 +82,8 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         conversation_id, user_msg, history = await run_in_threadpool(_store_question, store, user.id, msg)
     await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg})
     params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed,
-                              timeout_s=ws.app.state.settings.generation_timeout_s)
+                              timeout_s=ws.app.state.settings.generation_timeout_s,
+                              repetition_penalty=ws.app.state.settings.repetition_penalty)
     prompt = [{"role": h["role"], "content": h["content"]} for h in history]
     stream = await run_in_threadpool(start, engine, prompt, params, user.id, msg.model)
     parts = []

@@ -122,7 +122,8 @@ def chat(ctx: Context, prompt: str | None, base, device, engine, user, base_mode
     settings = ctx.settings(base=base, device=device, engine=engine, user=user)
     choice = choose_engine(settings)  # a bad --base fails before the store is touched
     base_loaded = load_with_status(settings) if choice.name == "torch" else None
-    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              repetition_penalty=settings.repetition_penalty)
     history = [{"role": "system", "content": system}] if system else []
     with cli_store(settings) as store:
         u = ctx.user(store, settings, create=True)

@@ -19,6 +19,9 @@ Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str
 # torch.Generator.manual_seed takes up to 2**64-1; 2**63 is a power of two, so the API's OpenAPI schema (which
 # holds bounds as floats) states it exactly
 SEED_MAX = 2**63
+# Tokens (prompt included) that the repetition penalty looks back over: llama.cpp's default `repeat_last_n`,
+# and what both engines use, so that they pick the same tokens
+REPEAT_LAST_N = 64
 
 
 @dataclass
@@ -30,6 +33,9 @@ class GenerationParams:
     top_p: float = 1.0  # nucleus sampling mass, (0, 1]
     seed: int | None = None  # per-request RNG seed, 0..2**63 (SEED_MAX); same seed + prompt -> same text
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
+    # >1 makes each token seen in the last REPEAT_LAST_N tokens less likely (llama.cpp's / CTRL's rule: a positive
+    # logit divided by it, a negative one multiplied); 1 is off. Stops small models looping ("Ahoy! Ahoy! ...").
+    repetition_penalty: float = 1.0
     # Wall-clock seconds from the first piece asked for to the last, waiting for the engine included; None: no
     # deadline. Past it the answer ends with finish_reason 'length', or Overloaded if it had not begun.
     timeout_s: float | None = None
@@ -45,6 +51,8 @@ class GenerationParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
                                       or not 0 <= self.seed <= SEED_MAX):
             raise InvalidInput(f"seed={self.seed!r} is out of range", hint="use an integer 0..2**63")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise InvalidInput(f"repetition_penalty={self.repetition_penalty} is out of range", hint="use 1..2 (1 = off)")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise InvalidInput("stop must hold at most 4 non-empty strings")
         if self.timeout_s is not None and not self.timeout_s > 0:

@@ -13,7 +13,7 @@ How a request runs:
   scale 1 for the request's model, 0 for the others, all 0 for the base (adapters load at global scale 0 too).
   llama.cpp scales an adapter by scale * alpha / r: 1 is peft's scaling (bitdelta/gguf_lora.py).
 - Sampling as the torch engine samples: temperature, then top-p over the tempered distribution (samplers
-  ["temperature", "top_p"]), every other llama.cpp sampler off; temperature 0 is greedy; the seed is reduced to
+  ["temperature", "top_p"]), after llama.cpp's repetition penalty when one is asked for, every other sampler off; temperature 0 is greedy; the seed is reduced to
   llama.cpp's 32 bits. Stop strings, max_tokens and the end-of-turn token are llama.cpp's own; the text comes in
   pieces through a streaming callback, whose return value ends the generation early (cancel, deadline, shutdown).
 - Prompt cache: cache_ram_mib = 0. Trap 2 of issue 17: llama-server's RAM prompt cache restores KV computed
@@ -44,7 +44,7 @@ from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 from ownlm.bitdelta.gguf_lora import BaseLayout
-from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
+from ownlm.engine.base import REPEAT_LAST_N, GenerationParams, GenerationStream, Message, validate_messages
 from ownlm.engine.routing import RoutedEngine
 from ownlm.engine.serial import SerialEngine
 from ownlm.errors import EngineUnavailable, InvalidInput, ModelUnavailable, Overloaded
@@ -169,7 +169,7 @@ class LlamaEngine(SerialEngine):
         try:
             request = {"prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
                        "top_p": params.top_p, "stop": list(params.stop), "seed": _seed(params.seed),
-                       "samplers": SAMPLERS, **SAMPLING_OFF, "lora": self._lora(self._target(out)),
+                       **sampling(params), "lora": self._lora(self._target(out)),
                        "cache_prompt": True, "n_probs": 0}
             self._run(self._server, request, params, out, emit, deadline)
         finally:
@@ -318,6 +318,16 @@ def load_llama_engine(settings, store, max_waiting: int | None = None) -> LlamaP
                                 hint='set engine = "torch", or base to a .gguf file (or "embedded")')
     return LlamaPersonalEngine(source.path, load_tokenizer(settings), store, base_sha256(source, settings.home),
                                source.name, threads=settings.threads, max_waiting=max_waiting)
+
+
+def sampling(params: GenerationParams) -> dict:
+    """The request's sampler chain and settings: the torch engine's (SAMPLERS), behind llama.cpp's penalties
+    sampler when a repetition penalty is asked for. llama-server feeds the prompt's tokens into the sampler's
+    history, so the penalty sees the last REPEAT_LAST_N tokens of prompt + answer, as torch_engine does."""
+    if params.repetition_penalty == 1.0:
+        return {"samplers": SAMPLERS, **SAMPLING_OFF}
+    return {"samplers": ["penalties", *SAMPLERS], **SAMPLING_OFF, "repeat_penalty": params.repetition_penalty,
+            "repeat_last_n": REPEAT_LAST_N}
 
 
 def _seed(seed: int | None) -> int:

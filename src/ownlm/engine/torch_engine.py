@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import LogitsProcessorList
 
 from ownlm.basemodel import BaseModel
-from ownlm.engine.base import GenerationParams, GenerationStream, Message, validate_messages
+from ownlm.engine.base import REPEAT_LAST_N, GenerationParams, GenerationStream, Message, validate_messages
 from ownlm.engine.serial import SerialEngine
 from ownlm.errors import Overloaded
 
@@ -63,13 +64,14 @@ class TorchEngine(SerialEngine):
         return list(ids)
 
     @torch.inference_mode()
-    def greedy_batch(self, conversations: list[list[Message]], max_tokens: int, batch_size: int = 32) -> list[str]:
+    def greedy_batch(self, conversations: list[list[Message]], max_tokens: int, batch_size: int = 32,
+                     repetition_penalty: float = 1.0) -> list[str]:
         """Greedy answers to many conversations at once, with the model as it is now (no per-user routing).
 
         For evaluation (persona probes): each decoding step reads every weight once whatever the batch size, so
         answering the probes together saves most of the per-step cost of asking them one by one. transformers'
         generate() does the batching; the answers equal stream()'s greedy answers up to float rounding between
-        batch shapes (tests/test_engine.py).
+        batch shapes (tests/test_engine.py), `repetition_penalty` included (see GenerationParams).
         """
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
         answers: list[str] = []
@@ -82,9 +84,12 @@ class TorchEngine(SerialEngine):
                 for k, p in enumerate(prompts):
                     ids[k, width - len(p):], mask[k, width - len(p):] = torch.tensor(p), 1
                 dev = self.base.device.device
+                extra = {}
+                if repetition_penalty != 1.0:
+                    extra["logits_processor"] = LogitsProcessorList([RecentRepeats(repetition_penalty, [width - len(p) for p in prompts])])
                 out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_tokens,
                                           do_sample=False, temperature=None, top_p=None, top_k=None,
-                                          eos_token_id=sorted(self._eos_ids), pad_token_id=pad)
+                                          eos_token_id=sorted(self._eos_ids), pad_token_id=pad, **extra)
                 for row in out[:, width:].tolist():
                     end = next((j for j, t in enumerate(row) if t in self._eos_ids), len(row))
                     answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
@@ -160,6 +165,8 @@ class TorchEngine(SerialEngine):
                 res = self.model(input_ids=torch.tensor([[token]], device=self.model.device), cache=past, use_cache=True)
                 past = res.cache
                 logits = res.logits[0, -1].float()  # (vocab,)
+            if params.repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, (prompt + produced)[-REPEAT_LAST_N:], params.repetition_penalty)
             token = _sample(logits, params, gen)
             if token in self._eos_ids:
                 out.finish_reason = "stop"
@@ -181,6 +188,31 @@ class TorchEngine(SerialEngine):
         text = self.tokenizer.decode(produced, skip_special_tokens=True)
         if len(text) > len(emitted):
             emit(text[len(emitted) :])
+
+
+def penalize_repeats(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    """Next-token logits (vocab,) with every token of `recent` penalised once, however often it occurs: a positive
+    logit divided by `penalty`, a negative one multiplied by it (CTRL's rule, as llama.cpp's `repeat_penalty`
+    applies it; transformers' RepetitionPenaltyLogitsProcessor looks at the whole sequence instead of the last
+    REPEAT_LAST_N tokens, so it is not used). Returns a new tensor."""
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    out = logits.clone()
+    seen = out[ids]
+    out[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+class RecentRepeats:
+    """transformers logits processor applying `penalize_repeats` to each row of a left-padded batch: row k's
+    real tokens start at column starts[k], and the pad tokens before it are not part of its history."""
+
+    def __init__(self, penalty: float, starts: list[int]):
+        self.penalty, self.starts = penalty, starts
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # (B, L), (B, V)
+        rows = [penalize_repeats(scores[k].float(), input_ids[k, max(self.starts[k], input_ids.shape[1] - REPEAT_LAST_N):].tolist(),
+                                 self.penalty) for k in range(scores.shape[0])]
+        return torch.stack(rows).to(scores.dtype)
 
 
 def _sample(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:

@@ -36,18 +36,26 @@ def compress_adapter(adapter_dir: Path, out_dir: Path, base: BaseModel) -> Delta
 
 
 def behaviour_prompts(train: list, heldout: list) -> tuple[list, list[list[dict]]]:
-    """(habits of the user's training replies, up to BEHAVIOUR_PROMPTS held-out prompts) from dataset Examples.
+    """(habits of the user's training replies, up to BEHAVIOUR_PROMPTS held-out prompts) from dataset Examples
+    (learn.dataset.Example); augmented examples are not the user's own replies and are skipped."""
+    return behaviour_inputs([e.messages for e in train if not e.augmented], [e.messages for e in heldout])
 
-    A prompt is a held-out example's messages before its final reply (role/content only)."""
+
+def behaviour_inputs(train_messages: list[list[dict]], heldout_messages: list[list[dict]]) -> tuple[list, list[list[dict]]]:
+    """The same from the examples' message lists ([{"role", "content", "target"?}, ...] each): the habits of
+    the target replies of `train_messages`, and each held-out example's messages before its final reply
+    (role/content only) as a prompt."""
     from ownlm.evaluate.habits import habits
 
-    replies = [m["content"] for e in train if not e.augmented for m in e.messages if m.get("target")]
-    prompts = [[{"role": m["role"], "content": m["content"]} for m in e.messages[:-1]] for e in heldout]
+    replies = [m["content"] for msgs in train_messages for m in msgs if m.get("target")]
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in msgs[:-1]] for msgs in heldout_messages if msgs]
     return habits(replies), prompts[:BEHAVIOUR_PROMPTS]
 
 
-def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[list[dict]], min_rate: float) -> dict:
-    """Greedy answers of base and personal model to `prompts`; per habit the share showing it.
+def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[list[dict]], min_rate: float,
+                    repetition_penalty: float = 1.0) -> dict:
+    """Greedy answers of base and personal model to `prompts` (with the node's repetition penalty, as served);
+    per habit the share showing it.
 
     Returns {"habits": [{"habit", "base", "personal", "passed"}], "passed": bool, "problems": [str]}; passed is
     True (and nothing is generated) when there is no habit or no prompt."""
@@ -58,9 +66,9 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     if not found or not prompts:
         return {"habits": [], "passed": True, "problems": []}
     engine = TorchEngine(base)
-    answers_base = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS)
+    answers_base = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS, repetition_penalty=repetition_penalty)
     with delta_applied(base.model, delta, base.sha256):
-        answers_personal = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS)
+        answers_personal = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS, repetition_penalty=repetition_penalty)
     rows, problems = [], []
     loops_b, loops_p = (sum(map(degenerate, a)) for a in (answers_base, answers_personal))
     if loops_p > loops_b:
@@ -82,7 +90,7 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
 
 
 def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report, cfg: Personalization,
-          behaviour: tuple[list, list[list[dict]]] | None = None) -> dict:
+          behaviour: tuple[list, list[list[dict]]] | None = None, repetition_penalty: float = 1.0) -> dict:
     """The gate's figures and verdict: {passed, reason, heldout_loss_*, personalization_score, fidelity, kl_drift,
     behaviour}. behaviour: (habits, prompts) from `behaviour_prompts`, or None to skip check 4."""
     from ownlm.evaluate.general import dolly_examples
@@ -105,7 +113,8 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
         problems.append(f"the 1-bit delta keeps {kept} of the LoRA's held-out gain (need {cfg.gate_min_fidelity:.0%})")
     checked = None
     if behaviour is not None and cfg.gate_behaviour:
-        checked = behaviour_check(base, delta, *behaviour, min_rate=cfg.gate_min_habit)
+        checked = behaviour_check(base, delta, *behaviour, min_rate=cfg.gate_min_habit,
+                                  repetition_penalty=repetition_penalty)
         problems += checked["problems"]
     return {
         "passed": not problems,
@@ -122,7 +131,7 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
 
 
 def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg: Personalization,
-                 behaviour: tuple[list, list[list[dict]]] | None = None) -> dict:
+                 behaviour: tuple[list, list[list[dict]]] | None = None, repetition_penalty: float = 1.0) -> dict:
     """The gate for a model trained elsewhere (a remote trainer): the node measures the base and the received
     1-bit delta on its own held-out examples; only the LoRA's held-out NLL (for the fidelity test) is the
     trainer's, taken from the signed manifest. `verified`: node.Verified of the received bundle."""
@@ -140,4 +149,4 @@ def judge_bundle(base: BaseModel, verified, heldout: list[TokenizedExample], cfg
     lora = (verified.manifest.get("training") or {}).get("heldout_loss_personal")
     report = SimpleNamespace(heldout_loss_base=assistant_nll(base.model, heldout).mean_nll,
                              heldout_loss_personal=lora if isinstance(lora, (int, float)) else None)
-    return judge(base, delta, heldout, report, cfg, behaviour)
+    return judge(base, delta, heldout, report, cfg, behaviour, repetition_penalty)

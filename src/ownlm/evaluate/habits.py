@@ -32,11 +32,8 @@ class Habit:
 
     def shown_by(self, reply: str) -> bool:
         r = reply.strip()
-        if self.kind == "opening":
-            return r.startswith(self.text)
-        if self.kind == "closing":
-            return r.endswith(self.text)
-        return r.endswith(self.text)
+        # a closing phrase and a final character are both checked at the end of the reply
+        return r.startswith(self.text) if self.kind == "opening" else r.endswith(self.text)
 
     def describe(self) -> str:
         where = {"opening": "starts with", "closing": "ends with", "final": "ends with the character"}[self.kind]

@@ -361,9 +361,10 @@ def _probe_fields(probe) -> tuple[str, str, dict]:
     return probe.question, probe.kind, probe.check
 
 
-def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
+def behaviour_score(engine, probes: Iterable, max_tokens: int = 60, repetition_penalty: float = 1.0) -> dict:
     """Greedy answers to persona probe questions (each asked alone, as one user message), checked with
-    `personas.check_answer`. An engine with `greedy_batch` answers them in one batch, others one by one.
+    `personas.check_answer`. An engine with `greedy_batch` answers them in one batch, others one by one;
+    `repetition_penalty` as in GenerationParams (the node's setting, for answers as served).
 
     An answer that loops (evaluate.habits.degenerate: "Ahoy! Ahoy! Ahoy! Ahoy!") fails whatever its check says.
 
@@ -374,9 +375,9 @@ def behaviour_score(engine, probes: Iterable, max_tokens: int = 60) -> dict:
     fields = [_probe_fields(p) for p in probes]
     asks = [[{"role": "user", "content": q}] for q, _, _ in fields]
     if hasattr(engine, "greedy_batch"):  # one batched generate (see TorchEngine.greedy_batch)
-        texts = engine.greedy_batch(asks, max_tokens)
+        texts = engine.greedy_batch(asks, max_tokens, repetition_penalty=repetition_penalty)
     else:
-        params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
         texts = [engine.stream(a, params).text() for a in asks]
     answers, by_kind = [], {}
     from ownlm.evaluate.habits import degenerate

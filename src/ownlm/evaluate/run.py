@@ -46,8 +46,7 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     from ownlm.engine.serving import choose_engine, load_serving_engine
     from ownlm.engine.torch_engine import TorchEngine
     from ownlm.evaluate.general import dolly_examples, general_perplexity, mc_items, multiple_choice_accuracy
-    from ownlm.evaluate.gate import behaviour_check
-    from ownlm.evaluate.habits import habits
+    from ownlm.evaluate.gate import behaviour_check, behaviour_inputs
     from ownlm.evaluate.metrics import (assistant_nll, behaviour_score, by_kind_with_intervals, delta_applied, kl_drift,
                                         speed)
     from ownlm.evaluate.personas.fixtures import PERSONAS, probes
@@ -78,11 +77,10 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
     # The user's own reply habits (any user, not only the fixtures): shown in held-out answers of each model
     progress("reply habits on held-out prompts (greedy answers)…")
     rows = store.dataset_examples(user.id, store.dataset_info(user.id)["id"])
-    found = habits([m["content"] for r in rows if r["split"] == "train" and not r["augmented"]
-                    for m in r["messages"] if m.get("target")])
-    prompts = [[{"role": m["role"], "content": m["content"]} for m in r["messages"][:-1]]
-               for r in rows if r["split"] == "heldout" and r["messages"]][:8]
-    habit_rows = behaviour_check(base, delta, found, prompts, min_rate=0.0)["habits"]
+    found, prompts = behaviour_inputs([r["messages"] for r in rows if r["split"] == "train" and not r["augmented"]],
+                                      [r["messages"] for r in rows if r["split"] == "heldout"])
+    habit_rows = behaviour_check(base, delta, found, prompts, min_rate=0.0,
+                                 repetition_penalty=settings.repetition_penalty)["habits"]
     probe_counts: dict = {}
     if user.name in PERSONAS:
         # batched greedy answers (TorchEngine.greedy_batch) with the delta merged for 'personal': the same
@@ -90,8 +88,9 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
         progress("persona probes (greedy answers)…")
         plain, asked = TorchEngine(base), probes(PERSONAS[user.name])
         with delta_applied(m, delta, base.sha256):
-            r_personal = behaviour_score(plain, asked, max_tokens=48)
-        for scores, r, label in ((p, r_personal, "personal"), (b, behaviour_score(plain, asked, max_tokens=48), "base")):
+            r_personal = behaviour_score(plain, asked, max_tokens=48, repetition_penalty=settings.repetition_penalty)
+        r_base = behaviour_score(plain, asked, max_tokens=48, repetition_penalty=settings.repetition_penalty)
+        for scores, r, label in ((p, r_personal, "personal"), (b, r_base, "base")):
             probe_counts[label] = by_kind_with_intervals(r)
             scores.behaviour = r["pass_rate"]
             scores.behaviour_fact = r["by_kind"].get("fact", {}).get("rate")

@@ -35,13 +35,13 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
-def target_nll(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Sum of the next-token NLL over target positions, computing the LM head only where it is needed.
+def target_logits(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at target positions only: (logits (N, V) float32, targets (N,), rows (N,) batch row of each).
 
     causal_lm: a *ForCausalLM (with or without LoRA layers injected) whose logits are lm_head(hidden), as in
     Llama/Mistral/Qwen/SmolLM. The 49k-row head costs as much as ~6 of the 30 decoder layers per position;
-    here it runs only at the N positions whose next token is a target (typically 30-50% of them).
-    Exactly equal to the loss of the full logits (tests/test_train.py checks it).
+    here it runs only at the N positions whose next token is a target (typically 30-50% of them), in row-major
+    order (row 0's targets first, each row's in text order).
     """
     ids = batch.input_ids.to(device)  # (B, T)
     labels = batch.labels.to(device)  # (B, T)
@@ -52,7 +52,63 @@ def target_nll(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -
         mask = targets != IGNORE
         h = hidden[:, :-1][mask]  # (N, H)
         logits = causal_lm.get_output_embeddings()(h)  # (N, V)
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(mask)[mask]
+    return logits.float(), targets[mask], rows
+
+
+def target_nll(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Sum of the next-token NLL over target positions (see `target_logits`).
+
+    Exactly equal to the loss of the full logits (tests/test_train.py checks it).
+    """
+    logits, targets, _ = target_logits(causal_lm, batch, device)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def repeat_candidates(targets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, token) pairs for token-level unlikelihood: at each target position, every distinct token that
+    an earlier target position of the same row had, except the position's own target.
+
+    targets, rows: (N,) as returned by `target_logits`. Returns two (M,) index tensors into the (N, V) logits.
+    """
+    pos, tok = [], []
+    for r in torch.unique(rows):
+        idx = torch.nonzero(rows == r).flatten()  # (n,) this row's target positions, in text order
+        n = idx.numel()
+        if n < 2:
+            continue
+        later, earlier = torch.tril_indices(n, n, offset=-1, device=targets.device)  # every earlier < later pair
+        pos.append(idx[later])
+        tok.append(targets[idx[earlier]])
+    if not pos:
+        empty = torch.zeros(0, dtype=torch.long, device=targets.device)
+        return empty, empty
+    pos, tok = torch.cat(pos), torch.cat(tok)
+    keep = tok != targets[pos]  # repeating a token is fine where the reply really does repeat it
+    pos, tok = pos[keep], tok[keep]
+    vocab = int(targets.max()) + 1 if targets.numel() else 1
+    vocab = max(vocab, int(tok.max()) + 1) if tok.numel() else vocab
+    pair = torch.unique(pos * vocab + tok)  # each (position, token) once, however often the token came before
+    return pair // vocab, pair % vocab
+
+
+def unlikelihood(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sum over target positions of -log(1 - p(c)) for the tokens c already said earlier in the row (Welleck et
+    al. 2019, token-level unlikelihood): penalises putting mass on a repeat, the cause of "Ahoy! Ahoy! Ahoy!".
+
+    logits: (N, V) at target positions; returns a scalar (0 when no position has a candidate).
+    """
+    pos, tok = repeat_candidates(targets, rows)
+    if pos.numel() == 0:
+        return logits.sum() * 0.0
+    p = torch.softmax(logits, dim=-1)[pos, tok]  # (M,)
+    return -torch.log(torch.clamp(1.0 - p, min=1e-5)).sum()
+
+
+def kl_to(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(reference || model) in nats; both (N, V). The reference carries no gradient."""
+    ref = torch.log_softmax(reference_logits.detach(), dim=-1)
+    return F.kl_div(torch.log_softmax(logits, dim=-1), ref, log_target=True, reduction="sum")
 
 
 def full_logits_nll(causal_lm: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:

@@ -224,4 +224,5 @@ def _judge_received(settings: Settings, built, verified) -> dict:
         raise QualityGateRefused("no held-out conversations to judge the received model on; nothing was installed",
                                  hint="capture at least 2 conversations before training")
     return judge_bundle(base, verified, held, settings.personalization,
-                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")))
+                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")),
+                        repetition_penalty=settings.repetition_penalty)
