@@ -96,6 +96,24 @@ class Personalization(BaseModel):
         default=0.5, ge=0, le=10, description="With continual='replay': older examples replayed per new example.")
 
 
+class Memory(BaseModel):
+    """Memory beside the weights (`[memory]` in settings.toml): passages of the user's own history, found by
+    BM25 in the encrypted store, written into the system prompt (engine/memory.py has the template)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(
+        default=False,
+        description="Use memory for users who have not chosen themselves (`ownlm memory on|off`, POST "
+                    "/api/personalization/memory); a request's own `\"memory\": true|false` overrides both. Off until "
+                    "bench/memory.py shows the 135M model answers better with it.")
+    budget_tokens: int = Field(
+        default=256, ge=16, le=4096,
+        description="Most prompt tokens memory may add per request (the template included). Every token is read "
+                    "before the first answer token: on 2 cores llama.cpp reads the 135M model's prompt at a few "
+                    "hundred tokens/s, so 256 tokens cost a fraction of a second of time to first token.")
+    passages: int = Field(default=4, ge=1, le=32, description="Most passages recalled per request (best first).")
+
+
 class Remote(BaseModel):
     """Where a remote trainer is, for privacy tiers 0 (cloud) and 2 (TEE) (`[remote]` in settings.toml).
 
@@ -155,6 +173,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
     personalization: Personalization = Field(
         default_factory=Personalization, description="The learning loop (env: OWNLM_PERSONALIZATION__INTERVAL=...)."
+    )
+    memory: Memory = Field(
+        default_factory=Memory, description="Memory beside the weights (env: OWNLM_MEMORY__ENABLED=true ...)."
     )
     remote: Remote = Field(
         default_factory=Remote, description="The remote trainer for tiers 0 and 2 (env: OWNLM_REMOTE__TRAINER_URL=...)."

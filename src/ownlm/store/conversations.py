@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ownlm.errors import InvalidInput, NotFound
+from ownlm.store.memory import index_replies
 from ownlm.store.models import forget
 
 ROLES = ("system", "user", "assistant")
@@ -179,7 +180,7 @@ class ConversationsMixin:
         rest = messages[last + 1 :]
         threads = chain_hashes(thread, rest) if thread else [None] * len(rest)
         now = time.time()
-        new_ids = []
+        new_ids, stored = [], []
         for i, m, t in zip(range(last + 1, len(messages)), rest, threads):
             mid = uuid.uuid4().hex
             db.execute(
@@ -190,9 +191,11 @@ class ConversationsMixin:
             )
             ids.append(mid)
             new_ids.append(mid)
+            stored.append((mid, parent, m.role, m.content, m.created_at or now))
             parent = mid
         if new_ids:
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv_id))
+            index_replies(db, user_id, conv_id, stored)  # the memory index, in this same transaction
         kept = sum(i is not None for i in ids[: last + 1])
         return CaptureResult(conv_id, ids, added=len(new_ids), duplicates=kept, new_ids=new_ids, deleted=last + 1 - kept)
 
