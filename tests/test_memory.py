@@ -121,6 +121,18 @@ def test_fts5_syntax_in_the_users_text_neither_errors_nor_changes_the_meaning(st
     assert store.memory_count(u.id) == 2  # and nothing was changed
 
 
+def test_random_text_made_of_fts5_syntax_never_errors(store):
+    import random
+
+    u = store.create_user("alice")
+    chat(store, u, "My dog is called Biscuit.", "A fine name.")
+    rng = random.Random(18)
+    pieces = ['"', "'", "*", "^", ":", "(", ")", "{", "}", "+", "-", "NEAR", "AND", "OR", "NOT", "question", "answer",
+              "dog", "name", " ", "\t", "\n", "犬", "の", "ชื่อ", "é", "\u0301", "\x00", ",", ";", "\\", "[", "]"]
+    for _ in range(300):
+        store.recall(u.id, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))))
+
+
 def test_query_terms_are_quoted_words_without_stopwords():
     assert terms("What is my dog's name?") == (["dog", "name"], [])
     assert match_query(terms('NEAR("dog" name) AND x*')[0]) == '"dog" OR "name"'
