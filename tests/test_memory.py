@@ -167,8 +167,13 @@ def test_a_language_written_without_spaces_is_found_by_its_trigrams(store, quest
     assert store.query("SELECT count(*) FROM memory_trigram WHERE memory_trigram MATCH '\"Biscuit\"'")[0][0] == 0
 
 
+@pytest.mark.parametrize("bulk", [False, True], ids=["row by row", "in bulk"])
 @pytest.mark.parametrize("scope", ["conversation", "before", "all"])
-def test_deleting_conversations_removes_their_passages_from_every_table_and_page(store, home, scope):
+def test_deleting_conversations_removes_their_passages_from_every_table_and_page(store, home, scope, bulk, monkeypatch):
+    import ownlm.store.memory as memory
+
+    # a big delete rebuilds the indexes instead of deleting row by row: both ways must leave nothing
+    monkeypatch.setattr(memory, "BULK_MIN", 1 if bulk else 10**9)
     u, other = store.create_user("alice"), store.create_user("bob")
     old = chat(store, u, f"my locker code is {MARKER}", f"I will remember {MARKER}", at=1000.0)
     chat(store, u, "I like sailing.", "Sailing is fun.")  # kept unless everything goes
@@ -178,11 +183,14 @@ def test_deleting_conversations_removes_their_passages_from_every_table_and_page
     # the term itself is in the FTS5 b-tree (memory_fts_data): the check below is not vacuous
     assert any(MARKER.encode() in r[0] for r in store.query("SELECT block FROM memory_fts_data") if isinstance(r[0], bytes))
     if scope == "conversation":
-        store.delete_data(u.id, conversation_id=old.conversation_id)
+        res = store.delete_data(u.id, conversation_id=old.conversation_id)
     elif scope == "before":
-        store.delete_data(u.id, before=2000.0)
+        res = store.delete_data(u.id, before=2000.0)
     else:
-        store.delete_data(u.id)
+        res = store.delete_data(u.id)
+    assert res["memory_passages"] == (2 if scope == "all" else 1)
+    assert store.audit_log(u.id)[0]["detail"]["memory_passages"] == res["memory_passages"]
+    assert store.query("SELECT bulk FROM memory_state") == [(0,)]
     assert store.recall(u.id, MARKER) == []
     assert MARKER not in every_table_text(store)  # messages, passages, both FTS5 indexes and their shadow tables
     for page in decrypted_pages(home / "store.db", key):  # and no page of the file (free pages included) or WAL
@@ -222,8 +230,9 @@ def test_the_migration_indexes_an_older_store_and_rebuild_matches_it(home):
         chat(s, u, "Only a question, no reply", "")  # an empty reply still pairs with its question
         s.capture(u.id, [m("user", "dangling question")], source="api", seed="d")
         # back to the schema before the migration
-        for sql in ("DROP TABLE memory_fts", "DROP TABLE memory_trigram", "DROP TABLE memory_passages",
-                    "ALTER TABLE users DROP COLUMN memory", f"DELETE FROM _migrations WHERE name = '{m010_memory.__name__}'"):
+        for sql in ("DROP TABLE memory_fts", "DROP TABLE memory_trigram", "DROP VIEW memory_spaceless",
+                    "DROP TABLE memory_passages", "DROP TABLE memory_state", "ALTER TABLE users DROP COLUMN memory",
+                    f"DELETE FROM _migrations WHERE name = '{m010_memory.__name__}'"):
             s.db.execute(sql)
     with Store(home) as s:
         assert s.migrations_applied == [m010_memory.__name__]

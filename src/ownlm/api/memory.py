@@ -24,6 +24,7 @@ from ownlm.engine.memory import estimate_tokens, memory_block, with_memory
 from ownlm.store import Passage
 
 router = APIRouter(prefix="/api/personalization", tags=["personalization"])
+RECENT_TURNS = 50
 
 
 @dataclass
@@ -71,8 +72,10 @@ def recall(state, store, engine, user_id: str, messages: list[dict], flag: bool 
     if not asked:
         return Recalled(list(messages))
     cfg = state.settings.memory
+    # the last RECENT_TURNS user turns stand for what the prompt holds (engines keep the most recent context),
+    # and bound the redaction work of a long re-sent history
     found = store.recall(user_id, asked[-1], cfg.passages, exclude_conversation=exclude_conversation,
-                         exclude_questions=asked)
+                         exclude_questions=asked[-RECENT_TURNS:])
     count = _count_tokens(engine)
     block, used = memory_block(found, cfg.budget_tokens, count)
     if not used:
