@@ -18,7 +18,7 @@ arms, and llama.cpp, the CPU serving engine, for base and base + memory when xll
 lines say which arm wins on facts and on style, and by how much the combination beats each alone.
 
     OWNLM_HOME=... .venv/bin/python bench/memory.py [--personas mira,bram,chiara] [--steps N] [--ttft 8]
-                                                    [--quick] [--json FILE]
+                                                    [--budget TOKENS] [--quick] [--json FILE]
 `--quick`: a smoke run (bram, 4 probes of each kind, 2 training steps, 2 time-to-first-token probes).
 """
 
@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="optimizer steps of the round (default: the node's setting)")
     ap.add_argument("--probes", type=int, default=0, help="at most this many probes of each kind (default: all)")
     ap.add_argument("--ttft", type=int, default=8, help="probes timed for time to first token (median)")
+    ap.add_argument("--budget", type=int, help="memory.budget_tokens (default: the node's setting)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp's time to first token")
     ap.add_argument("--quick", action="store_true", help="smoke run: bram, 4 probes per kind, 2 steps, 2 timed")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -210,6 +211,9 @@ def main() -> None:
     shared = load_settings(home=args.home)
     (shared.home / "cache").mkdir(parents=True, exist_ok=True)
     base_settings = load_settings(home=str(shared.home))
+    if args.budget is not None:
+        base_settings = base_settings.model_copy(
+            update={"memory": base_settings.memory.model_copy(update={"budget_tokens": args.budget})})
     p = base_settings.personalization
     if args.steps is not None:
         p = p.model_copy(update={"max_steps": args.steps})
@@ -225,7 +229,7 @@ def main() -> None:
             sys.exit(f"unknown persona {name!r}; choose from {sorted(PERSONAS)}")
         home = Path(tempfile.mkdtemp(prefix=f"ownlm-memory-{name}-"))
         (home / "cache").symlink_to((shared.home / "cache").resolve(), target_is_directory=True)
-        settings = load_settings(home=str(home)).model_copy(update={"personalization": p})
+        settings = load_settings(home=str(home)).model_copy(update={"personalization": p, "memory": base_settings.memory})
         try:
             row = persona_run(name, settings, base, plain, llama, args)
         finally:

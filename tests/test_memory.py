@@ -305,3 +305,22 @@ def test_recall_takes_milliseconds_on_a_small_history(store):
     for _ in range(20):
         store.recall(u.id, "what did I say about sailing?")
     assert (time.perf_counter() - t0) / 20 < 0.5
+
+
+def test_the_cli_turns_memory_on_searches_and_rebuilds(home):
+    from tests.conftest import run_cli
+
+    with Store(home) as s:
+        u = s.create_user("alice")
+        chat(s, u, "My dog is called Biscuit.", "A fine name.")
+    r = run_cli("memory", "show")
+    assert r.returncode == 0 and "memory off (the node's default" in r.stdout and "1 passages" in r.stdout, r.stderr
+    r = run_cli("memory", "set", "on")
+    assert r.returncode == 0 and "memory on (your setting)" in r.stdout, r.stderr
+    r = run_cli("memory", "search", 'what is my dog\'s "name" NEAR(*)')
+    assert r.returncode == 0 and "user: My dog is called Biscuit." in r.stdout, r.stderr
+    r = run_cli("memory", "rebuild")
+    assert r.returncode == 0 and "1 passages indexed" in r.stdout
+    with Store(home) as s:
+        assert s.memory_setting(u.id) is True
+        assert [e["action"] for e in s.audit_log(u.id)][:2] == ["memory_rebuilt", "memory_setting_changed"]
