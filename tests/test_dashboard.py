@@ -143,6 +143,36 @@ def test_chat_streams_and_compares_with_the_base(open_page, node):
     shot(page, "chat-narrow")
 
 
+def test_a_reply_shows_what_it_remembered_and_only_from_the_same_user(open_page, node):
+    alice, bob = node.users["alice"], node.users["bob"]
+    past = node.store.capture(alice.id, [NewMessage("user", "My dog is called Biscuit."),
+                                         NewMessage("assistant", "A fine name.")], source="api", seed="past:a")
+    node.store.capture(bob.id, [NewMessage("user", "My dog is called Rex."), NewMessage("assistant", "Good.")],
+                       source="api", seed="past:b")
+    page = open_page("alice")
+    memory_box = page.get_by_label("Use memory")
+    expect(memory_box).not_to_be_checked()  # the node's default: off
+    page.get_by_label("Message").fill("What is my dog called?")
+    page.keyboard.press("Enter")
+    expect(page.locator(".answer").first).to_have_attribute("aria-busy", "false")
+    expect(page.get_by_role("complementary", name="Remembered from")).to_have_count(0)  # hidden: nothing used
+    memory_box.check()
+    page.get_by_label("Message").fill("Do you remember my dog's name?")
+    page.keyboard.press("Enter")
+    answer = page.locator(".answer").nth(1)
+    expect(answer).to_have_attribute("aria-busy", "false")
+    remembered = answer.get_by_role("complementary", name="Remembered from")
+    expect(remembered).to_contain_text("Remembered from")
+    expect(remembered.locator("li")).to_have_text(["My dog is called Biscuit."])
+    assert remembered.locator("li").get_attribute("data-conversation-id") == past.conversation_id
+    expect(answer).not_to_contain_text("Rex")
+    shot(page, "chat-memory")
+    # the user's own setting is what the box starts as next time
+    node.store.set_memory(alice.id, True)
+    other = open_page("alice")
+    expect(other.get_by_label("Use memory")).to_be_checked()
+
+
 def test_thumbs_down_and_an_edit_are_stored(open_page, node):
     page = open_page("alice")
     page.get_by_label("Message").fill("Write me a haiku.")

@@ -6,7 +6,7 @@ import pytest
 from ownlm.learn.merkle import InclusionProof, merkle_root, prove, verify
 from ownlm.learn.dataset import DatasetConfig, build, mark_targets, paths, tokenize, windows
 from ownlm.errors import ConfigError, InvalidInput
-from ownlm.learn.redact import redact
+from ownlm.store.redact import redact
 from ownlm.store import NewMessage, Store
 from ownlm.learn.tokens import IGNORE
 from tests.conftest import run_cli

@@ -26,6 +26,7 @@ from ownlm.settings import load_settings
 from ownlm.store import NewMessage, Store
 from tests.conftest import run_cli
 from tests.servers import ProcessServer, ThreadServer
+from tests.sqlcipher_pages import decrypted_pages
 from tests.test_node import make, node  # noqa: F401  (node is a fixture)
 
 MARKER = "MARKER-models-8e1f-pangolin"
@@ -366,3 +367,19 @@ def test_delete_over_http_removes_the_model_and_the_base_answers(node, tiny_delt
     for f in home.rglob("*"):
         if f.is_file():
             assert MARKER.encode() not in f.read_bytes(), f
+    # ...nor for whoever holds the key: no table (the memory index and its FTS5 shadow tables included) and no
+    # decrypted page of the store or its WAL, free pages included
+    assert store.recall(alice.id, MARKER) == []  # (the "hi" asked after the delete is the only passage left)
+    for (name,) in store.query("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        assert MARKER not in str(store.query(f'SELECT * FROM "{name}"')), name
+    for page in decrypted_pages(home / "store.db", (home / "store.key").read_bytes()):
+        assert MARKER.encode() not in page
+
+
+def test_the_memory_index_held_the_data_before_the_delete(node):
+    """The residue check above is not vacuous for the memory index: captured text is indexed (and findable)."""
+    settings, store, alice = node
+    store.capture(alice.id, [NewMessage("user", f"tell me 0 {MARKER}"), NewMessage("assistant", "sure 0")],
+                  source="interactions", seed="client:c0")
+    assert [p.question for p in store.recall(alice.id, MARKER)] == [f"tell me 0 {MARKER}"]
+    assert any(MARKER.encode() in p for p in decrypted_pages(settings.home / "store.db", (settings.home / "store.key").read_bytes()))

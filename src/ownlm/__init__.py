@@ -11,18 +11,20 @@ src/ownlm/                     each stage imports only the stages above it and t
   artifact/      manifest · sign · seal · bundle; imports bitdelta (below store: the store keeps the keys)
   capture/       importers/: one module per export format, parsing only (no store)
   store/         SQLCipher: migrations, users/tokens, conversations, imports (an importer's result into the
-                 store), datasets, models and the files derived from a user's data, jobs; imports capture,
-                 artifact
-  learn/         dataset (redact, merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
+                 store), datasets, models and the files derived from a user's data, jobs, redact (secrets and
+                 PII out), memory (the FTS5 index of passages, BM25 recall); imports capture, artifact
+  learn/         dataset (merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
                  store, bitdelta
   engine/        the inference protocol, the torch engine, the personal engine, the llama.cpp engine, routing
-                 (hot deploy), serving (which engine serves); imports bitdelta
+                 (hot deploy), serving (which engine serves), memory (recalled passages into the system prompt);
+                 imports bitdelta
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
                  ollama); imports store, artifact, engine
   privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
-  api/           FastAPI app: OpenAI routes, personalization, models, loop, /ws/chat, dashboard, trainer_app
+  api/           FastAPI app: OpenAI routes, personalization, memory (per request and per user), models, loop,
+                 /ws/chat, dashboard, trainer_app
   demo.py        `ownlm demo`          cli/   one module per command group (base.py: what they share)
 """
 

@@ -102,6 +102,26 @@ class Personalization(BaseModel):
         default=0.5, ge=0, le=10, description="With continual='replay': older examples replayed per new example.")
 
 
+class Memory(BaseModel):
+    """Memory beside the weights (`[memory]` in settings.toml): passages of the user's own history, found by
+    BM25 in the encrypted store, written into the system prompt (engine/memory.py has the template)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(
+        default=False,
+        description="Use memory for users who have not chosen themselves (`ownlm memory on|off`, POST "
+                    "/api/personalization/memory); a request's own `\"memory\": true|false` overrides both. Off until "
+                    "bench/memory.py shows the 135M model answers better with it.")
+    budget_tokens: int = Field(
+        default=192, ge=16, le=4096,
+        description="Most prompt tokens memory may add per request (the template included): the header and two or "
+                    "three short exchanges. Every one is read before the first answer token: measured on this "
+                    "2-core machine while busy (2026-12-02, distinct prompts, 1 thread), llama.cpp took ~9 ms per "
+                    "prompt token of the 135M model (473 tokens: 4.4 s to the first token, 33 tokens: 0.2 s) and "
+                    "torch ~3.5 ms, so 192 tokens add up to ~1.7 s; bench/memory.py measures it per arm.")
+    passages: int = Field(default=4, ge=1, le=32, description="Most passages recalled per request (best first).")
+
+
 class Remote(BaseModel):
     """Where a remote trainer is, for privacy tiers 0 (cloud) and 2 (TEE) (`[remote]` in settings.toml).
 
@@ -161,6 +181,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8420, ge=1, le=65535, description="Port `ownlm serve` listens on.")
     personalization: Personalization = Field(
         default_factory=Personalization, description="The learning loop (env: OWNLM_PERSONALIZATION__INTERVAL=...)."
+    )
+    memory: Memory = Field(
+        default_factory=Memory, description="Memory beside the weights (env: OWNLM_MEMORY__ENABLED=true ...)."
     )
     remote: Remote = Field(
         default_factory=Remote, description="The remote trainer for tiers 0 and 2 (env: OWNLM_REMOTE__TRAINER_URL=...)."

@@ -179,7 +179,7 @@ def declare_errors(app: FastAPI) -> None:
 
 def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastAPI:
     """The node app. `engine` may be None for a capture-only node (generation endpoints then answer 503)."""
-    from ownlm.api import loop_routes, models_routes, openai_routes, personalization, ws
+    from ownlm.api import loop_routes, memory, models_routes, openai_routes, personalization, ws
 
     app = FastAPI(
         title="ownlm node",
@@ -226,6 +226,7 @@ def create_app(settings: Settings, store: Store, engine: Engine | None) -> FastA
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(openai_routes.router)
     app.include_router(personalization.router)
+    app.include_router(memory.router)
     app.include_router(models_routes.router)
     app.include_router(loop_routes.router)
     app.include_router(ws.router)

@@ -5,6 +5,10 @@ answer is complete. Clients re-send the whole history with each request; the sto
 and a history with no assistant message yet opens a new conversation (Store.capture_live). The answer's
 `ownlm` field holds the stored ids, or `error` when the exchange could not be stored.
 
+Memory (api/memory.py): with the user's memory on, or the request's extension field `"memory": true`, the
+prompt's system message gets the user's best-matching past passages; the answer's `ownlm_memory` (the
+non-streaming body, and the first chunk of a stream) lists the conversations they came from.
+
 A client that hangs up stops its generation: a non-streaming request is watched for the disconnect while it
 generates, and a stream's response cancels its generation however it ends. Nothing is stored for a client
 that left. Each request has the node's deadline (settings.generation_timeout_s).
@@ -21,11 +25,12 @@ from collections.abc import AsyncIterator, Awaitable
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.spec import error_body
 from ownlm.api.deps import EngineDep, StoreDep, UserDep
+from ownlm.api.memory import recall
 from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.spec import errors
 from ownlm.engine import GenerationParams, GenerationStream
@@ -74,6 +79,9 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     # an extension (llama.cpp's and vLLM's name); None: the node's setting
     repetition_penalty: FiniteFloat | None = Field(default=None, ge=1, le=2)
+    memory: StrictBool | None = Field(
+        default=None, description="ownlm extension: use your memory for this request (true) or not (false); "
+                                  "default: your setting (GET /api/personalization/memory)")
 
     def params(self, timeout_s: float | None = None, repetition_penalty: float = 1.0) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -109,8 +117,22 @@ def list_models(user: UserDep, engine: EngineDep) -> dict:
 
 # 200 is JSON, or with stream=true server-sent events; the schema describes one event, as for OpenAPI 3.2's itemSchema
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
-    "data": {"type": "string", "description": "a chat.completion.chunk as JSON; the last event is [DONE]"}}}
-CHAT_RESPONSES = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **errors(404, 429, 503)}
+    "data": {"type": "string", "description": "a chat.completion.chunk as JSON (the first one with ownlm_memory, the "
+                                              "last one with usage and ownlm); the last event is [DONE]"}}}
+MEMORY_SOURCES = {
+    "type": "array", "description": "ownlm extension: the past conversations whose passages memory put into this "
+                                    "request's prompt, best first (empty: none, or memory off)",
+    "items": {"type": "object", "required": ["conversation_id", "snippet"], "properties": {
+        "conversation_id": {"type": "string"},
+        "snippet": {"type": "string", "maxLength": 80, "description": "the passage's question, redacted, shortened"}}}}
+COMPLETION = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage", "ownlm_memory"],
+              "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"},
+                             "created": {"type": "integer"}, "model": {"type": "string"},
+                             "choices": {"type": "array"}, "usage": {"type": "object"},
+                             "ownlm": {"type": "object", "description": "ownlm extension: the stored ids, or error"},
+                             "ownlm_memory": MEMORY_SOURCES}}
+CHAT_RESPONSES = {200: {"content": {"application/json": {"schema": COMPLETION}, "text/event-stream": {"schema": SSE_EVENT}}},
+                  **errors(404, 429, 503)}
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=CHAT_RESPONSES)
@@ -120,8 +142,15 @@ async def chat_completions(req: ChatRequest, request: Request, user: UserDep, st
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     settings = request.app.state.settings
     params = req.params(timeout_s=settings.generation_timeout_s, repetition_penalty=settings.repetition_penalty)
-    # validates roles and parameters first; templating a long history is CPU work, so not on the event loop
-    stream = await run_in_threadpool(start, engine, messages, params, user.id, req.model)
+
+    def begin():
+        # the memory search reads the store, and templating a long history is CPU work: not on the event loop.
+        # The engine validates roles and parameters before anything runs.
+        recalled = recall(request.app.state, store, engine, user.id, messages, req.memory)
+        return recalled, start(engine, recalled.prompt, params, user.id, req.model)
+
+    recalled, stream = await run_in_threadpool(begin)
+    memory = recalled.sources()
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or USER_MODEL
 
     def record(answer: str) -> dict:
@@ -129,8 +158,13 @@ async def chat_completions(req: ChatRequest, request: Request, user: UserDep, st
         stream's status line is long sent), so a failed capture is logged and reported, not a cut stream or a 500."""
         history = [NewMessage(m["role"], m["content"]) for m in messages]
         history.append(NewMessage("assistant", answer, model=_answered_by(stream, engine)))
+        def write(db):
+            res = store.capture_live(user.id, history, source="api", history=len(messages), db=db)
+            store.audit_memory_use(db, user.id, recalled.passages)
+            return res
+
         try:
-            res = store.submit(lambda db: store.capture_live(user.id, history, source="api", history=len(messages), db=db)).result()
+            res = store.submit(write).result()
         except Exception as e:
             log.exception("storing a chat completion of user %s failed", user.id)
             if isinstance(e, OwnlmError):
@@ -150,6 +184,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: UserDep, st
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": stream.finish_reason}],
             "usage": _usage(stream),
             "ownlm": ids,
+            "ownlm_memory": memory,
         }
 
     # The response starts with the answer's first piece, so a refusal (Overloaded: line full, deadline) is an
@@ -165,7 +200,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: UserDep, st
 
     async def events() -> AsyncIterator[str]:
         parts: list[str] = []
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"role": "assistant", "content": ""}, ownlm_memory=memory)
         try:
             if first is not None:
                 parts.append(first)

@@ -3,8 +3,11 @@
 Protocol (JSON text frames):
   client -> {"content": "...", "conversation_id"?: id from an earlier "start", "max_tokens"?, "temperature"?, "seed"?,
              "model"?: "ownlm" | the base's name, "after"?: message id to continue from (default: the latest),
-             "reply_to"?: one of your user messages to answer again, as a sibling reply (side by side)}
-  server -> {"type": "start", "conversation_id", "message_id"}   the user's message is stored
+             "reply_to"?: one of your user messages to answer again, as a sibling reply (side by side),
+             "memory"?: true | false (default: your memory setting, see api/memory.py)}
+  server -> {"type": "start", "conversation_id", "message_id", "memory": [{"conversation_id", "snippet"}]}
+                                                                 the user's message is stored; memory: the
+                                                                 past conversations the answer draws on
             {"type": "token", "content": "..."}                  zero or more
             {"type": "done", "message_id", "finish_reason", "completion_tokens"}   the answer is stored
             {"type": "error", "error": {type, message, hint}}    the connection stays open
@@ -18,11 +21,12 @@ import json
 import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictBool, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ownlm.api.spec import error_body
 from ownlm.api.deps import bearer
+from ownlm.api.memory import recall
 from ownlm.api.fields import FiniteFloat, Seed, StrictInt, Text
 from ownlm.api.openai_routes import _answered_by, start
 from ownlm.engine import GenerationParams
@@ -41,6 +45,7 @@ class WsMessage(BaseModel):
     model: Text | None = Field(default=None, description="'ownlm' (personal, default) or the base model's name")
     after: Text | None = Field(default=None, description="continue the conversation after this message (default: latest)")
     reply_to: Text | None = Field(default=None, description="answer this user message again; no new message is stored")
+    memory: StrictBool | None = Field(default=None, description="use your memory for this turn (default: your setting)")
 
 
 @router.websocket("/ws/chat")
@@ -80,12 +85,15 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
         conversation_id, user_msg, history = await run_in_threadpool(_reply_context, store, user.id, msg.reply_to)
     else:
         conversation_id, user_msg, history = await run_in_threadpool(_store_question, store, user.id, msg)
-    await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg})
+    prompt = [{"role": h["role"], "content": h["content"]} for h in history]
+    # the conversation being continued is in the prompt already: memory comes from the others
+    recalled = await run_in_threadpool(recall, ws.app.state, store, engine, user.id, prompt, msg.memory, conversation_id)
+    await ws.send_json({"type": "start", "conversation_id": conversation_id, "message_id": user_msg,
+                        "memory": recalled.sources()})
     params = GenerationParams(max_tokens=msg.max_tokens, temperature=msg.temperature, seed=msg.seed,
                               timeout_s=ws.app.state.settings.generation_timeout_s,
                               repetition_penalty=ws.app.state.settings.repetition_penalty)
-    prompt = [{"role": h["role"], "content": h["content"]} for h in history]
-    stream = await run_in_threadpool(start, engine, prompt, params, user.id, msg.model)
+    stream = await run_in_threadpool(start, engine, recalled.prompt, params, user.id, msg.model)
     parts = []
     try:
         async for piece in stream.apieces():
@@ -94,9 +102,17 @@ async def _turn(ws: WebSocket, store, engine, user, raw: str) -> None:
     finally:
         stream.cancel()  # a socket closed mid-answer (send raised) must not leave the generation running
     answer = NewMessage("assistant", "".join(parts), model=_answered_by(stream, engine))
-    res = await run_in_threadpool(store.capture, user.id, [answer], source="ws", after=user_msg)
+    res = await run_in_threadpool(_store_answer, store, user.id, answer, user_msg, recalled.passages)
     await ws.send_json({"type": "done", "message_id": res.message_ids[-1], "finish_reason": stream.finish_reason,
                         "completion_tokens": stream.completion_tokens})
+
+
+def _store_answer(store, user_id: str, answer: NewMessage, question_id: str, passages) -> object:
+    """Store the reply, and count the memory it drew on in the audit log, in one transaction."""
+    with store.tx() as db:
+        res = store.capture(user_id, [answer], source="ws", after=question_id, db=db)
+        store.audit_memory_use(db, user_id, passages)
+    return res
 
 
 def _store_question(store, user_id: str, msg: WsMessage) -> tuple[str, str, list[dict]]:

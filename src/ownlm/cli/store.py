@@ -75,7 +75,8 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
             click.confirm(f"Delete {what} of {u.name} (holds {stats['conversations']} conversations, "
                           f"{stats['messages']} messages)?{also} This cannot be undone", abort=True)
         res = store.delete_data(u.id, before=when, conversation_id=conversation, keep_models=keep_models)
-    click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}")
+    click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}, "
+               f"and their {res['memory_passages']} memory passages")
     if res["models_removed"]:
         click.echo(f"removed the models trained on them: {', '.join(res['models_removed'])}")
     if res["models_kept"]:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from ownlm.learn.augment import KINDS, augment
 from ownlm.learn.merkle import merkle_root
 from ownlm.errors import ConfigError, InvalidInput
-from ownlm.learn.redact import redact
+from ownlm.store.redact import redact
 from ownlm.learn.tokens import TokenizedExample, example_sha256, tokenize_chat
 
 

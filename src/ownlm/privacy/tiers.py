@@ -5,6 +5,10 @@
 - 2 TEE: only to a trainer whose attestation verifies against the node's policy.
 - 3 homomorphic: no party but the user computes on plaintext; not available on these machines (see docs).
 Every code path that would send conversation data off the machine calls `check_may_send` first.
+
+Memory (store/memory.py, api/memory.py) never leaves the node, whatever the tier: its passages go only into
+the prompt the local engine reads, and that prompt is never stored, so no dataset, and therefore no remote
+trainer at tier 0 or 2, ever receives them (tests/test_memory_api.py checks it). Inference always runs here.
 """
 
 from __future__ import annotations

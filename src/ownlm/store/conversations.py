@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ownlm.errors import InvalidInput, NotFound
+from ownlm.store.memory import forget_passages, index_replies
 from ownlm.store.models import forget
 
 ROLES = ("system", "user", "assistant")
@@ -179,7 +180,7 @@ class ConversationsMixin:
         rest = messages[last + 1 :]
         threads = chain_hashes(thread, rest) if thread else [None] * len(rest)
         now = time.time()
-        new_ids = []
+        new_ids, stored = [], []
         for i, m, t in zip(range(last + 1, len(messages)), rest, threads):
             mid = uuid.uuid4().hex
             db.execute(
@@ -190,9 +191,11 @@ class ConversationsMixin:
             )
             ids.append(mid)
             new_ids.append(mid)
+            stored.append((mid, parent, m.role, m.content, m.created_at or now))
             parent = mid
         if new_ids:
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conv_id))
+            index_replies(db, user_id, conv_id, stored)  # the memory index, in this same transaction
         kept = sum(i is not None for i in ids[: last + 1])
         return CaptureResult(conv_id, ids, added=len(new_ids), duplicates=kept, new_ids=new_ids, deleted=last + 1 - kept)
 
@@ -369,7 +372,8 @@ class ConversationsMixin:
     def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None,
                     keep_models: bool = False) -> dict:
         """Delete the user's conversations: all of them, every message created before `before` (unix s),
-        or one conversation. Feedback goes with its message. Returns counts; the audit log records them.
+        or one conversation. Feedback goes with its message, and the memory index's passages with theirs
+        (`memory.forget_passages`). Returns counts; the audit log records them.
 
         The right to delete reaches the models: every installed model trained on the deleted data (the Merkle
         audit of its dataset says which, see `models_trained_on`) is unregistered in the same transaction and
@@ -387,6 +391,7 @@ class ConversationsMixin:
                 scope = {"scope": "conversation", "conversation_id": conversation_id}
                 linked, unlinked = self.models_trained_on(db, user_id, [conversation_id])
                 self._blank_examples(db, [conversation_id])
+                n_mem = forget_passages(db, "conversation_id = ?", (conversation_id,))
                 n_msg = db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
             elif before is not None:
@@ -396,6 +401,9 @@ class ConversationsMixin:
                 )]
                 linked, unlinked = self.models_trained_on(db, user_id, touched)
                 self._blank_examples(db, touched)
+                old = "SELECT id FROM messages WHERE user_id = ? AND created_at < ?"  # a passage goes with either side
+                n_mem = forget_passages(db, f"user_id = ? AND (question_id IN ({old}) OR answer_id IN ({old}))",
+                                      (user_id, user_id, before, user_id, before))
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)).rowcount
                 n_conv = db.execute(
                     "DELETE FROM conversations WHERE user_id = ? AND NOT EXISTS"
@@ -410,11 +418,12 @@ class ConversationsMixin:
                     " (SELECT id FROM datasets WHERE user_id = ?)", (user_id,),
                 )
                 db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
+                n_mem = forget_passages(db, "user_id = ?", (user_id,))
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount
             models = {"models_removed": [] if keep_models else linked, "models_kept": linked if keep_models else [],
                       "models_unlinked": unlinked}
-            self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, **scope, **models)
+            self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, memory_passages=n_mem, **scope, **models)
             if keep_models:
                 active = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user_id,)).fetchone()
                 active = active[0] if active else None
@@ -427,4 +436,5 @@ class ConversationsMixin:
         # retrains from scratch; see learn/continual.py).
         forget(self.home, user_id)
         self.scrub()
-        return {"messages": n_msg, "conversations": n_conv, **scope, **models, "active_model": active}
+        return {"messages": n_msg, "conversations": n_conv, "memory_passages": n_mem, **scope, **models,
+                "active_model": active}

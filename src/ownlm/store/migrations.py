@@ -306,3 +306,60 @@ def m009_augmentation(db) -> None:
         UPDATE dataset_examples SET augmentation = 'context' WHERE augmented = 1
         """,
     )
+
+
+@migration
+def m010_memory(db) -> None:
+    """The memory index (issue #18, store/memory.py): passages of one user turn and its reply, redacted, with
+    two FTS5 indexes kept in step by triggers; each user's own memory switch (NULL: the node's default).
+    Stores made before it get the passages of every stored reply now."""
+    from ownlm.store.memory import reindex
+
+    run_script(
+        db,
+        """
+        ALTER TABLE users ADD COLUMN memory INTEGER CHECK (memory IN (0, 1));  -- NULL: settings.memory.enabled
+        CREATE TABLE memory_passages (
+            id INTEGER PRIMARY KEY,              -- the rowid of both FTS5 indexes
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            question_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            answer_id TEXT NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+            question TEXT NOT NULL,              -- redacted, at most memory.PASSAGE_CHARS
+            answer TEXT NOT NULL,
+            spaceless INTEGER NOT NULL,          -- 1: holds Thai/CJK/... text, so memory_trigram indexes it too
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX memory_passages_user ON memory_passages(user_id);
+        CREATE INDEX memory_passages_conversation ON memory_passages(conversation_id);
+        CREATE INDEX memory_passages_question ON memory_passages(question_id);
+        -- the trigram index's content: only passages in a script written without spaces (see store/memory.py)
+        CREATE VIEW memory_spaceless AS SELECT id, question, answer FROM memory_passages WHERE spaceless = 1;
+        CREATE VIRTUAL TABLE memory_fts USING fts5(question, answer, content='memory_passages', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2');
+        CREATE VIRTUAL TABLE memory_trigram USING fts5(question, answer, content='memory_spaceless', content_rowid='id',
+            tokenize='trigram remove_diacritics 1');
+        -- bulk = 1 only inside a transaction that deletes many passages and then rebuilds both indexes
+        -- (memory.forget_passages): the per-row delete triggers are skipped there
+        CREATE TABLE memory_state (id INTEGER PRIMARY KEY CHECK (id = 1), bulk INTEGER NOT NULL);
+        INSERT INTO memory_state (id, bulk) VALUES (1, 0);
+        -- a delete removes the terms from the index pages at once, not only a tombstone (the right to delete)
+        INSERT INTO memory_fts(memory_fts, rank) VALUES ('secure-delete', 1);
+        INSERT INTO memory_trigram(memory_trigram, rank) VALUES ('secure-delete', 1)
+        """,
+    )
+    # Triggers hold ';' inside BEGIN ... END, which run_script would split: one execute each. Passages are never
+    # updated (a changed passage is deleted and inserted), so insert and delete keep the indexes in step; a
+    # cascade from a deleted message or conversation fires the delete trigger too.
+    per_row = "(SELECT bulk FROM memory_state) = 0"
+    for name, event, when, body in (
+        ("memory_fts_insert", "INSERT", "", "INSERT INTO memory_fts(rowid, question, answer) VALUES (new.id, new.question, new.answer)"),
+        ("memory_fts_delete", "DELETE", f"WHEN {per_row}", "INSERT INTO memory_fts(memory_fts, rowid, question, answer)"
+                                                           " VALUES ('delete', old.id, old.question, old.answer)"),
+        ("memory_trigram_insert", "INSERT", "WHEN new.spaceless",
+         "INSERT INTO memory_trigram(rowid, question, answer) VALUES (new.id, new.question, new.answer)"),
+        ("memory_trigram_delete", "DELETE", f"WHEN old.spaceless AND {per_row}",
+         "INSERT INTO memory_trigram(memory_trigram, rowid, question, answer) VALUES ('delete', old.id, old.question, old.answer)"),
+    ):
+        db.execute(f"CREATE TRIGGER {name} AFTER {event} ON memory_passages {when} BEGIN {body}; END")
+    reindex(db)

@@ -1,5 +1,6 @@
 // The chat view: streamed answers over the WebSocket, personal and base side by side on request,
-// and feedback (thumbs, an edited answer) on every reply — the material the next round learns from.
+// feedback (thumbs, an edited answer) on every reply — the material the next round learns from — and,
+// with memory on, the past conversations each reply drew on ("Remembered from", from the "start" event).
 
 import { api, ChatSocket } from "./api.js";
 import { el, flash } from "./ui.js";
@@ -9,6 +10,7 @@ const state = {
   conversationId: null, // the current conversation, from the first "start" event
   lastPersonal: null, // id of the last personal answer: the next question continues from it
   baseModel: null, // the base model's name, from /v1/models
+  memoryKnown: false, // the "Use memory" box was set from the user's memory setting
 };
 
 export function initChat() {
@@ -33,6 +35,12 @@ export async function showChat() {
     const models = await api("/v1/models");
     state.baseModel = models.data.map((m) => m.id).find((id) => id !== "ownlm") || "";
   }
+  if (!state.memoryKnown) {
+    // the box starts as the user's own setting (or the node's default); each question then says what it wants
+    const memory = await api("/api/personalization/memory");
+    document.getElementById("use-memory").checked = memory.enabled;
+    state.memoryKnown = true;
+  }
   document.getElementById("chat-input").focus();
 }
 
@@ -40,6 +48,7 @@ export function resetChat() {
   socket.close();
   newChat();
   state.baseModel = null;
+  state.memoryKnown = false;
 }
 
 function newChat() {
@@ -87,12 +96,14 @@ async function askBase(card) {
 /** Send one turn and stream its tokens into `card`; resolves with the "done" event. */
 async function stream(message, card) {
   message.max_tokens = Number(document.getElementById("max-tokens").value) || 256;
+  message.memory = document.getElementById("use-memory").checked;
   card.setBusy(true);
   try {
     const done = await socket.ask(message, (ev) => {
       if (ev.type === "start") {
         state.conversationId = ev.conversation_id;
         card.turn.questionId = ev.message_id;
+        card.remembered(ev.memory || []);
       } else if (ev.type === "token") {
         card.append(ev.content);
       }
@@ -123,7 +134,9 @@ function answerCard(turn, label) {
   const text = el("div", { class: "answer-text" });
   const note = el("p", { class: "note", role: "status" });
   const actions = el("div", { class: "actions", hidden: true });
-  const node = el("article", { class: "answer", "aria-label": label, "aria-busy": "true" }, el("h3", {}, label), text, actions, note);
+  const memory = el("aside", { class: "memory", "aria-label": "Remembered from", hidden: true });
+  const node = el("article", { class: "answer", "aria-label": label, "aria-busy": "true" },
+    el("h3", {}, label), text, memory, actions, note);
   let messageId = null;
 
   const send = async (feedback, done) => {
@@ -174,6 +187,14 @@ function answerCard(turn, label) {
     turn,
     questionId: () => turn.questionId,
     append: (piece) => text.append(piece),
+    // the past conversations this reply's prompt drew on: a snippet of each (redacted by the node)
+    remembered: (sources) => {
+      memory.replaceChildren();
+      memory.hidden = !sources.length;
+      if (!sources.length) return;
+      memory.append(el("h4", {}, "Remembered from"),
+        el("ul", {}, sources.map((s) => el("li", { "data-conversation-id": s.conversation_id }, s.snippet))));
+    },
     setBusy: (busy) => node.setAttribute("aria-busy", busy ? "true" : "false"),
     finish: (id) => {
       messageId = id;

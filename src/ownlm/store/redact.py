@@ -1,4 +1,7 @@
-"""Redaction of secrets and personal data before text becomes training data.
+"""Redaction of secrets and personal data before text becomes training data or a memory passage.
+
+It lives in the store stage (below learn) because the store's memory index (store/memory.py) keeps only
+redacted text, the same redaction the dataset applies (learn/dataset.py).
 
 Patterns are deliberately specific (prefixes of real key formats, Luhn-checked card numbers) so ordinary text
 is left alone. Each hit becomes a placeholder such as `[EMAIL]`, and the caller gets counts per kind.
