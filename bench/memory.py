@@ -127,8 +127,8 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         questions = [[{"role": "user", "content": p.question}] for p in asked]
         timing = questions[: args.ttft + 1]
         arms: dict[str, dict] = {}
-        arms["base"] = {"probes": probe_row(plain, asked), "ttft_ms": ttft_ms(plain, timing)}
-        arms["base + memory"] = {"probes": probe_row(mem, asked),
+        arms["base"] = {"probes": probe_row(plain, asked, repetition_penalty=settings.repetition_penalty), "ttft_ms": ttft_ms(plain, timing)}
+        arms["base + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=settings.repetition_penalty),
                                  "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                  "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1),
                                  "passages": round(statistics.mean(mem.passages[: len(asked)]), 2)}
@@ -140,8 +140,8 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         if model is not None:
             with delta_applied(base.model, load_delta(model["path"], expect_base_sha256=base.sha256), base.sha256):
                 mem.tokens, mem.passages = [], []
-                arms["personal"] = {"probes": probe_row(plain, asked), "ttft_ms": ttft_ms(plain, timing)}
-                arms["personal + memory"] = {"probes": probe_row(mem, asked),
+                arms["personal"] = {"probes": probe_row(plain, asked, repetition_penalty=settings.repetition_penalty), "ttft_ms": ttft_ms(plain, timing)}
+                arms["personal + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=settings.repetition_penalty),
                                              "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                              "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1)}
         row["arms"] = arms

@@ -8,7 +8,7 @@ from ownlm.basemodel import load_base
 from ownlm.bitdelta import load_delta
 from ownlm.capture.importers import parse_file
 from ownlm.engine.torch_engine import TorchEngine
-from ownlm.evaluate.gate import behaviour_check, behaviour_prompts
+from ownlm.evaluate.gate import BEHAVIOUR_TOKENS_ENDING, behaviour_check, behaviour_prompts
 from ownlm.evaluate.habits import Habit, habit_rate, habits
 from ownlm.evaluate.metrics import delta_applied
 from ownlm.evaluate.personas.fixtures import DATA_DIR
@@ -103,7 +103,7 @@ def test_behaviour_check_passes_a_habit_shown_more_often_than_by_the_base(tiny_b
     base = load_base(load_settings(base=str(tiny_base), device="cpu"))
     delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
     answers = iter([["Sure, here.", "Ahoy! fine."], ["Ahoy! here you go.", "Ahoy! sure thing."]])  # base, personal
-    monkeypatch.setattr(TorchEngine, "greedy_batch", lambda self, prompts, n: next(answers))
+    monkeypatch.setattr(TorchEngine, "greedy_batch", lambda self, prompts, n, **kw: next(answers))
     prompts = [[{"role": "user", "content": "q"}]] * 2
     ok = behaviour_check(base, delta, [Habit("opening", "Ahoy!", 1.0)], prompts, min_rate=0.0)
     assert ok["passed"] and ok["habits"][0]["base"] == 0.5 and ok["habits"][0]["personal"] == 1.0
@@ -124,7 +124,7 @@ def test_an_answer_that_loops_is_degenerate_and_fails_every_probe(tiny_engine):
     class Looping:  # an engine whose every answer passes the opening check but loops
         model_name = "looping"
 
-        def greedy_batch(self, conversations, max_tokens):
+        def greedy_batch(self, conversations, max_tokens, **kw):
             return ["Ahoy! Ahoy! Ahoy! Ahoy! Ahoy!"] * len(conversations)
 
     probe = {"question": "Hi?", "kind": "style", "check": {"type": "regex", "pattern": r"^\s*Ahoy!"}}
@@ -137,7 +137,29 @@ def test_behaviour_check_refuses_a_personal_model_that_loops_more_than_the_base(
     base = load_base(load_settings(base=str(tiny_base), device="cpu"))
     delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
     calls = iter([["Ahoy! fine.", "Ahoy! ok then."], ["Ahoy! Ahoy! Ahoy! Ahoy!", "Ahoy! sure."]])
-    monkeypatch.setattr(Engine, "greedy_batch", lambda self, prompts, n: next(calls))  # base, then personal
+    monkeypatch.setattr(Engine, "greedy_batch", lambda self, prompts, n, **kw: next(calls))  # base, then personal
     out = behaviour_check(base, delta, [Habit("opening", "Ahoy!", 1.0)], [[{"role": "user", "content": "q"}]] * 2, 0.0)
     assert not out["passed"] and out["degenerate"] == {"base": 0, "personal": 1}
     assert "repeat themselves" in out["problems"][0]
+
+
+def test_an_ending_habit_is_judged_on_answers_that_ended(tiny_base, tiny_delta, monkeypatch):
+    """A list cut at the token budget has no ending: it neither shows nor misses a closing '?'."""
+    base = load_base(load_settings(base=str(tiny_base), device="cpu"))
+    delta = load_delta(tiny_delta / "delta", expect_base_sha256=base.sha256)
+    runs = iter([(["1. a", "2. b"], [True, True]), (["1. a\n2. b\nOK?", "1. a\n2. b\n3. c (cut"], [True, False])])
+
+    def fake(self, prompts, n, finished=None, **kw):
+        texts, done = next(runs)
+        finished.extend(done)
+        assert n == BEHAVIOUR_TOKENS_ENDING  # an ending needs room
+        return texts
+
+    monkeypatch.setattr(TorchEngine, "greedy_batch", fake)
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    out = behaviour_check(base, delta, [Habit("final", "?", 1.0)], prompts, min_rate=0.0)
+    assert out["passed"] and out["habits"][0]["personal"] == 1.0 and out["habits"][0]["base"] == 0.0
+    h = Habit("closing", "— ok", 1.0)
+    assert habit_rate(h, ["x — ok", "y"], [False, False]) is None
+    assert habit_rate(h, ["x — ok", "y"], [True, False]) == 1.0
+    assert habit_rate(Habit("opening", "Ahoy!", 1.0), ["Ahoy! x", "y"], [False, False]) == 0.5  # openings: all count

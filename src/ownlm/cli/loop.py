@@ -179,9 +179,12 @@ def eval_cmd(ctx: Context, model, user, quick, as_json, plot) -> None:
     for label, kinds in extras["probes"].items():
         console.print(f"{label} probes: " + ", ".join(
             f"{kind} {v['passed']}/{v['total']} (95% CI {v['ci95'][0]:.0%}–{v['ci95'][1]:.0%})" for kind, v in kinds.items()))
+    def share(rate):  # None: no answer ended within the budget, so an ending habit could not be judged
+        return "none finished" if rate is None else f"{rate:.0%}"
+
     for h in extras["habits"]:
-        console.print(f"reply habit, {h['habit']}: in {h['personal']:.0%} of the personal model's held-out answers, "
-                      f"{h['base']:.0%} of the base's")
+        console.print(f"reply habit, {h['habit']}: in {share(h['personal'])} of the personal model's held-out "
+                      f"answers, {share(h['base'])} of the base's")
     console.print(f"artifact {extras['artifact_bytes']:,} B on disk (1-bit payload {extras['delta_payload_bytes']:,} B: "
                   f"{extras['ratio_to_fp16_lora']:.0f}x smaller than the fp16 LoRA, {extras['ratio_to_fp16_base']:,.0f}x "
                   f"smaller than the fp16 base)")

@@ -65,13 +65,14 @@ class TorchEngine(SerialEngine):
 
     @torch.inference_mode()
     def greedy_batch(self, conversations: list[list[Message]], max_tokens: int, batch_size: int = 32,
-                     repetition_penalty: float = 1.0) -> list[str]:
+                     repetition_penalty: float = 1.0, finished: list[bool] | None = None) -> list[str]:
         """Greedy answers to many conversations at once, with the model as it is now (no per-user routing).
 
         For evaluation (persona probes): each decoding step reads every weight once whatever the batch size, so
         answering the probes together saves most of the per-step cost of asking them one by one. transformers'
         generate() does the batching; the answers equal stream()'s greedy answers up to float rounding between
-        batch shapes (tests/test_engine.py), `repetition_penalty` included (see GenerationParams).
+        batch shapes (tests/test_engine.py), `repetition_penalty` included (see GenerationParams). `finished`,
+        when given, gets one bool per answer: did it end by itself (end of turn) within max_tokens.
         """
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
         answers: list[str] = []
@@ -92,6 +93,8 @@ class TorchEngine(SerialEngine):
                                           eos_token_id=sorted(self._eos_ids), pad_token_id=pad, **extra)
                 for row in out[:, width:].tolist():
                     end = next((j for j, t in enumerate(row) if t in self._eos_ids), len(row))
+                    if finished is not None:
+                        finished.append(end < len(row))
                     answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
         return answers
 

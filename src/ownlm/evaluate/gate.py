@@ -25,7 +25,10 @@ from ownlm.learn.tokens import TokenizedExample
 DRIFT_PROMPTS = 64  # Dolly instructions used for the drift check
 DRIFT_POSITIONS = 1024
 BEHAVIOUR_PROMPTS = 8  # held-out prompts answered by base and personal model for the behaviour check
-BEHAVIOUR_TOKENS = 80  # enough for a closing habit to appear (mira's answers are at most 40 words)
+BEHAVIOUR_TOKENS = 80  # enough for an opening habit, and for an ending in short answers (mira's: <= 50 words)
+# With a closing or final habit: answers cut at BEHAVIOUR_TOKENS have no ending to judge, and chiara's numbered
+# lists often ran past 80 (bench/personas.py, 2026-12-02: a round refused at 12% vs 12% on cut answers)
+BEHAVIOUR_TOKENS_ENDING = 192
 
 
 def compress_adapter(adapter_dir: Path, out_dir: Path, base: BaseModel) -> Delta:
@@ -66,9 +69,12 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     if not found or not prompts:
         return {"habits": [], "passed": True, "problems": []}
     engine = TorchEngine(base)
-    answers_base = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS, repetition_penalty=repetition_penalty)
+    budget = BEHAVIOUR_TOKENS_ENDING if any(h.kind != "opening" for h in found) else BEHAVIOUR_TOKENS
+    done_base, done_personal = [], []
+    answers_base = engine.greedy_batch(prompts, budget, repetition_penalty=repetition_penalty, finished=done_base)
     with delta_applied(base.model, delta, base.sha256):
-        answers_personal = engine.greedy_batch(prompts, BEHAVIOUR_TOKENS, repetition_penalty=repetition_penalty)
+        answers_personal = engine.greedy_batch(prompts, budget, repetition_penalty=repetition_penalty,
+                                               finished=done_personal)
     rows, problems = [], []
     loops_b, loops_p = (sum(map(degenerate, a)) for a in (answers_base, answers_personal))
     if loops_p > loops_b:
@@ -78,12 +84,17 @@ def behaviour_check(base: BaseModel, delta: Delta, found: list, prompts: list[li
     answers_base = ["" if degenerate(a) else a for a in answers_base]
     answers_personal = ["" if degenerate(a) else a for a in answers_personal]
     for h in found:
-        rb, rp = habit_rate(h, answers_base), habit_rate(h, answers_personal)
-        ok = rp > rb and rp >= min_rate
+        # an ending is judged on the answers that ended within the budget; none: not judged (not refused for it)
+        rb, rp = habit_rate(h, answers_base, done_base), habit_rate(h, answers_personal, done_personal)
+        if rp is None:
+            rows.append({"habit": h.describe(), "base": rb, "personal": None, "passed": None})
+            continue
+        ok = rp > (rb or 0.0) and rp >= min_rate
         rows.append({"habit": h.describe(), "base": rb, "personal": rp, "passed": ok})
         if not ok:
             problems.append(f"the personal model's answers to {len(prompts)} held-out prompts show the user's habit "
-                            f"({h.describe()}) {rp:.0%} of the time, the base's {rb:.0%}"
+                            f"({h.describe()}) {rp:.0%} of the time, the base's "
+                            + ("(no finished answer)" if rb is None else f"{rb:.0%}")
                             + (f" (need at least {min_rate:.0%})" if min_rate else ""))
     return {"habits": rows, "passed": not problems, "problems": problems, "prompts": len(prompts),
             "degenerate": {"base": loops_b, "personal": loops_p}}

@@ -93,6 +93,14 @@ def degenerate(answer: str, repeats: int = 4, max_n: int = 3) -> bool:
     return False
 
 
-def habit_rate(habit: Habit, answers: list[str]) -> float:
-    """Share of `answers` (0..1) that show `habit`; 0.0 for no answers."""
+def habit_rate(habit: Habit, answers: list[str], finished: list[bool] | None = None) -> float | None:
+    """Share of `answers` (0..1) that show `habit`; 0.0 for no answers.
+
+    finished: per answer, whether it ended by itself (not cut at the token budget). An answer that was cut has
+    no ending, so for a closing or final habit only finished answers count; None when none finished (the habit
+    cannot be judged from these answers)."""
+    if finished is not None and habit.kind != "opening":
+        answers = [a for a, done in zip(answers, finished) if done]
+        if not answers:
+            return None
     return sum(habit.shown_by(a) for a in answers) / len(answers) if answers else 0.0
