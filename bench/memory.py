@@ -69,8 +69,8 @@ class WithMemory:
         self.passages.append(len(r.passages))
         return r.prompt
 
-    def greedy_batch(self, conversations, max_tokens: int, batch_size: int = 32) -> list[str]:
-        return self.engine.greedy_batch([self.prompt(c) for c in conversations], max_tokens, batch_size)
+    def greedy_batch(self, conversations, max_tokens: int, batch_size: int = 32, **options) -> list[str]:
+        return self.engine.greedy_batch([self.prompt(c) for c in conversations], max_tokens, batch_size, **options)
 
 
 def first_token_s(engine, messages: list[dict]) -> float:
@@ -127,8 +127,9 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         questions = [[{"role": "user", "content": p.question}] for p in asked]
         timing = questions[: args.ttft + 1]
         arms: dict[str, dict] = {}
-        arms["base"] = {"probes": probe_row(plain, asked, repetition_penalty=settings.repetition_penalty), "ttft_ms": ttft_ms(plain, timing)}
-        arms["base + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=settings.repetition_penalty),
+        pen = settings.repetition_penalty  # answers as the node serves them
+        arms["base"] = {"probes": probe_row(plain, asked, repetition_penalty=pen), "ttft_ms": ttft_ms(plain, timing)}
+        arms["base + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=pen),
                                  "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                  "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1),
                                  "passages": round(statistics.mean(mem.passages[: len(asked)]), 2)}
@@ -140,8 +141,8 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         if model is not None:
             with delta_applied(base.model, load_delta(model["path"], expect_base_sha256=base.sha256), base.sha256):
                 mem.tokens, mem.passages = [], []
-                arms["personal"] = {"probes": probe_row(plain, asked, repetition_penalty=settings.repetition_penalty), "ttft_ms": ttft_ms(plain, timing)}
-                arms["personal + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=settings.repetition_penalty),
+                arms["personal"] = {"probes": probe_row(plain, asked, repetition_penalty=pen), "ttft_ms": ttft_ms(plain, timing)}
+                arms["personal + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=pen),
                                              "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                              "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1)}
         row["arms"] = arms

@@ -67,7 +67,9 @@ def test_scheduler_deploys_only_when_the_gate_passes(home, tiny_base, tmp_path):
                            what="round 1")
             assert job["state"] == "deployed", job["reason"]
             v1 = store.active_model(user.id)
-            assert v1["version"] == 1 and engine.model_for(user.id) == (user.id, v1["id"])
+            # the job reads "deployed" once installed; the engine refresh (on_deployed) follows in the same thread
+            assert v1["version"] == 1
+            wait_for(lambda: engine.model_for(user.id) == (user.id, v1["id"]), timeout=30, what="the engine to serve v1")
             status = httpx.get(srv.url + "/api/personalization/status", headers=auth).json()
             assert status["active_model"] == v1["id"] and status["samples_since_last_model"] == 0
             r = status["last_result"]["result"]
@@ -91,7 +93,8 @@ def test_scheduler_deploys_only_when_the_gate_passes(home, tiny_base, tmp_path):
             assert httpx.post(srv.url + "/api/personalization/train", headers=auth).status_code == 200
             assert httpx.post(srv.url + "/api/personalization/train", headers=auth).status_code in (200, 409)
             wait_for(lambda: store.active_model(user.id)["version"] == 2, what="round 3")
-            assert engine.model_for(user.id)[1] == store.active_model(user.id)["id"]
+            wait_for(lambda: engine.model_for(user.id)[1] == store.active_model(user.id)["id"], timeout=30,
+                     what="the engine to serve v2")
             # continual learning: round 3 continued v1's adapter on the new conversations plus a replayed sample
             plan = store.jobs(user.id)[0]["result"]["continual"]
             assert plan["strategy"] == "replay" and v1["id"] in plan["why"], plan
