@@ -128,7 +128,8 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         timing = questions[: args.ttft + 1]
         arms: dict[str, dict] = {}
         pen = settings.repetition_penalty  # answers as the node serves them
-        arms["base"] = {"probes": probe_row(plain, asked, repetition_penalty=pen), "ttft_ms": ttft_ms(plain, timing)}
+        arms["base"] = {"probes": probe_row(plain, asked, repetition_penalty=pen),
+                        "ttft_ms": ttft_ms(plain, timing)}
         arms["base + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=pen),
                                  "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                  "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1),
@@ -141,7 +142,8 @@ def persona_run(name: str, settings, base, plain, llama, args) -> dict:
         if model is not None:
             with delta_applied(base.model, load_delta(model["path"], expect_base_sha256=base.sha256), base.sha256):
                 mem.tokens, mem.passages = [], []
-                arms["personal"] = {"probes": probe_row(plain, asked, repetition_penalty=pen), "ttft_ms": ttft_ms(plain, timing)}
+                arms["personal"] = {"probes": probe_row(plain, asked, repetition_penalty=pen),
+                                    "ttft_ms": ttft_ms(plain, timing)}
                 arms["personal + memory"] = {"probes": probe_row(mem, asked, repetition_penalty=pen),
                                              "ttft_ms": ttft_ms(plain, [mem.prompt(q) for q in timing]),
                                              "tokens_added": round(statistics.mean(mem.tokens[: len(asked)]), 1)}

@@ -58,7 +58,9 @@ def world(tiny_base, tmp_path_factory):
     adapters = {name: write_gguf_lora(load_delta(d / "delta"), gguf, root / f"{name}.gguf") for name, d in deltas.items()}
     tok = AutoTokenizer.from_pretrained(str(directory))
     engine = LlamaEngine(gguf, tok, "tiny", adapters=adapters, threads=1)
-    greedy = GenerationParams(max_tokens=MAX_TOKENS, temperature=0)
+    # answered as the node serves a request that sets no repetition penalty of its own
+    greedy = GenerationParams(max_tokens=MAX_TOKENS, temperature=0,
+                              repetition_penalty=load_settings().repetition_penalty)
     want = {name: engine.stream(Q, greedy, adapter=name).text() for name in (None, *deltas)}
     assert len(set(want.values())) == len(want)  # five models, five answers: an answer names its model
     return {"gguf": gguf, "seed_home": seed_home, "deltas": deltas, "want": want}

@@ -13,8 +13,8 @@ How a request runs:
   scale 1 for the request's model, 0 for the others, all 0 for the base (adapters load at global scale 0 too).
   llama.cpp scales an adapter by scale * alpha / r: 1 is peft's scaling (bitdelta/gguf_lora.py).
 - Sampling as the torch engine samples: temperature, then top-p over the tempered distribution (samplers
-  ["temperature", "top_p"]), after llama.cpp's repetition penalty when one is asked for, every other sampler off; temperature 0 is greedy; the seed is reduced to
-  llama.cpp's 32 bits. Stop strings, max_tokens and the end-of-turn token are llama.cpp's own; the text comes in
+  ["temperature", "top_p"]), after llama.cpp's repetition penalty when one is asked for, every other sampler
+  off; temperature 0 is greedy; the seed is reduced to llama.cpp's 32 bits. Stop strings, max_tokens and the end-of-turn token are llama.cpp's own; the text comes in
   pieces through a streaming callback, whose return value ends the generation early (cancel, deadline, shutdown).
 - Prompt cache: cache_ram_mib = 0. Trap 2 of issue 17: llama-server's RAM prompt cache restores KV computed
   under another adapter (llama.cpp issue #26207). What is left is the one slot's own KV, reused for a shared

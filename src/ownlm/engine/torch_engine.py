@@ -87,7 +87,8 @@ class TorchEngine(SerialEngine):
                 dev = self.base.device.device
                 extra = {}
                 if repetition_penalty != 1.0:
-                    extra["logits_processor"] = LogitsProcessorList([RecentRepeats(repetition_penalty, [width - len(p) for p in prompts])])
+                    starts = [width - len(p) for p in prompts]
+                    extra["logits_processor"] = LogitsProcessorList([RecentRepeats(repetition_penalty, starts)])
                 out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_tokens,
                                           do_sample=False, temperature=None, top_p=None, top_k=None,
                                           eos_token_id=sorted(self._eos_ids), pad_token_id=pad, **extra)
@@ -169,7 +170,9 @@ class TorchEngine(SerialEngine):
                 past = res.cache
                 logits = res.logits[0, -1].float()  # (vocab,)
             if params.repetition_penalty != 1.0:
-                logits = penalize_repeats(logits, (prompt + produced)[-REPEAT_LAST_N:], params.repetition_penalty)
+                # not prompt + produced: that would copy the whole prompt at every token
+                recent = (prompt[-REPEAT_LAST_N:] + produced[-REPEAT_LAST_N:])[-REPEAT_LAST_N:]
+                logits = penalize_repeats(logits, recent, params.repetition_penalty)
             token = _sample(logits, params, gen)
             if token in self._eos_ids:
                 out.finish_reason = "stop"
@@ -213,8 +216,9 @@ class RecentRepeats:
         self.penalty, self.starts = penalty, starts
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # (B, L), (B, V)
-        rows = [penalize_repeats(scores[k].float(), input_ids[k, max(self.starts[k], input_ids.shape[1] - REPEAT_LAST_N):].tolist(),
-                                 self.penalty) for k in range(scores.shape[0])]
+        first = [max(s, input_ids.shape[1] - REPEAT_LAST_N) for s in self.starts]
+        rows = [penalize_repeats(scores[k].float(), input_ids[k, first[k]:].tolist(), self.penalty)
+                for k in range(scores.shape[0])]
         return torch.stack(rows).to(scores.dtype)
 
 

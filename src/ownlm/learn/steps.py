@@ -86,8 +86,7 @@ def repeat_candidates(targets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.
     pos, tok = torch.cat(pos), torch.cat(tok)
     keep = tok != targets[pos]  # repeating a token is fine where the reply really does repeat it
     pos, tok = pos[keep], tok[keep]
-    vocab = int(targets.max()) + 1 if targets.numel() else 1
-    vocab = max(vocab, int(tok.max()) + 1) if tok.numel() else vocab
+    vocab = int(targets.max()) + 1  # every candidate token is some target
     pair = torch.unique(pos * vocab + tok)  # each (position, token) once, however often the token came before
     return pair // vocab, pair % vocab
 

@@ -347,8 +347,9 @@ def train(
                 objective = objective + config.anchor_kl * kl_to(reference, logits)
             loss = objective / batch.n_loss_tokens
             loss_value = (nll / batch.n_loss_tokens).detach().item()  # the curve is the NLL, whatever the extra terms
-            if not is_finite(loss.detach().item()):
-                raise _diverged(step, f"loss is {loss.detach().item()}", config)
+            objective_value = loss.detach().item()
+            if not is_finite(objective_value):
+                raise _diverged(step, f"loss is {objective_value}", config)
             loss.backward()
             if config.grad_clip is not None:
                 norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))

@@ -18,8 +18,8 @@ Both have FTS5's `secure-delete` on, so deleting a passage removes its terms fro
 Passages are written in the transaction that stores their reply (capture and import) and go with their
 messages: both message ids are foreign keys ON DELETE CASCADE, and the delete triggers remove the index
 entries in the same transaction, whichever way the messages went (one conversation, before a date, all).
-A secure delete rewrites index pages: about 1.4 ms per passage here (20,000 passages of Dolly text, 2026-12-02),
-where FTS5's 'rebuild' re-reads the remaining passages at about 25 µs each; so a delete of many passages
+A secure delete rewrites index pages for each passage, where FTS5's 'rebuild' re-reads the remaining passages
+once (bench/memory_scale.py times both); so a delete of many passages
 (`forget_passages`) removes them with the per-row triggers off and rebuilds both indexes, in one transaction.
 
 Queries never pass user text as FTS5 syntax: `match_query` splits it into plain words, drops stopwords, and
@@ -39,7 +39,8 @@ SNIPPET_CHARS = 80  # what the API shows of a passage it drew on
 MAX_TERMS = 32  # query terms kept: a pasted page must not become a query over thousands of terms
 CANDIDATES = 4  # rows read per passage asked for, so duplicates and excluded rows can be dropped
 # `forget_passages` rebuilds the indexes instead of deleting row by row once the rows to delete cost more than the
-# rebuild: at ~1.4 ms per secure delete and ~25 µs per passage rebuilt, beyond 1 deleted per 50 kept.
+# rebuild: beyond 1 deleted per 50 kept (a secure delete costs many times a passage's share of a rebuild; the
+# ratio is a judgement, not a measurement: bench/memory_scale.py times delete and rebuild at scale).
 BULK_MIN, BULK_RATIO = 200, 50
 
 # Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, CJK ideographs (with extension A
