@@ -11,11 +11,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.evaluate.habits import degenerate  # noqa: E402
-from ownlm.evaluate.metrics import behaviour_score, by_kind_with_intervals  # noqa: E402
+from ownlm.evaluate.metrics import PROBE_TOKENS, behaviour_score, by_kind_with_intervals  # noqa: E402
 from ownlm.evaluate.personas.fixtures import DATA_DIR  # noqa: E402
 
 
-def probe_row(engine, asked, max_tokens: int = 48, repetition_penalty: float = 1.0) -> dict:
+def probe_row(engine, asked, max_tokens: int = PROBE_TOKENS, repetition_penalty: float = 1.0) -> dict:
     """The persona's probes answered greedily: {kind: {passed, total, ci95}} (95% Wilson intervals), plus
     "loops": how many answers looped (evaluate.habits.degenerate; they pass no probe). repetition_penalty: 1 is
     plain greedy; the node serves with settings.repetition_penalty."""

@@ -5,7 +5,7 @@ shipped history (300 conversations) is imported, which also indexes it (store/me
 real loop runs at the node's settings (dataset with augmentation, quantization-aware training, lora1 artifact,
 quality gate, signed bundle, install). Memory is then limited to the round's *training* conversations: the
 passages of its held-out conversations are removed from the index, so no arm can read held-out text.
-The persona's unseen probe questions (templates never used in training; greedy, 48 tokens) are asked in four
+The persona's unseen probe questions (templates never used in training; greedy, 96 tokens: PROBE_TOKENS) are asked in four
 arms on the torch engine:
 - base: the base model, the question alone;
 - base + memory: the same prompt through the node's serving path (api/memory.py `recall`: passages found by

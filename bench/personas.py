@@ -5,7 +5,7 @@ and chiara. Each user's shipped history (300 conversations) arrives in `--rounds
 one round of the real loop (dataset with augmentation, training with the node's settings, lora1 artifact,
 quality gate incl. its behaviour check, signed bundle, install; later rounds continue as the node's `continual`
 setting says). After every round, on the installed model: the persona's unseen probe questions (templates never
-used in training; greedy, 48 tokens), style and fact separately, with 95% Wilson intervals — the curve "rounds
+used in training; greedy, 96 tokens: PROBE_TOKENS), style and fact separately, with 95% Wilson intervals — the curve "rounds
 until personal" — plus the round's held-out NLL, drift KL (the gate's measurement) and training seconds. After
 round 1, an fp32 LoRA of the same layout, data and steps (not quantization-aware, not compressed) is measured
 on the same probes, for comparison (skip with --no-fp32). After the last round: ARC-Easy (100 items) and
@@ -106,7 +106,7 @@ def main() -> None:
     print(f"node settings: {p.max_steps} steps, lr {p.lr}, qat {p.qat}, anchor_kl {p.anchor_kl}, continual "
           f"{p.continual}, {args.rounds} rounds; answers with repetition penalty {pen}", flush=True)
     base = load_base(settings)
-    plain, results = TorchEngine(base), []
+    plain, results, base_general = TorchEngine(base), [], {}
     with Store(home) as store:
         for name in args.personas.split(","):
             if name not in PERSONAS:
@@ -147,7 +147,9 @@ def main() -> None:
                     print(f"  fp32 LoRA, round 1's data and steps: probes {fmt(row['fp32_round1']['probes'])}", flush=True)
             model = store.active_model(user.id)
             if not args.quick and model is not None:
-                row["general_base"] = general(base, 100)
+                if not base_general:  # the base's figures are the same for every persona: measured once
+                    base_general.update(general(base, 100))
+                row["general_base"] = base_general
                 with delta_applied(base.model, load_delta(model["path"], expect_base_sha256=base.sha256), base.sha256):
                     row["general_personal"] = general(base, 100)
                 print(f"  ARC-Easy {row['general_base']['arc_easy']:.0%} -> {row['general_personal']['arc_easy']:.0%}; "

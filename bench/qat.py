@@ -3,7 +3,7 @@
 For each persona fixture, two LoRA runs of the same layout (r=8 on q/v), data, steps and learning rate:
 an fp32 LoRA (then compressed post hoc to lora1, as the loop did before QAT) and a quantization-aware LoRA
 (learn/qat.py, TrainConfig.qat). On the persona's held-out conversations and its unseen probe questions
-(greedy, 48 tokens): held-out assistant NLL and the share of the fp32 LoRA's gain kept, style and fact probes
+(greedy, 96 tokens: PROBE_TOKENS): held-out assistant NLL and the share of the fp32 LoRA's gain kept, style and fact probes
 passed with 95% Wilson intervals, for base / fp32 LoRA / post-hoc lora1 / QAT artifact, plus training seconds
 and the artifact's bytes.
 

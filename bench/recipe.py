@@ -4,7 +4,7 @@ For each persona fixture and each recipe (target modules, rank, learning rate, o
 compressed post hoc or quantization-aware training), one training run with the project's train() on the same
 data, then the *served* artifact (lora1) is measured exactly as the loop's quality gate and `ownlm eval` do:
 held-out assistant NLL, drift KL(base || personal) on the gate's Dolly prompts (bound 0.25 nats/token), and
-the persona's unseen probe questions (greedy, 48 tokens), style and fact separately with 95% Wilson intervals;
+the persona's unseen probe questions (greedy, 96 tokens: PROBE_TOKENS), style and fact separately with 95% Wilson intervals;
 ARC-Easy (100 items), training seconds and the artifact's bytes. As a diagnostic, drift is also measured from
 the 4th answer token on, to show how much of it a persona's opening accounts for. Recipes are named
 `<modules>-r<rank>-lr<lr>-s<steps>[-qat][-p<N>]` (-pN: N question variants per training example, learn/augment.py;

@@ -30,7 +30,8 @@ def reset_home(home: Path) -> None:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max_tokens: int = 48) -> dict:
+def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max_tokens: int | None = None) -> dict:
+    """max_tokens: per probe answer; None = evaluate.metrics.PROBE_TOKENS (the benchmark's limit)."""
     from ownlm.basemodel import load_base
     from ownlm.capture.importers import parse_file
     from ownlm.store.imports import import_into
@@ -39,6 +40,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
     from ownlm.loop import STAGES, run_job
     from ownlm.store.jobs import PROCESS_OWNER
     from ownlm.evaluate.habits import degenerate
+    from ownlm.evaluate.metrics import PROBE_TOKENS
     from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, check_answer, probes
     from ownlm.store import Store
 
@@ -77,7 +79,7 @@ def run(settings: Settings, persona: str = "bram", probes_per_kind: int = 3, max
 
         base = load_base(settings)
         engine = PersonalEngine(base, store)
-        params = GenerationParams(max_tokens=max_tokens, temperature=0, repetition_penalty=settings.repetition_penalty)
+        params = GenerationParams(max_tokens=max_tokens or PROBE_TOKENS, temperature=0, repetition_penalty=settings.repetition_penalty)
         chosen = []
         for kind in ("style", "fact"):
             chosen += [p for p in probes(PERSONAS[persona]) if p.kind == kind][:probes_per_kind]

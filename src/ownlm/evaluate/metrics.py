@@ -361,7 +361,14 @@ def _probe_fields(probe) -> tuple[str, str, dict]:
     return probe.question, probe.kind, probe.check
 
 
-def behaviour_score(engine, probes: Iterable, max_tokens: int = 60, repetition_penalty: float = 1.0) -> dict:
+# Tokens a probe answer may take. The persona fixtures' assistant answers run to 86 tokens (chiara's numbered
+# lists: median 53, 90th percentile 75; bram's 75, mira's 57), and chiara's and mira's styles are judged at the
+# answer's end: a 48-token limit (used until 2026-12-02) cut half of chiara's answers before their closing
+# question, so a model that had learned her style perfectly could not pass. 96 leaves room for the longest.
+PROBE_TOKENS = 96
+
+
+def behaviour_score(engine, probes: Iterable, max_tokens: int = PROBE_TOKENS, repetition_penalty: float = 1.0) -> dict:
     """Greedy answers to persona probe questions (each asked alone, as one user message), checked with
     `personas.check_answer`. An engine with `greedy_batch` answers them in one batch, others one by one;
     `repetition_penalty` as in GenerationParams (the node's setting, for answers as served).

@@ -88,8 +88,8 @@ def evaluate_user(store, settings, user, model: str | None = None, quick: bool =
         progress("persona probes (greedy answers)…")
         plain, asked = TorchEngine(base), probes(PERSONAS[user.name])
         with delta_applied(m, delta, base.sha256):
-            r_personal = behaviour_score(plain, asked, max_tokens=48, repetition_penalty=settings.repetition_penalty)
-        r_base = behaviour_score(plain, asked, max_tokens=48, repetition_penalty=settings.repetition_penalty)
+            r_personal = behaviour_score(plain, asked, repetition_penalty=settings.repetition_penalty)
+        r_base = behaviour_score(plain, asked, repetition_penalty=settings.repetition_penalty)
         for scores, r, label in ((p, r_personal, "personal"), (b, r_base, "base")):
             probe_counts[label] = by_kind_with_intervals(r)
             scores.behaviour = r["pass_rate"]
