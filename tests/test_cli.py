@@ -54,3 +54,22 @@ def test_info_twice_uses_cache(model_cache_home):
     assert second.returncode == 0, second.stderr
     assert "yes (safetensors cache)" in second.stdout
     assert "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in second.stdout
+
+
+def test_chat_with_memory_names_what_it_drew_on(tiny_base, tmp_path):
+    from ownlm.store import Store
+
+    env = {"OWNLM_HOME": str(tmp_path / "home")}
+    chat = ("chat", "--base", str(tiny_base), "--max-tokens", "3", "--temperature", "0")
+    first = run_cli(*chat, "my sailboat is called Seagull and moors in Harlingen", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "remembered from" not in first.stderr  # nothing to recall yet (and memory is off by default)
+    asked = run_cli(*chat, "--memory", "where does the sailboat Seagull moor?", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert "remembered from: " in asked.stderr and "Seagull" in asked.stderr
+    off = run_cli(*chat, "--no-memory", "where does the sailboat Seagull moor?", env=env)
+    assert off.returncode == 0 and "remembered from" not in off.stderr
+    with Store(tmp_path / "home") as store:
+        user = store.list_users()[0]
+        used = [e for e in store.audit_log(user.id) if e["action"] == "memory_used"]
+    assert len(used) == 1 and "Seagull" not in str(used)  # counted once, by count, never the text

@@ -107,13 +107,19 @@ def info(ctx: Context, base: str | None, device: str | None, engine: str | None,
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (same seed, same answer).")
 @click.option("--system", help="System prompt.")
+@click.option("--memory/--no-memory", default=None,
+              help="Put your best-matching past conversations into the prompt, as the API's \"memory\" field does "
+                   "(default: your `ownlm memory` setting, else the node's memory.enabled).")
 @pass_ctx
 def chat(ctx: Context, prompt: str | None, base, device, engine, user, base_model, max_tokens, temperature, top_p, seed,
-         system) -> None:
+         system, memory) -> None:
     """Chat with your personal model (the base until one is deployed): answer PROMPT, or without PROMPT chat
     interactively (empty line or Ctrl-D ends). Every exchange is stored, like the API's; a session is one
-    conversation."""
+    conversation. With memory, the past conversations an answer drew on are named after it (on stderr)."""
+    import types
     import uuid
+
+    from ownlm.api.memory import recall
 
     from ownlm.engine import GenerationParams
     from ownlm.engine.serving import choose_engine
@@ -130,11 +136,16 @@ def chat(ctx: Context, prompt: str | None, base, device, engine, user, base_mode
         engine = engine_with_status(settings, store, choice, base=base_loaded)
         use = "base" if base_model else "personal"
         last: list[str] = []  # id of the last stored message: the next turn continues from it
+        conversation: list[str] = []  # this session's conversation id, once stored (memory leaves it out)
+        state = types.SimpleNamespace(settings=settings)  # what api.memory reads of an app's state
 
         def answer(text: str) -> None:
             history.append({"role": "user", "content": text})
             t0 = time.perf_counter()
-            stream = engine.stream(history, params, user_id=u.id, use=use)
+            # the same recall as the API's: the prompt the engine gets; what is stored is the conversation itself
+            recalled = recall(state, store, engine, u.id, history, memory,
+                              exclude_conversation=conversation[0] if conversation else None)
+            stream = engine.stream(recalled.prompt, params, user_id=u.id, use=use)
             parts = []
             for piece in stream:
                 parts.append(piece)
@@ -150,6 +161,12 @@ def chat(ctx: Context, prompt: str | None, base, device, engine, user, base_mode
             res = store.capture(u.id, new, source="cli", after=last[-1] if last else None,
                                 seed=None if last else f"cli:{uuid.uuid4().hex}")
             last.append(res.message_ids[-1])
+            conversation[:] = [res.conversation_id]
+            if recalled.passages:
+                with store.tx() as db:
+                    store.audit_memory_use(db, u.id, recalled.passages)  # counts only, as the API's
+                click.echo("remembered from: " + "; ".join(f"{s['conversation_id']} ({s['snippet']})"
+                                                           for s in recalled.sources()), err=True)
             dt = time.perf_counter() - t0
             if ctx.debug:
                 click.echo(f"[{stream.completion_tokens} tokens, {stream.completion_tokens / dt:.1f} tok/s]", err=True)
