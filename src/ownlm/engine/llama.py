@@ -127,7 +127,8 @@ class LlamaEngine(SerialEngine):
         current one serves; the files may be deleted once this returns."""
         server, ids = self._build(adapters)
         with self._lock:  # between two generations
-            self._server, self._ids = server, ids
+            retired, self._server, self._ids = [self._server], server, ids
+        _retire(retired)
 
     @property
     def adapters(self) -> list[Hashable]:
@@ -291,7 +292,8 @@ class LlamaPersonalEngine(RoutedEngine, LlamaEngine):
                 with self._adapter_files(routes) as paths:
                     server, ids = self._build(paths)
                 with self._lock:  # between two generations
-                    self._server, self._ids, self._routes = server, ids, routes
+                    retired, self._server, self._ids, self._routes = [self._server], server, ids, routes
+                _retire(retired)
             else:
                 self._routes = routes
 
@@ -318,6 +320,14 @@ def load_llama_engine(settings, store, max_waiting: int | None = None) -> LlamaP
                                 hint='set engine = "torch", or base to a .gguf file (or "embedded")')
     return LlamaPersonalEngine(source.path, load_tokenizer(settings), store, base_sha256(source, settings.home),
                                source.name, threads=settings.threads, max_waiting=max_waiting)
+
+
+def _retire(holder: list) -> None:
+    """Let go of the replaced server (the only reference, in `holder`) in a thread of its own. Tearing a
+    llama.cpp server down stops its threads and frees its context: 50-300 ms measured on 2 busy cores, which
+    a deploy would otherwise add before the new version's first token (and, under the engine lock, to every
+    waiting request)."""
+    threading.Thread(target=holder.clear, name="ownlm-llama-retire", daemon=True).start()
 
 
 def sampling(params: GenerationParams) -> dict:
