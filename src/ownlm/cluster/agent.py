@@ -64,12 +64,17 @@ class TrainerAgent:
         settings = load_settings()
         self.keys = TrainerKeys.load_or_create(settings.home)
         self.attester = attester_from_env()
-        erase_stale_jobs(settings.home / "trainer" / "jobs")  # what a killed round left, before anything else
+        self.jobs_dir = settings.home / "trainer" / "jobs"
+        erase_stale_jobs(self.jobs_dir)  # what a killed round left, before anything else
 
     def identity(self) -> dict:
         return {"node_id": _node_id(), "pid": os.getpid(), "hpke": self.keys.hpke.public_json(),
                 "signing_pem": sign.public_pem(self.keys.signing), "signer": sign.key_id(self.keys.signing),
                 "attests": self.attester is not None}
+
+    def sweep(self) -> int:
+        """Erase what killed rounds left on this node now (the node asks after a round's worker died)."""
+        return len(erase_stale_jobs(self.jobs_dir))
 
     def attestation(self, nonce: bytes) -> dict | None:
         """Evidence binding this trainer's HPKE key and the node's `nonce` (as Trainer.attestation), or None."""

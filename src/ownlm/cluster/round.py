@@ -115,6 +115,7 @@ def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
             raise RemoteTrainerError(f"the trainer on {worker.label} refused or failed the job: {why}",
                                      hint=(cause.hint if cause is not None and cause.hint else "see the worker's log")) from None
         except (WorkerCrashedError, TaskUnschedulableError) as e:
+            _sweep(ray, worker)
             raise RemoteTrainerError(
                 f"the worker process running the round on {worker.label} died (tried {cfg.task_retries + 1} "
                 f"time{'s' if cfg.task_retries else ''}; {type(e).__name__}); nothing was installed",
@@ -124,6 +125,15 @@ def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
                                      "nothing was installed", hint="see `ray status`; the next round is placed afresh") from None
     out["seconds"] = round(time.monotonic() - t0, 3)
     return out
+
+
+def _sweep(ray, worker) -> None:
+    """A killed trainer process never ran its `finally`: have the worker's agent erase its work directory now rather
+    than at that node's next round. Best effort: the node may be gone with the worker."""
+    try:
+        ray.get(worker.agent.sweep.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        pass
 
 
 def accept_bundle(store: Store, settings: Settings, user: User, built, bundle: bytes, *, version: int, source: str,
