@@ -79,12 +79,14 @@ class LocalCluster:
         if r.returncode != 0:
             raise RuntimeError(f"ray start ({name}) exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
 
-    def start(self) -> "LocalCluster":
+    def start(self, second: bool = True) -> "LocalCluster":
+        """The head raylet and, with `second`, worker b."""
         try:
             self._start("head", ["--head", "--node-ip-address", HEAD_IP, "--port", self.address.rsplit(":", 1)[1],
                                  "--resources", '{"ownlm_head": 1}', "--include-dashboard=false"])
-            self._start("b", ["--address", self.address, "--node-ip-address", WORKER_IP,
-                              "--resources", '{"ownlm_worker_b": 1}'])
+            if second:
+                self._start("b", ["--address", self.address, "--node-ip-address", WORKER_IP,
+                                  "--resources", '{"ownlm_worker_b": 1}'])
         except BaseException:
             self.stop()
             raise

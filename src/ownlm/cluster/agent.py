@@ -25,6 +25,7 @@ policy file can select (privacy/attest.py).
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
@@ -102,5 +103,7 @@ def run_round(sealed_job: bytes, node_id: str) -> dict:
     key = str(settings.home)
     if key not in _trainers:
         _trainers[key] = Trainer(settings)
+    cpu0 = time.process_time()
     bundle = _trainers[key].run(sealed_job)
-    return {"bundle": bundle, "node_id": here, "pid": os.getpid()}
+    # CPU seconds of this process (all its threads) for the job: what capacity planning (bench/cluster.py) needs
+    return {"bundle": bundle, "node_id": here, "pid": os.getpid(), "cpu_s": round(time.process_time() - cpu0, 3)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 
 from ownlm.cluster import placement
@@ -31,6 +32,11 @@ from ownlm.privacy import tiers as privacy
 from ownlm.privacy.remote import job_document, judge_received
 from ownlm.settings import Settings
 from ownlm.store import Store, User
+
+# The node judges the bundles of concurrent rounds one at a time: the gate loads the base model (transformers'
+# loading is not thread-safe: two at once fail with "Cannot copy out of meta tensor") and runs on the node's own
+# cores, which serve chat meanwhile; the training, the long part, runs on the workers in parallel.
+_gate_lock = threading.Lock()
 
 
 def cluster_round(store: Store, settings: Settings, user: User, job: dict, update, figures: dict, *,
@@ -72,7 +78,7 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
 
     out = run_on(ray, settings, worker, sealed, job["id"])
     bundle = out["bundle"]
-    figures.update(worker={"node_id": out["node_id"], "pid": out["pid"], "seconds": out["seconds"]})
+    figures.update(worker={"node_id": out["node_id"], "pid": out["pid"], "seconds": out["seconds"], "cpu_s": out["cpu_s"]})
     with store.tx() as db:
         store.audit(db, user.id, "cluster_bundle_received", job=job["id"], destination=worker.label, bytes=len(bundle),
                     sha256=hashlib.sha256(bundle).hexdigest(), pid=out["pid"])
@@ -151,13 +157,15 @@ def accept_bundle(store: Store, settings: Settings, user: User, built, bundle: b
         raise CorruptArtifact(f"the bundle from {source} is for another round of {user.name} (version {verified.version}, "
                               f"dataset {str(root)[:12]}…), not this one (version {version}, dataset "
                               f"{built.merkle_root[:12]}…); nothing was installed", hint="run the round again")
-    verdict = judge_received(settings, built, verified)
+    with _gate_lock:
+        verdict = judge_received(settings, built, verified)
     with store.tx() as db:
         store.audit(db, user.id, "cluster_model_judged", model=verified.model_id, passed=verdict["passed"],
                     reason=verdict["reason"], heldout_loss_base=verdict["heldout_loss_base"],
                     heldout_loss_compressed=verdict["heldout_loss_compressed"], kl_drift=verdict["kl_drift"])
     if figures is not None:
-        figures.update(verdict)
+        training = verified.manifest.get("training") or {}
+        figures.update(verdict, training={k: training.get(k) for k in ("samples", "tokens", "duration_s")})
     if not verdict["passed"]:
         raise QualityGateRefused(f"the model from {source} failed the quality gate: {verdict['reason']}; the previous "
                                  "model keeps serving", hint="capture more conversations or adjust the gate "
