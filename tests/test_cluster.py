@@ -28,9 +28,10 @@ MARKER = "WOMBAT-5531-MARKER"
 MEASUREMENT = "cd" * 48
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tiny_base, tmp_path_factory):
-    """Head (ownlm_head, no TEE) and worker b (ownlm_worker_b, the test attester), started once per session."""
+    """Head (ownlm_head, no TEE) and worker b (ownlm_worker_b, the test attester), started once for this file and
+    gone before the next file's tests run."""
     homes = {}
     for name in ("head", "b"):
         homes[name] = tmp_path_factory.mktemp(f"ray-{name}-home")
@@ -252,6 +253,58 @@ def test_a_worker_killed_mid_round(home, cluster, tiny_base, retries):
             assert job["state"] == "failed" and "died" in job["reason"] and "nothing was installed" in job["reason"]
             assert store.models(user.id) == []
             assert_no_residue(cluster)  # the node had the worker's agent erase what the killed process left
+
+
+DRIVER = """
+import sys
+from tests.test_cluster import node_settings
+from ownlm.loop import run_job
+from ownlm.store import Store
+
+class Cluster:
+    address = sys.argv[1]
+
+s = node_settings(Cluster, sys.argv[2])
+s = s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 400})})
+run_job(Store(s.home), s, sys.argv[3])
+"""
+
+
+def test_a_node_killed_mid_round_is_reconciled(home, cluster, tiny_base):
+    """The node's process dies while its round trains on worker b: Ray ends the orphaned task with its driver, the
+    restarted node's scheduler re-queues the job, and the round runs again from the start and deploys once."""
+    from ownlm.loop import Scheduler, run_job
+    from tests.conftest import REPO
+
+    settings = node_settings(cluster, tiny_base)
+    with Store(home) as store:
+        user = make_user(store, "nora", 0)
+        trust_workers(store, settings, user)
+        job_id = store.enqueue_job(user.id, "test")
+        node = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.address, str(tiny_base), job_id], cwd=REPO,
+                                env={**os.environ, "OWNLM_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        jobs_dir, deadline, trainer_pid = cluster.homes["b"] / "trainer" / "jobs", time.time() + 90, None
+        while time.time() < deadline and trainer_pid is None and node.poll() is None:
+            running = list(jobs_dir.iterdir()) if jobs_dir.exists() else []
+            trainer_pid = int(running[0].name.partition("-")[0]) if running else None
+            time.sleep(0.05)
+        assert trainer_pid is not None, node.stderr.read().decode()[-2000:] if node.poll() is not None else "no round"
+        node.kill()
+        node.wait(30)
+        assert store.job(job_id)["state"] == "running"  # as the dead node left it
+        deadline = time.time() + 60
+        while time.time() < deadline and os.path.exists(f"/proc/{trainer_pid}"):
+            time.sleep(0.2)  # Ray kills the orphaned task's worker process (its owner, the driver, is gone)
+        assert not os.path.exists(f"/proc/{trainer_pid}"), "the orphaned round kept training"
+        scheduler = Scheduler(store, settings.model_copy(update={"personalization": settings.personalization.model_copy(
+            update={"enabled": False})}), tick=60)
+        scheduler._thread = type("T", (), {"start": lambda self: None})()  # only the restart bookkeeping
+        scheduler.start()
+        assert store.job(job_id)["state"] == "queued"
+        job = run_job(store, settings, job_id)
+        assert job["state"] == "deployed", job["reason"]
+        assert len(store.models(user.id)) == 1
+        assert_no_residue(cluster, job["result"]["merkle_root"])
 
 
 def test_a_bundle_for_another_user_or_round_is_refused(home, cluster, tiny_base):

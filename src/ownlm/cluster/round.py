@@ -33,10 +33,11 @@ from ownlm.privacy.remote import job_document, judge_received
 from ownlm.settings import Settings
 from ownlm.store import Store, User
 
-# The node judges the bundles of concurrent rounds one at a time: the gate loads the base model (transformers'
-# loading is not thread-safe: two at once fail with "Cannot copy out of meta tensor") and runs on the node's own
-# cores, which serve chat meanwhile; the training, the long part, runs on the workers in parallel.
-_gate_lock = threading.Lock()
+# The node's own work for concurrent rounds — building a dataset, judging a bundle — runs one round at a time:
+# transformers is not thread-safe there (two first imports at once: "cannot import name 'AutoTokenizer'"; two base
+# loads at once: "Cannot copy out of meta tensor"), and it runs on the node's cores, which serve chat meanwhile.
+# The training, the long part, runs on the workers in parallel.
+_node_work = threading.Lock()
 
 
 def cluster_round(store: Store, settings: Settings, user: User, job: dict, update, figures: dict, *,
@@ -57,8 +58,9 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
     watermark = job["watermark"] or store.message_watermark(user.id)
     conversations, feedback = store.training_view(user.id)
     cfg = settings.personalization
-    built = build(conversations, feedback, load_tokenizer(settings),
-                  DatasetConfig(min_examples=min(cfg.min_samples, 10), redact=True, paraphrases=cfg.paraphrases))
+    with _node_work:
+        built = build(conversations, feedback, load_tokenizer(settings),
+                      DatasetConfig(min_examples=min(cfg.min_samples, 10), redact=True, paraphrases=cfg.paraphrases))
     ds_id = store.save_dataset(user.id, built, config_dict(built.config))
     figures.update(dataset=ds_id, merkle_root=built.merkle_root, examples=len(built.examples))
     update(watermark=watermark, stage="train", progress=0.0)
@@ -157,7 +159,7 @@ def accept_bundle(store: Store, settings: Settings, user: User, built, bundle: b
         raise CorruptArtifact(f"the bundle from {source} is for another round of {user.name} (version {verified.version}, "
                               f"dataset {str(root)[:12]}…), not this one (version {version}, dataset "
                               f"{built.merkle_root[:12]}…); nothing was installed", hint="run the round again")
-    with _gate_lock:
+    with _node_work:
         verdict = judge_received(settings, built, verified)
     with store.tx() as db:
         store.audit(db, user.id, "cluster_model_judged", model=verified.model_id, passed=verdict["passed"],
