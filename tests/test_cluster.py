@@ -208,6 +208,21 @@ def test_tier3_never_reaches_the_cluster(home, cluster, tiny_base):
             claimed_round(store, settings, user)
 
 
+def test_the_cli_lists_the_workers_and_their_keys_to_trust(home, cluster, tiny_base, tmp_path):
+    from tests.conftest import run_cli
+
+    env = {"OWNLM_BASE": str(tiny_base), "OWNLM_CLUSTER__RAY_ADDRESS": cluster.address, "OWNLM_CLUSTER__NODE_IP": "127.0.0.2"}
+    r = run_cli("cluster", "workers", "--pem-dir", str(tmp_path / "pems"), env=env)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.strip()}
+    assert "this machine, tier 1" in lines["127.0.0.2"] and "no TEE" in lines["127.0.0.2"]
+    assert "worker" in lines["127.0.0.3"] and "attests" in lines["127.0.0.3"]
+    with Store(home) as store:
+        store.create_user("pia", tier=0)
+    r = run_cli("trust", "add", str(tmp_path / "pems" / f"{cluster.node_id['b']}.pem"), "--user", "pia", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("trusted ") and r.stdout.split()[1] in lines["127.0.0.3"], r.stderr
+
+
 def test_an_untrusted_worker_is_sent_nothing(home, cluster, tiny_base):
     from ownlm.loop import run_job
 
