@@ -280,7 +280,7 @@ class Cluster:
     address = sys.argv[1]
 
 s = node_settings(Cluster, sys.argv[2])
-s = s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 400})})
+s = s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 60})})
 run_job(Store(s.home), s, sys.argv[3])
 """
 
@@ -357,3 +357,54 @@ def test_a_bundle_for_another_user_or_round_is_refused(home, cluster, tiny_base)
             accept_bundle(store, settings, ann, built, bundle, version=1, source=worker.label)
         assert len(store.models(ann.id)) == 1
         assert placement._in_flight.get(worker.node_id) == 0
+
+
+def test_a_worker_machine_lost_mid_round_is_placed_again(home, cluster, tiny_base):
+    """Worker b's whole Ray node (its raylet and every process under it) SIGKILLed while it trains a round: the job
+    sealed to b can be opened nowhere else, so the node seals it again to the head and the round deploys there,
+    once. When b comes back, its trainer erases what the killed round left. (Last in this file: it kills b.)"""
+    from ownlm.cluster import placement
+    from ownlm.cluster.connect import connect
+    from ownlm.loop import run_job
+    from tests.raycluster import WORKER_IP, _children
+
+    settings = node_settings(cluster, tiny_base)
+    settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(update={"max_steps": 60})})
+    with Store(home) as store:
+        user = make_user(store, "lena", 0)
+        trust_workers(store, settings, user)
+        job_id = store.enqueue_job(user.id, "test")
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.update(run_job(store, settings, job_id)))
+        t.start()
+        jobs_dir, deadline, trainer_pid = cluster.homes["b"] / "trainer" / "jobs", time.time() + 90, None
+        while time.time() < deadline and trainer_pid is None and t.is_alive():
+            running = list(jobs_dir.iterdir()) if jobs_dir.exists() else []
+            trainer_pid = int(running[0].name.partition("-")[0]) if running else None
+            time.sleep(0.05)
+        assert trainer_pid is not None, store.job(job_id)
+        raylet = int(open(f"/proc/{trainer_pid}/stat").read().rsplit(")", 1)[1].split()[1])  # the worker's parent
+        assert "raylet" in open(f"/proc/{raylet}/cmdline").read()
+        kids, machine, todo = _children(), [], [raylet]
+        while todo:
+            pid = todo.pop()
+            machine.append(pid)
+            todo.extend(kids.get(pid, []))
+        for pid in machine:
+            os.kill(pid, signal.SIGKILL)
+        t.join(240)
+        job = store.job(job_id)
+        assert job["state"] == "deployed", job["reason"]
+        assert job["result"]["worker"]["node_id"] == cluster.node_id["head"]
+        assert [n["node_id"] for n in job["result"]["nodes_lost"]] == [cluster.node_id["b"]]
+        sent = [a["detail"]["node_id"] for a in store.audit_log(user.id, limit=100) if a["action"] == "cluster_training_sent"]
+        assert sorted(sent) == sorted([cluster.node_id["b"], cluster.node_id["head"]])
+        assert len(store.models(user.id)) == 1
+        assert list(jobs_dir.iterdir()) != []  # the dead machine's disk still holds the killed round's work dir...
+
+    cluster._start("b", ["--address", cluster.address, "--node-ip-address", WORKER_IP,
+                         "--resources", '{"ownlm_worker_b": 1}'])
+    found = placement.workers(connect(settings))  # starts the new node's agent, which erases it first
+    assert any(w.address == WORKER_IP for w in found)
+    assert list(jobs_dir.iterdir()) == []  # ...until its trainer starts again
+    assert files_containing(cluster.homes["b"], MARKER.encode()) == []

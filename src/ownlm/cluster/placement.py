@@ -120,14 +120,16 @@ def attested(ray, found: list[Worker], policy, verifier) -> tuple[Worker, dict]:
                             hint="run the trainer in a TEE whose measurement the policy allows, or change the tier")
 
 
-def place(ray, store: Store, settings: Settings, user: User, *, verifier=None, policy=None) -> tuple[Worker, dict]:
-    """The worker for `user`'s round and the audit detail of that choice; raises before anything is sent."""
+def place(ray, store: Store, settings: Settings, user: User, *, verifier=None, policy=None,
+          exclude: list[str] = ()) -> tuple[Worker, dict]:
+    """The worker for `user`'s round and the audit detail of that choice; raises before anything is sent.
+    `exclude`: node ids not to use (nodes that died under this round)."""
     tier = store.get_user(user.id).privacy_tier
     if tier == 3:
         privacy.check_may_send(3, "the Ray cluster")  # raises: tier 3 never sends plaintext anywhere
     if tier == 2:
         policy, verifier = attestation_setup(settings, policy, verifier)
-    ordered = _order(candidates(store, settings, user, tier, workers(ray)))
+    ordered = _order(candidates(store, settings, user, tier, [w for w in workers(ray) if w.node_id not in exclude]))
     detail: dict = {"tier": tier}
     if tier == 2:
         chosen, claims = attested(ray, ordered, policy, verifier)

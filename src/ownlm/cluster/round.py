@@ -14,6 +14,11 @@
    (its version and dataset Merkle root), is judged by the node's own quality gate and installed
    exactly as a remote trainer's bundle is. The store's install refuses a version it already has, so a bundle
    delivered twice is installed once.
+Faults: a worker *process* killed mid-round is rerun by Ray on the same node (`cluster.task_retries`; only that
+node's trainer can open the job), then the round fails with the reason. A whole *node* lost mid-round (raylet
+gone) makes the job unopenable anywhere else, so it is placed again among the other eligible workers and sealed
+anew (audited as a new transfer). A node process (this one) that dies mid-round takes its Ray tasks with it
+(Ray ends a dead driver's tasks); the restarted scheduler re-queues the job (loop.Scheduler.start).
 One open round per user and the job's states are the loop's (store/jobs.py); how many rounds run at once is the
 scheduler's (`cluster.max_rounds`).
 """
@@ -38,6 +43,7 @@ from ownlm.store import Store, User
 # loads at once: "Cannot copy out of meta tensor"), and it runs on the node's cores, which serve chat meanwhile.
 # The training, the long part, runs on the workers in parallel.
 _node_work = threading.Lock()
+NODE_DEATH_S = 45.0  # how long a failed round waits for the GCS to say whether its node died (Ray: ~5 x 3 s checks)
 
 
 def cluster_round(store: Store, settings: Settings, user: User, job: dict, update, figures: dict, *,
@@ -65,20 +71,30 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
     figures.update(dataset=ds_id, merkle_root=built.merkle_root, examples=len(built.examples))
     update(watermark=watermark, stage="train", progress=0.0)
 
-    worker, detail = placement.place(ray, store, settings, user, verifier=verifier, policy=policy)
     latest = store.models(user.id)
     version = store.max_version(user.id) + 1
     doc = job_document(user, built, store.node_key().public_json(), base_sha256(resolve_base(settings.base), settings.home),
                        settings, version, latest[0]["id"] if latest else None)
-    sealed = seal({"job.json": json.dumps(doc, ensure_ascii=False).encode()}, worker.identity["hpke"])
+    job_json = json.dumps(doc, ensure_ascii=False).encode()
     del doc
-    with store.tx() as db:  # recorded before submitting: if anything left this process, the log says so
-        store.audit(db, user.id, "cluster_training_sent", job=job["id"], merkle_root=built.merkle_root,
-                    examples=len(built.examples), bytes=len(sealed), **detail)
-    figures.update(placement=detail)
-    update(result=figures)
-
-    out = run_on(ray, settings, worker, sealed, job["id"])
+    lost: list[str] = []  # nodes that died under this round: it is placed again among the others, sealed anew
+    while True:
+        worker, detail = placement.place(ray, store, settings, user, verifier=verifier, policy=policy, exclude=lost)
+        sealed = seal({"job.json": job_json}, worker.identity["hpke"])
+        with store.tx() as db:  # recorded before submitting: if anything left this process, the log says so
+            store.audit(db, user.id, "cluster_training_sent", job=job["id"], merkle_root=built.merkle_root,
+                        examples=len(built.examples), bytes=len(sealed), **detail)
+        figures.update(placement=detail)
+        update(result=figures)
+        try:
+            out = run_on(ray, settings, worker, sealed, job["id"])
+            break
+        except NodeLost as e:
+            lost.append(worker.node_id)
+            figures.setdefault("nodes_lost", []).append({"node_id": worker.node_id, "reason": e.message})
+            with store.tx() as db:
+                store.audit(db, user.id, "cluster_node_lost", job=job["id"], destination=worker.label)
+    del job_json
     bundle = out["bundle"]
     figures.update(worker={"node_id": out["node_id"], "pid": out["pid"], "seconds": out["seconds"], "cpu_s": out["cpu_s"]})
     with store.tx() as db:
@@ -97,7 +113,7 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
 def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
     """Submit the round task to `worker` and wait for it: {"bundle", "node_id", "pid", "seconds"}.
     Every way it can fail becomes a RemoteTrainerError that says what happened."""
-    from ray.exceptions import GetTimeoutError, RayTaskError, TaskUnschedulableError, WorkerCrashedError
+    from ray.exceptions import GetTimeoutError, NodeDiedError, RayTaskError, TaskUnschedulableError, WorkerCrashedError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ownlm.cluster.agent import run_round
@@ -122,17 +138,45 @@ def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
             why = cause.message if cause is not None else f"{type(e.cause).__name__}: {e.cause}"
             raise RemoteTrainerError(f"the trainer on {worker.label} refused or failed the job: {why}",
                                      hint=(cause.hint if cause is not None and cause.hint else "see the worker's log")) from None
-        except (WorkerCrashedError, TaskUnschedulableError) as e:
+        except (WorkerCrashedError, TaskUnschedulableError, NodeDiedError) as e:
+            if not _alive(ray, worker):
+                raise NodeLost(f"{worker.label} left the cluster during the round ({type(e).__name__})",
+                               hint="the round is placed on another worker") from None
             _sweep(ray, worker)
             raise RemoteTrainerError(
                 f"the worker process running the round on {worker.label} died (tried {cfg.task_retries + 1} "
                 f"time{'s' if cfg.task_retries else ''}; {type(e).__name__}); nothing was installed",
                 hint="the next round is placed afresh; raise cluster.task_retries to rerun it on the same worker") from None
-        except ray.exceptions.RayError as e:  # node died, object lost, actor died...: the round failed, say how
+        except ray.exceptions.RayError as e:  # object lost, actor died...: the round failed, say how
+            if not _alive(ray, worker):
+                raise NodeLost(f"{worker.label} left the cluster during the round ({type(e).__name__})",
+                               hint="the round is placed on another worker") from None
             raise RemoteTrainerError(f"the round on {worker.label} failed in the cluster ({type(e).__name__}); "
                                      "nothing was installed", hint="see `ray status`; the next round is placed afresh") from None
     out["seconds"] = round(time.monotonic() - t0, 3)
     return out
+
+
+class NodeLost(RemoteTrainerError):
+    """The Ray node a round was placed on is gone: the job sealed to it can be opened nowhere else, so the round is
+    sealed again to another eligible worker (cluster_round)."""
+
+
+def _alive(ray, worker, wait_s: float = NODE_DEATH_S) -> bool:
+    """Whether `worker`'s node is still in the cluster after its round failed. Its agent answering says yes at
+    once (a killed worker process leaves the raylet and the agent running); otherwise wait up to `wait_s` for
+    the GCS's verdict, which comes only after missed health checks."""
+    try:
+        ray.get(worker.agent.identity.remote(), timeout=10)
+        return True
+    except ray.exceptions.RayError:
+        pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = any(n["NodeID"] == worker.node_id and n.get("Alive") for n in ray.nodes())
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def _sweep(ray, worker) -> None:
