@@ -19,6 +19,7 @@ STAGES = [
     ("evaluate", ["ownlm.evaluate"]),
     ("node", ["ownlm.node"]),
     ("privacy", ["ownlm.privacy"]),
+    ("cluster", ["ownlm.cluster"]),
     ("loop", ["ownlm.loop"]),
     ("api", ["ownlm.api"]),
     ("demo", ["ownlm.demo"]),

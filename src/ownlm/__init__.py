@@ -22,6 +22,8 @@ src/ownlm/                     each stage imports only the stages above it and t
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
                  ollama); imports store, artifact, engine
   privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
+  cluster/       rounds as Ray tasks (optional extra, imported only with cluster.ray_address): connect · agent (the
+                 trainer role on each Ray node) · placement (tiers decide the node) · round; imports privacy, node
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
   api/           FastAPI app: OpenAI routes, personalization, memory (per request and per user), models, loop,
                  /ws/chat, dashboard, trainer_app

@@ -4,7 +4,9 @@ One round is a persisted job (store table `jobs`): its stage and progress are vi
 /api/personalization/status while it runs, and a node restarted mid-round re-queues it (training resumes
 from its checkpoint in home/jobs/<job id>/). The scheduler checks each user every `interval` seconds and
 starts a round when at least `min_samples` new assistant replies were captured since the last deployed
-model. Rounds run one at a time in a worker thread; serving goes on meanwhile.
+model. Rounds run one at a time in a worker thread; serving goes on meanwhile. With `cluster.ray_address` set,
+each round runs as a Ray task on a worker its user's privacy tier allows (ownlm/cluster/), up to
+`cluster.max_rounds` at once, one per user.
 
 The quality gate deploys a model only if, on the user's held-out conversations, the *compressed* personal
 model has a lower assistant-token NLL than the base, its drift from the base on generic prompts stays under
@@ -27,7 +29,7 @@ import traceback
 from collections.abc import Callable
 
 from ownlm.learn.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapter, plan_round, read_lineage
-from ownlm.errors import OwnlmError
+from ownlm.errors import OwnlmError, QualityGateRefused
 from ownlm.settings import Settings
 from ownlm.store import Store
 from ownlm.store.jobs import LEASE_S, PROCESS_OWNER, LeaseLost, owner_alive
@@ -86,13 +88,8 @@ def run_job(store: Store, settings: Settings, job_id: str, on_deployed: Callable
 
 
 def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, owner: str) -> dict:
-    from ownlm.basemodel import load_base
-    from ownlm.learn.dataset import DatasetConfig, build, config_dict, tokenize
-    from ownlm.learn.train import TrainConfig, train
-
     job = store.job(job_id)
     user = store.get_user(job["user_id"])
-    cfg = settings.personalization
     work = settings.home / "jobs" / job_id
 
     def update(**fields) -> None:  # every write of this round, only while we hold its lease
@@ -101,81 +98,25 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
     update(state="running", started_at=time.time(), stage="dataset", progress=0.0)
     figures: dict = {}
     try:
-        # 1. dataset (deterministic, so a resumed job rebuilds the same one and its training checkpoint fits)
-        watermark = job["watermark"] or store.message_watermark(user.id)
-        audit_mark = store.audit_mark()  # a delete after this point makes this round's adapter unfit to continue
-        conversations, feedback = store.training_view(user.id)
-        base = load_base(settings)
-        dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10), paraphrases=cfg.paraphrases)
-        built = build(conversations, feedback, base.tokenizer, dcfg)
-        ds_id = store.save_dataset(user.id, built, config_dict(dcfg))
-        update(watermark=watermark, stage="train", progress=0.0)
-        train_ex, held_ex = tokenize(built.split("train"), base.tokenizer), tokenize(built.split("heldout"), base.tokenizer)
-        if not held_ex:
-            raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
-        figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
+        if settings.cluster.ray_address:  # imported only here: without a cluster, ray is never imported
+            from ownlm.cluster.round import cluster_round
 
-        # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
-        tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
-                           qat=cfg.qat, anchor_kl=cfg.anchor_kl)
-        plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
-        figures.update(continual=plan.summary())
-
-        def on_progress(p) -> None:
-            if p.phase == "train" and p.total_steps:
-                live = {**figures, "live": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss,
-                                            "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}}
-                update(progress=round(p.step / p.total_steps, 3), result=live)
-
-        report = train(base, plan.examples, held_ex, tcfg, work / "train", progress=on_progress,
-                       dataset={"id": ds_id, "merkle_root": built.merkle_root}, init_adapter=plan.init_adapter)
-        figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
-                       heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
-                       tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
-        update(stage="compress", progress=0.0)
-
-        # 3. compress, 4. gate
-        from ownlm.evaluate.gate import behaviour_prompts, compress_adapter, judge
-
-        delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
-        update(stage="gate", progress=0.0)
-        verdict = judge(base, delta, held_ex, report, cfg,
-                        behaviour=behaviour_prompts(built.split("train"), built.split("heldout")),
-                        repetition_penalty=settings.repetition_penalty)
-        figures.update(verdict)
-        if not verdict["passed"]:
-            raise GateRefused(verdict["reason"], figures)
-
-        # 5. bundle (signed with the user's key, sealed to this node), 6. deploy
-        update(stage="bundle", progress=0.0)
-        from ownlm.artifact.bundle import make_bundle
-        from ownlm.node.install import install
-
-        latest = store.models(user.id)
-        report_dict = json.loads(report.to_json())
-        report_dict["samples"] = report.samples
-        report_dict["heldout_loss_personal"] = verdict["heldout_loss_compressed"]
-        data, manifest = make_bundle(
-            delta_dir=work / "delta", report=report_dict, user_name=user.name, signing_key=store.signing_key(user.id),
-            recipient=store.node_key().public_json(), base_name=base.source.name,
-            version=store.max_version(user.id) + 1, previous=latest[0]["id"] if latest else None,
-        )
-        update(stage="deploy", progress=0.0)
-        res = install(store, settings, data, keep=cfg.keep_versions)
-        figures.update(model_id=res.model_id, version=res.version, bundle_bytes=len(data),
-                       artifact_bytes=sum(f["size"] for f in manifest["files"].values()) + len(json.dumps(manifest)))
-        keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
-            model_id=res.model_id, dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg), audit_mark=audit_mark))
+            res = cluster_round(store, settings, user, job, update, figures)
+        else:
+            res = _local_round(store, settings, user, job, work, update, figures)
         update(state="deployed", stage=None, progress=1.0, finished_at=time.time(), result=figures,
-                         reason=f"deployed {res.model_id}")
+               reason=f"deployed {res.model_id}")
         with store.tx() as db:
-            store.audit(db, user.id, "trained", job=job_id, dataset=ds_id, model=res.model_id, merkle_root=built.merkle_root)
+            store.audit(db, user.id, "trained", job=job_id, dataset=figures.get("dataset"), model=res.model_id,
+                        merkle_root=figures.get("merkle_root"))
         if on_deployed:
             on_deployed(user.id)
     except LeaseLost:
         raise  # another process owns the round now: write nothing, leave its work directory alone
     except GateRefused as e:
         update(state="refused", finished_at=time.time(), result=e.figures or figures, reason=e.reason)
+    except QualityGateRefused as e:  # the node's gate on a bundle trained on the cluster
+        update(state="refused", finished_at=time.time(), result=figures, reason=e.message)
     except OwnlmError as e:
         update(state="failed", finished_at=time.time(), result=figures, reason=str(e))
     except Exception as e:  # a bug: record it, keep the node serving
@@ -186,6 +127,81 @@ def _run_claimed(store: Store, settings: Settings, job_id: str, on_deployed, own
         if job["state"] != "running" and job["owner"] == owner:
             shutil.rmtree(work, ignore_errors=True)
     return store.job(job_id)
+
+
+def _local_round(store: Store, settings: Settings, user, job: dict, work, update, figures: dict):
+    """The round in this process: dataset → train → compress → gate → bundle → install. Returns InstallResult."""
+    from ownlm.basemodel import load_base
+    from ownlm.learn.dataset import DatasetConfig, build, config_dict, tokenize
+    from ownlm.learn.train import TrainConfig, train
+
+    job_id, cfg = job["id"], settings.personalization
+    # 1. dataset (deterministic, so a resumed job rebuilds the same one and its training checkpoint fits)
+    watermark = job["watermark"] or store.message_watermark(user.id)
+    audit_mark = store.audit_mark()  # a delete after this point makes this round's adapter unfit to continue
+    conversations, feedback = store.training_view(user.id)
+    base = load_base(settings)
+    dcfg = DatasetConfig(min_examples=min(cfg.min_samples, 10), paraphrases=cfg.paraphrases)
+    built = build(conversations, feedback, base.tokenizer, dcfg)
+    ds_id = store.save_dataset(user.id, built, config_dict(dcfg))
+    update(watermark=watermark, stage="train", progress=0.0)
+    train_ex, held_ex = tokenize(built.split("train"), base.tokenizer), tokenize(built.split("heldout"), base.tokenizer)
+    if not held_ex:
+        raise GateRefused("no held-out conversations to judge a new model on (need at least 2 conversations)", {})
+    figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
+
+    # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
+    tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
+                       qat=cfg.qat, anchor_kl=cfg.anchor_kl)
+    plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
+    figures.update(continual=plan.summary())
+
+    def on_progress(p) -> None:
+        if p.phase == "train" and p.total_steps:
+            live = {**figures, "live": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss,
+                                        "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}}
+            update(progress=round(p.step / p.total_steps, 3), result=live)
+
+    report = train(base, plan.examples, held_ex, tcfg, work / "train", progress=on_progress,
+                   dataset={"id": ds_id, "merkle_root": built.merkle_root}, init_adapter=plan.init_adapter)
+    figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
+                   heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
+                   tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
+    update(stage="compress", progress=0.0)
+
+    # 3. compress, 4. gate
+    from ownlm.evaluate.gate import behaviour_prompts, compress_adapter, judge
+
+    delta = compress_adapter(work / "train" / "adapter", work / "delta", base)
+    update(stage="gate", progress=0.0)
+    verdict = judge(base, delta, held_ex, report, cfg,
+                    behaviour=behaviour_prompts(built.split("train"), built.split("heldout")),
+                    repetition_penalty=settings.repetition_penalty)
+    figures.update(verdict)
+    if not verdict["passed"]:
+        raise GateRefused(verdict["reason"], figures)
+
+    # 5. bundle (signed with the user's key, sealed to this node), 6. deploy
+    update(stage="bundle", progress=0.0)
+    from ownlm.artifact.bundle import make_bundle
+    from ownlm.node.install import install
+
+    latest = store.models(user.id)
+    report_dict = json.loads(report.to_json())
+    report_dict["samples"] = report.samples
+    report_dict["heldout_loss_personal"] = verdict["heldout_loss_compressed"]
+    data, manifest = make_bundle(
+        delta_dir=work / "delta", report=report_dict, user_name=user.name, signing_key=store.signing_key(user.id),
+        recipient=store.node_key().public_json(), base_name=base.source.name,
+        version=store.max_version(user.id) + 1, previous=latest[0]["id"] if latest else None,
+    )
+    update(stage="deploy", progress=0.0)
+    res = install(store, settings, data, keep=cfg.keep_versions)
+    figures.update(model_id=res.model_id, version=res.version, bundle_bytes=len(data),
+                   artifact_bytes=sum(f["size"] for f in manifest["files"].values()) + len(json.dumps(manifest)))
+    keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
+        model_id=res.model_id, dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg), audit_mark=audit_mark))
+    return res
 
 
 def _lora(tcfg) -> dict:
@@ -219,6 +235,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="ownlm-loop")
         self.current: str | None = None
+        self._rounds: dict[str, threading.Thread] = {}  # with a cluster: the rounds in flight, by job id
 
     def start(self) -> "Scheduler":
         for job in self.store.open_jobs():  # a restart: resume what a process that is gone was running
@@ -232,7 +249,29 @@ class Scheduler:
         """Ask the loop to stop and wait up to `timeout` s; False if a round is still running (daemon thread)."""
         self._stop.set()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        deadline = time.time() + timeout
+        for t in list(self._rounds.values()):
+            t.join(max(0.0, deadline - time.time()))
+        return not self._thread.is_alive() and not any(t.is_alive() for t in self._rounds.values())
+
+    def _dispatch(self) -> None:
+        """With a cluster: up to cluster.max_rounds rounds at once, each in its own thread (a round mostly waits for
+        its Ray task). One open job per user (store.enqueue_job) keeps it to one round per user."""
+        self._rounds = {j: t for j, t in self._rounds.items() if t.is_alive()}
+        for job in self.store.open_jobs():
+            if self._stop.is_set() or len(self._rounds) >= self.settings.cluster.max_rounds:
+                break
+            if job["id"] in self._rounds:
+                continue
+            t = threading.Thread(target=self._run_one, args=(job["id"],), daemon=True, name=f"ownlm-round-{job['id']}")
+            self._rounds[job["id"]] = t
+            t.start()
+
+    def _run_one(self, job_id: str) -> None:
+        try:
+            run_job(self.store, self.settings, job_id, self.on_deployed)
+        except Exception:
+            log.error("scheduler: round %s: %s", job_id, traceback.format_exc())
 
     def due(self, now: float) -> list[str]:
         """Users whose interval has passed and who have enough new samples; schedules their next check."""
@@ -256,12 +295,15 @@ class Scheduler:
                 if self.settings.personalization.enabled:
                     for uid in self.due(time.time()):
                         self.store.enqueue_job(uid, f"scheduled: {self.store.samples_since(uid, 'attempt')} new samples")
-                for job in self.store.open_jobs():
-                    if self._stop.is_set():
-                        break
-                    self.current = job["id"]
-                    run_job(self.store, self.settings, job["id"], self.on_deployed)
-                    self.current = None
+                if self.settings.cluster.ray_address:
+                    self._dispatch()
+                else:
+                    for job in self.store.open_jobs():
+                        if self._stop.is_set():
+                            break
+                        self.current = job["id"]
+                        run_job(self.store, self.settings, job["id"], self.on_deployed)
+                        self.current = None
             except Exception:
                 log.error("scheduler: %s", traceback.format_exc())
             self._stop.wait(self.tick)

@@ -146,6 +146,51 @@ class Remote(BaseModel):
         return v.rstrip("/") if v else v
 
 
+class Cluster(BaseModel):
+    """Rounds as Ray tasks on a cluster (`[cluster]` in settings.toml; `pip install 'ownlm[cluster]'`).
+
+    Without `ray_address` nothing changes: rounds run in this process and ray is never imported. With it, each
+    round's job is sealed to one worker's trainer key and runs there as a Ray task (ownlm/cluster/); the user's
+    privacy tier decides which workers may get it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    ray_address: str | None = Field(
+        default=None, description="The Ray cluster rounds run on: None (off, rounds run in this process), 'auto' (the "
+        "cluster `ray start` runs on this machine) or 'host:port' of its head (the GCS address `ray start --head` prints).")
+    node_ip: str | None = Field(
+        default=None, description="This machine's own address in the cluster, where Ray cannot tell it (several "
+        "interfaces; a test cluster on loopback addresses such as 127.0.0.2): what `ray start --node-ip-address` got.")
+    max_rounds: int = Field(
+        default=4, ge=1, le=1024,
+        description="Rounds this node runs on the cluster at once (still one open round per user, whatever this says).")
+    cpus_per_round: float = Field(
+        default=1.0, gt=0, description="CPUs each round's Ray task asks for: Ray starts it only on a worker with that "
+        "many free, so a worker runs at most (its CPUs / this) rounds at once.")
+    gpus_per_round: float = Field(
+        default=0.0, ge=0, description="GPUs each round's Ray task asks for (0: the round trains on CPUs).")
+    head_resource: str = Field(
+        default="ownlm_head", min_length=1,
+        description="Custom Ray resource that marks the head machine, where this node runs (`ray start --head "
+        "--resources '{\"ownlm_head\": 1}'`): a tier-1 round runs only on this machine's own Ray node, which must have it.")
+    task_retries: int = Field(
+        default=1, ge=0, le=10,
+        description="Times Ray reruns a round whose worker process died (Ray's max_retries). The rerun is on the same "
+        "worker, the only one that can open the job sealed to its key; if that worker is gone the round fails and "
+        "the next one is placed afresh.")
+    timeout_s: float = Field(default=3600, gt=0, description="Seconds to wait for a round's task on the cluster.")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"ray_address {v!r} is not 'auto' or host:port (e.g. 10.0.0.5:6379)")
+        return v
+
+
 class Settings(BaseSettings):
     """Node settings. Field docs are what `ownlm info` and the docs show."""
 
@@ -187,6 +232,9 @@ class Settings(BaseSettings):
     )
     remote: Remote = Field(
         default_factory=Remote, description="The remote trainer for tiers 0 and 2 (env: OWNLM_REMOTE__TRAINER_URL=...)."
+    )
+    cluster: Cluster = Field(
+        default_factory=Cluster, description="Rounds as Ray tasks on a cluster (env: OWNLM_CLUSTER__RAY_ADDRESS=auto ...)."
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body, in bytes."

@@ -131,6 +131,19 @@ def remote_round(store: Store, settings: Settings, user: User, **kw):
     return built, train_remotely(store, settings, user, built, **kw)
 
 
+def attestation_setup(settings: Settings, policy=None, verifier=None):
+    """Tier 2's (policy, verifier): the caller's, else the policy file in settings.remote.attestation_policy and
+    the verifier it names. Raises AttestationFailed when there is none (nothing may be sent then)."""
+    from ownlm.privacy.attest import AttestationPolicy, verifier_for
+
+    if policy is None:
+        if settings.remote.attestation_policy is None:
+            raise AttestationFailed("tier 2 needs an attestation policy and none is configured; nothing was sent",
+                                    hint="set remote.attestation_policy to a JSON policy file")
+        policy = AttestationPolicy.from_file(settings.remote.attestation_policy)
+    return policy, verifier if verifier is not None else verifier_for(policy)
+
+
 def train_remotely(store: Store, settings: Settings, user: User, built, trainer_url: str | None = None,
                    ca_file: Path | str | None = None, *, verifier=None, policy=None):
     """Train `built` (a redacted BuiltDataset of `user`) on the remote trainer and install the result.
@@ -152,17 +165,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     if url is None:
         raise ConfigError("no remote trainer configured", hint="set remote.trainer_url (OWNLM_REMOTE__TRAINER_URL)")
     if tier == 2:
-        if policy is None:
-            from ownlm.privacy.attest import AttestationPolicy
-
-            if settings.remote.attestation_policy is None:
-                raise AttestationFailed("tier 2 needs an attestation policy and none is configured; nothing was sent",
-                                        hint="set remote.attestation_policy to a JSON policy file")
-            policy = AttestationPolicy.from_file(settings.remote.attestation_policy)
-        if verifier is None:
-            from ownlm.privacy.attest import verifier_for
-
-            verifier = verifier_for(policy)
+        policy, verifier = attestation_setup(settings, policy, verifier)
 
     with TrainerClient(url, ca_file if ca_file is not None else settings.remote.ca_file, settings.remote.timeout_s) as tc:
         trainer_pub = tc.request("GET", "/trainer/pubkey").json()
@@ -201,7 +204,7 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     # The same quality gate as a local round, measured here on the node's own held-out conversations: a model
     # trained elsewhere is never deployed on the trainer's word that it is better.
     verified = open_verified(store, settings, bundle, expect_user_id=user.id)
-    verdict = _judge_received(settings, built, verified)
+    verdict = judge_received(settings, built, verified)
     with store.tx() as db:
         store.audit(db, user.id, "remote_model_judged", model=verified.model_id, passed=verdict["passed"],
                     reason=verdict["reason"], heldout_loss_base=verdict["heldout_loss_base"],
@@ -213,7 +216,9 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     return install_verified(store, settings, verified, keep=settings.personalization.keep_versions)
 
 
-def _judge_received(settings: Settings, built, verified) -> dict:
+def judge_received(settings: Settings, built, verified) -> dict:
+    """The node's quality gate on a bundle trained elsewhere (a remote trainer or a Ray worker), on `built`'s
+    held-out conversations."""
     from ownlm.basemodel import load_base
     from ownlm.learn.dataset import tokenize
     from ownlm.evaluate.gate import behaviour_prompts, judge_bundle

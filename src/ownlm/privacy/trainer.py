@@ -89,6 +89,29 @@ def erase_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def erase_stale_jobs(jobs_dir: Path) -> list[Path]:
+    """Erase the work directories of jobs whose process is gone (a trainer killed mid-job, e.g. a Ray worker
+    SIGKILLed: its `finally` never ran). A directory is named `<pid>-<random>` by the process that owns it."""
+    erased = []
+    for d in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
+        pid = d.name.partition("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        erase_tree(d)
+        erased.append(d)
+    return erased
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def parse_job(raw: bytes) -> dict:
     """job.json → dict, with its shape checked (InvalidInput says which field is wrong)."""
     try:
@@ -135,8 +158,10 @@ class Trainer:
         return None if self.attester is None else self.attester.evidence(self.pubkey(), nonce)
 
     def run(self, sealed_job: bytes) -> bytes:
-        """Open, check and run one job; return the sealed bundle. The job's data is erased whatever happens."""
-        work = self.jobs_dir / secrets.token_hex(8)
+        """Open, check and run one job; return the sealed bundle. The job's data is erased whatever happens (and if
+        this process is killed, by the next trainer process that starts: `erase_stale_jobs`)."""
+        erase_stale_jobs(self.jobs_dir)
+        work = self.jobs_dir / f"{os.getpid()}-{secrets.token_hex(8)}"
         try:
             files = open_bundle(sealed_job, self.keys.hpke)
             if set(files) != {JOB_FILE}:
