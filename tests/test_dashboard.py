@@ -346,6 +346,7 @@ def no_horizontal_overflow(page) -> None:
 def test_sign_in_names_the_real_command_and_a_good_login_clears_the_stale_banner(browser, node):
     ctx = browser.new_context()
     page = ctx.new_page()
+    page.set_default_timeout(30_000)  # as open_page: a full `make test` leaves the browser little CPU
     page.goto(node.url + "/")
     expect(page.locator("#view-login")).to_contain_text("ownlm token create")
     assert "ownlm user token" not in page.locator("#view-login").inner_text()
