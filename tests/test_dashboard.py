@@ -346,7 +346,8 @@ def no_horizontal_overflow(page) -> None:
 def test_sign_in_names_the_real_command_and_a_good_login_clears_the_stale_banner(browser, node):
     ctx = browser.new_context()
     page = ctx.new_page()
-    page.set_default_timeout(30_000)  # as open_page: a full `make test` leaves the browser little CPU
+    page.set_default_timeout(30_000)  # as open_page: a full `make test` leaves the browser little CPU (actions;
+    # expect() has its own 5 s, given below where the failure was seen)
     page.goto(node.url + "/")
     expect(page.locator("#view-login")).to_contain_text("ownlm token create")
     assert "ownlm user token" not in page.locator("#view-login").inner_text()
@@ -356,7 +357,7 @@ def test_sign_in_names_the_real_command_and_a_good_login_clears_the_stale_banner
     node.store.revoke_tokens(node.users["alice"].id)  # e.g. revoked from the command line
     go_link = page.get_by_role("link", name="Status", exact=True)
     go_link.click()
-    expect(page.get_by_label("Access token")).to_be_visible()  # a 401 sends the user back to sign in
+    expect(page.get_by_label("Access token")).to_be_visible(timeout=30_000)  # a 401 sends the user back to sign in
     expect(page.locator("#flash")).to_contain_text("no longer valid")
     page.get_by_label("Access token").fill(node.store.create_token(node.users["alice"].id))
     page.get_by_role("button", name="Sign in").click()
