@@ -361,7 +361,10 @@ def test_sign_in_names_the_real_command_and_a_good_login_clears_the_stale_banner
     expect(page.locator("#flash")).to_contain_text("no longer valid")
     page.get_by_label("Access token").fill(node.store.create_token(node.users["alice"].id))
     page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="Chat")).to_be_visible()
+    # signed in again, on whichever view the hash names: the chat view's own requests may meet the revoked token
+    # before or after the Status click, so the view the user lands on is not fixed (and not what this tests)
+    expect(page.get_by_label("Access token")).to_be_hidden(timeout=30_000)
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     expect(page.locator("#flash")).to_be_hidden()  # the old banner must not stay over a good session
     ctx.close()
 
