@@ -32,9 +32,9 @@ import time
 
 from ownlm.cluster import placement
 from ownlm.cluster.connect import connect
-from ownlm.errors import CorruptArtifact, OwnlmError, QualityGateRefused, RemoteTrainerError
+from ownlm.errors import CorruptArtifact, OwnlmError, RemoteTrainerError
 from ownlm.privacy import tiers as privacy
-from ownlm.privacy.remote import job_document, judge_received
+from ownlm.privacy.remote import install_judged, job_document, redacted_dataset
 from ownlm.settings import Settings
 from ownlm.store import Store, User
 
@@ -55,18 +55,15 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
     task fails, QualityGateRefused when the node's gate refuses the bundle, or any install error.
     """
     from ownlm.artifact.seal import seal
-    from ownlm.basemodel import base_sha256, load_tokenizer, resolve_base
-    from ownlm.learn.dataset import DatasetConfig, build, config_dict
+    from ownlm.basemodel import base_sha256, resolve_base
+    from ownlm.learn.dataset import config_dict
 
     if store.get_user(user.id).privacy_tier == 3:  # before the dataset exists: nothing of it is even built
         privacy.check_may_send(3, "the Ray cluster")
     ray = connect(settings)
     watermark = job["watermark"] or store.message_watermark(user.id)
-    conversations, feedback = store.training_view(user.id)
-    cfg = settings.personalization
     with _node_work:
-        built = build(conversations, feedback, load_tokenizer(settings),
-                      DatasetConfig(min_examples=min(cfg.min_samples, 10), redact=True, paraphrases=cfg.paraphrases))
+        built = redacted_dataset(store, settings, user)
     ds_id = store.save_dataset(user.id, built, config_dict(built.config))
     figures.update(dataset=ds_id, merkle_root=built.merkle_root, examples=len(built.examples))
     update(watermark=watermark, stage="train", progress=0.0)
@@ -195,7 +192,7 @@ def accept_bundle(store: Store, settings: Settings, user: User, built, bundle: b
     Refuses a bundle for another user (AuthError), for another round of this user — another version or another
     dataset — (CorruptArtifact), one the gate refuses (QualityGateRefused), and one already installed
     (VersionConflict: never installed twice)."""
-    from ownlm.node.install import install_verified, open_verified
+    from ownlm.node.install import open_verified
 
     verified = open_verified(store, settings, bundle, expect_user_id=user.id)
     root = (verified.manifest.get("dataset") or {}).get("merkle_root")
@@ -203,17 +200,8 @@ def accept_bundle(store: Store, settings: Settings, user: User, built, bundle: b
         raise CorruptArtifact(f"the bundle from {source} is for another round of {user.name} (version {verified.version}, "
                               f"dataset {str(root)[:12]}…), not this one (version {version}, dataset "
                               f"{built.merkle_root[:12]}…); nothing was installed", hint="run the round again")
-    with _node_work:
-        verdict = judge_received(settings, built, verified)
-    with store.tx() as db:
-        store.audit(db, user.id, "cluster_model_judged", model=verified.model_id, passed=verdict["passed"],
-                    reason=verdict["reason"], heldout_loss_base=verdict["heldout_loss_base"],
-                    heldout_loss_compressed=verdict["heldout_loss_compressed"], kl_drift=verdict["kl_drift"])
     if figures is not None:
         training = verified.manifest.get("training") or {}
-        figures.update(verdict, training={k: training.get(k) for k in ("samples", "tokens", "duration_s")})
-    if not verdict["passed"]:
-        raise QualityGateRefused(f"the model from {source} failed the quality gate: {verdict['reason']}; the previous "
-                                 "model keeps serving", hint="capture more conversations or adjust the gate "
-                                 "(personalization.gate_*), then train again")
-    return install_verified(store, settings, verified, keep=settings.personalization.keep_versions)
+        figures.update(training={k: training.get(k) for k in ("samples", "tokens", "duration_s")})
+    return install_judged(store, settings, user, built, verified, source=source, audit_action="cluster_model_judged",
+                          figures=figures, lock=_node_work)

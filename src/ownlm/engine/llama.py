@@ -324,9 +324,8 @@ def load_llama_engine(settings, store, max_waiting: int | None = None) -> LlamaP
 
 def _retire(holder: list) -> None:
     """Let go of the replaced server (the only reference, in `holder`) in a thread of its own. Tearing a
-    llama.cpp server down stops its threads and frees its context: 50-300 ms measured on 2 busy cores, which
-    a deploy would otherwise add before the new version's first token (and, under the engine lock, to every
-    waiting request)."""
+    llama.cpp server down stops its threads and frees its context, which a deploy would otherwise wait for
+    before the new version's first token (and, under the engine lock, every waiting request with it)."""
     threading.Thread(target=holder.clear, name="ownlm-llama-retire", daemon=True).start()
 
 

@@ -23,6 +23,7 @@ In order, and nothing is sent before its check passes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -120,15 +121,21 @@ def check_tier(store: Store, user: User, destination: str | None) -> int:
 def remote_round(store: Store, settings: Settings, user: User, **kw):
     """One round on the remote trainer from the user's stored conversations (redacted dataset); see train_remotely.
     The tier is checked before the dataset is even built."""
+    check_tier(store, user, kw.get("trainer_url") or settings.remote.trainer_url)
+    built = redacted_dataset(store, settings, user)
+    return built, train_remotely(store, settings, user, built, **kw)
+
+
+def redacted_dataset(store: Store, settings: Settings, user: User):
+    """The user's stored conversations as the BuiltDataset a trainer outside this process gets: redaction on,
+    the loop's other dataset settings."""
     from ownlm.basemodel import load_tokenizer
     from ownlm.learn.dataset import DatasetConfig, build
 
-    check_tier(store, user, kw.get("trainer_url") or settings.remote.trainer_url)
     conversations, feedback = store.training_view(user.id)
     dcfg = DatasetConfig(min_examples=min(settings.personalization.min_samples, 10), redact=True,
                          paraphrases=settings.personalization.paraphrases)
-    built = build(conversations, feedback, load_tokenizer(settings), dcfg)
-    return built, train_remotely(store, settings, user, built, **kw)
+    return build(conversations, feedback, load_tokenizer(settings), dcfg)
 
 
 def attestation_setup(settings: Settings, policy=None, verifier=None):
@@ -204,13 +211,26 @@ def train_remotely(store: Store, settings: Settings, user: User, built, trainer_
     # The same quality gate as a local round, measured here on the node's own held-out conversations: a model
     # trained elsewhere is never deployed on the trainer's word that it is better.
     verified = open_verified(store, settings, bundle, expect_user_id=user.id)
-    verdict = judge_received(settings, built, verified)
+    return install_judged(store, settings, user, built, verified, source=url, audit_action="remote_model_judged")
+
+
+def install_judged(store: Store, settings: Settings, user: User, built, verified, *, source: str, audit_action: str,
+                   figures: dict | None = None, lock=contextlib.nullcontext()):
+    """The node's gate on a verified bundle trained elsewhere (`judge_received`), audited as `audit_action`
+    (figures, never content); installs it, or raises QualityGateRefused and installs nothing. `figures` gets the
+    verdict; `lock` is held while judging (the cluster judges one round at a time)."""
+    from ownlm.node.install import install_verified
+
+    with lock:
+        verdict = judge_received(settings, built, verified)
     with store.tx() as db:
-        store.audit(db, user.id, "remote_model_judged", model=verified.model_id, passed=verdict["passed"],
+        store.audit(db, user.id, audit_action, model=verified.model_id, passed=verdict["passed"],
                     reason=verdict["reason"], heldout_loss_base=verdict["heldout_loss_base"],
                     heldout_loss_compressed=verdict["heldout_loss_compressed"], kl_drift=verdict["kl_drift"])
+    if figures is not None:
+        figures.update(verdict)
     if not verdict["passed"]:
-        raise QualityGateRefused(f"the model from {url} failed the quality gate: {verdict['reason']}; "
+        raise QualityGateRefused(f"the model from {source} failed the quality gate: {verdict['reason']}; "
                                  "the previous model keeps serving", hint="capture more conversations or adjust the "
                                  "gate (personalization.gate_*), then train again")
     return install_verified(store, settings, verified, keep=settings.personalization.keep_versions)
