@@ -64,6 +64,18 @@ def test_plan_retrains_from_scratch_when_continuing_is_unsafe(tmp_path, over, wh
     assert len(plan.examples) == 14  # all of the user's data
 
 
+def test_plan_continues_from_a_round_refused_for_its_habits_while_the_same_model_serves(tmp_path):
+    refused = Lineage("", "ds1", "base", LORA, 7, refused_job="job_0")  # kept while the base served the user
+    plan = make_plan(tmp_path, lineage=refused, active_model_id=None)
+    assert plan.strategy == "replay" and plan.init_adapter == tmp_path / "kept" and "refused round job_0" in plan.why
+    changed = make_plan(tmp_path, lineage=refused, active_model_id="m2")  # a model was deployed meanwhile
+    assert changed.strategy == "retrain" and "changed since round job_0" in changed.why
+    over_m1 = Lineage("m1", "ds1", "base", LORA, 7, refused_job="job_3")  # refused while m1 served
+    assert make_plan(tmp_path, lineage=over_m1).init_adapter is not None
+    assert make_plan(tmp_path, lineage=over_m1, active_model_id=None).strategy == "retrain"  # rolled back to base
+    assert make_plan(tmp_path, lineage=refused, active_model_id=None, deleted_since=True).strategy == "retrain"
+
+
 def test_plan_retrain_strategy_and_missing_weights(tmp_path):
     assert make_plan(tmp_path, "retrain").init_adapter is None
     (tmp_path / "empty").mkdir()
@@ -131,3 +143,35 @@ def test_a_delete_during_a_round_is_caught_by_the_audit_mark(home, tiny_base, tm
         job = run_job(store, settings, store.enqueue_job(user.id, "round 2"))
         assert job["result"]["continual"]["strategy"] == "retrain"
         assert "deleted" in job["result"]["continual"]["why"]
+
+
+def test_a_round_refused_only_for_its_habits_is_where_the_next_round_starts(home, tiny_base, tmp_path):
+    """bram's replies all start with "Ahoy!"; asking every held-out answer to show it (gate_min_habit 1) refuses
+    the tiny model's round for its habit alone, so it keeps its adapter and round 2 continues from it."""
+    settings = loop_settings(tiny_base, gate_behaviour=True, gate_min_habit=1.0)
+    # the strongest penalty keeps the random model's answers from looping (a loop is not a habit-only refusal)
+    settings = settings.model_copy(update={"repetition_penalty": 2.0})
+    with Store(home) as store:
+        user = store.create_user("bram")
+        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
+        job = run_job(store, settings, store.enqueue_job(user.id, "round 1"))
+        assert job["state"] == "refused" and "Ahoy!" in job["reason"], job["reason"]
+        loops = job["result"]["behaviour"]["degenerate"]
+        assert job["result"]["resumable"] == (loops["personal"] <= loops["base"]), loops
+        if not job["result"]["resumable"]:
+            pytest.skip(f"the tiny model's round looped more than the base ({loops}): not a habit-only refusal")
+        assert job["result"]["kept_for_next_round"] and store.active_model(user.id) is None
+        lineage = read_lineage(home, user.id)
+        assert lineage.refused_job == job["id"] and lineage.model_id == ""
+
+        import_into(store, user.id, parse_file(persona_file(tmp_path, 40, 60)), "bram")
+        job2 = run_job(store, settings, store.enqueue_job(user.id, "round 2"))
+        assert job2["result"]["continual"]["strategy"] == "replay", job2["result"]["continual"]
+        assert f"refused round {job['id']}" in job2["result"]["continual"]["why"]
+
+        off = settings.model_copy(update={"personalization": settings.personalization.model_copy(
+            update={"continue_refused": False})})
+        store.delete_data(user.id, conversation_id=store.list_conversations(user.id)[0]["id"])
+        job3 = run_job(store, off, store.enqueue_job(user.id, "round 3"))
+        assert job3["state"] == "refused" and "kept_for_next_round" not in job3["result"]
+        assert read_lineage(home, user.id) is None  # the delete forgot it, and a refused round keeps none when off

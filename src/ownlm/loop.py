@@ -153,6 +153,7 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
     # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
     tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
                        qat=cfg.qat, anchor_kl=cfg.anchor_kl)
+    serving = store.active_model(user.id)  # what this round continues (or not) and would replace
     plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
     figures.update(continual=plan.summary())
 
@@ -179,6 +180,11 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
                     repetition_penalty=settings.repetition_penalty)
     figures.update(verdict)
     if not verdict["passed"]:
+        if verdict["resumable"] and cfg.continue_refused:
+            keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
+                model_id=serving["id"] if serving else "", dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg),
+                audit_mark=audit_mark, refused_job=job_id))
+            figures["kept_for_next_round"] = True
         raise GateRefused(verdict["reason"], figures)
 
     # 5. bundle (signed with the user's key, sealed to this node), 6. deploy

@@ -101,6 +101,12 @@ class Personalization(BaseModel):
                     "(measured by bench/continual.py; see learn/continual.py for when a round retrains anyway).")
     replay: float = Field(
         default=0.5, ge=0, le=10, description="With continual='replay': older examples replayed per new example.")
+    continue_refused: bool = Field(
+        default=True,
+        description="Keep the adapter of a round the gate refused only because its answers do not show the user's "
+                    "habits yet (it beat the base, drifted within bounds, did not loop), and continue from it next "
+                    "round; the gate still judges every round. Off: a refused round leaves nothing, and a user whose "
+                    "rounds are refused starts from scratch each time (learn/continual.py).")
 
 
 class Memory(BaseModel):

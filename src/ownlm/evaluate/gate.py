@@ -123,12 +123,18 @@ def judge(base: BaseModel, delta: Delta, heldout: list[TokenizedExample], report
         kept = "no gain to keep" if fidelity is None else f"{fidelity:.0%}"
         problems.append(f"the 1-bit delta keeps {kept} of the LoRA's held-out gain (need {cfg.gate_min_fidelity:.0%})")
     checked = None
+    sound = not problems  # beats the base, bounded drift, faithful compression: what a habit check cannot fix
     if behaviour is not None and cfg.gate_behaviour:
         checked = behaviour_check(base, delta, *behaviour, min_rate=cfg.gate_min_habit,
                                   repetition_penalty=repetition_penalty)
         problems += checked["problems"]
+        loops = checked.get("degenerate")
+        if loops and loops["personal"] > loops["base"]:
+            sound = False  # a model that loops is not a starting point
     return {
         "passed": not problems,
+        # refused only because the habits do not show yet: a starting point for the next round (learn/continual.py)
+        "resumable": bool(problems) and sound,
         "reason": "; ".join(problems) if problems else "beats the base, bounded drift, faithful compression",
         "heldout_loss_base": nll_base,
         "heldout_loss_lora": nll_lora,

@@ -12,6 +12,11 @@ model, so a round falls back to `retrain` (and says why) when:
     - the user is not served by the model that adapter became (a rollback, or routed to the base);
     - any of the user's data was deleted after it was trained (right to delete: an adapter continued from
       weights that learned deleted conversations would keep what the user asked us to forget).
+A round that the gate refused only because its answers do not show the user's habits yet (it beat the base,
+drifted within bounds, compressed faithfully and did not loop) keeps its adapter too, marked with that round's
+job: the next round continues from it while the user is still served by the model that served them then.
+Without this, a user whose first round is refused starts from scratch every round and never gets a model
+(bench/README.md, personas.py: mira's three refused rounds).
 The kept adapter lives in home/adapters/<user id>/ with lineage.json; it holds no conversation text.
 """
 
@@ -32,13 +37,17 @@ STRATEGIES = ("retrain", "continue", "replay")
 
 @dataclass(frozen=True)
 class Lineage:
-    """What the kept adapter is. audit_mark: the store's last audit id when it was kept (deletes after it count)."""
+    """What the kept adapter is. audit_mark: the store's last audit id when it was kept (deletes after it count).
+
+    model_id: the model this adapter became; for an adapter of a refused round (`refused_job` set), the model
+    that was serving the user when it was kept ("" for the base)."""
 
     model_id: str
     dataset_id: str
     base_sha256: str
     lora: dict  # {"r", "alpha", "target_modules"}
     audit_mark: int
+    refused_job: str | None = None  # the job of the round refused for its habits only that trained it
 
 
 @dataclass
@@ -109,7 +118,9 @@ def plan_round(
         return fresh("no previous adapter: first round, or it was removed")
     if lineage.base_sha256 != base_sha256 or lineage.lora != lora:
         return fresh("the previous adapter was trained for another base model or LoRA settings")
-    if lineage.model_id != active_model_id:
+    if lineage.refused_job is not None and lineage.model_id != (active_model_id or ""):
+        return fresh(f"the user's model changed since round {lineage.refused_job} was refused")
+    if lineage.refused_job is None and lineage.model_id != active_model_id:
         return fresh(f"the user is not served by {lineage.model_id} (rolled back or routed to the base)")
     new = [e for e in train_examples if e.sha256 not in old_hashes]
     if not new:
@@ -118,6 +129,7 @@ def plan_round(
     picked: list = []
     if strategy == "replay" and old:
         picked = random.Random(seed).sample(old, min(len(old), round(replay * len(new))))
-    why = f"continued from {lineage.model_id} on {len(new)} new examples" + (
+    source = lineage.model_id if lineage.refused_job is None else f"refused round {lineage.refused_job}"
+    why = f"continued from {source} on {len(new)} new examples" + (
         f" + {len(picked)} replayed" if strategy == "replay" else "")
     return RoundPlan(strategy, new + picked, adapter, len(new), len(picked), why)
