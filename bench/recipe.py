@@ -88,7 +88,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--penalty", type=float, default=None,
                     help="also probe with this repetition penalty (the node's settings.repetition_penalty; 1 = plain greedy)")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="with --penalty: probe only with the penalty (as the node serves), not plain greedy too")
     args = ap.parse_args()
+    if args.no_plain and not args.penalty:
+        sys.exit("--no-plain needs --penalty")
     t0 = time.perf_counter()
     base = load_base(load_settings(home=args.home))
     tok, engine, rows = base.tokenizer, TorchEngine(base), []
@@ -112,7 +116,7 @@ def main() -> None:
             asked = probes(PERSONAS[name])
             nll_base = assistant_nll(base.model, held).mean_nll
             print(f"\n{name}: {len(train_ex)} training / {len(held)} held-out examples; base NLL {nll_base:.4f}, "
-                  f"probes {fmt(probe_row(engine, asked))}"
+                  + ("" if args.no_plain else f"probes {fmt(probe_row(engine, asked))}")
                   + (f" (penalty {args.penalty:g}: {fmt(probe_row(engine, asked, repetition_penalty=args.penalty))})"
                      if args.penalty else ""), flush=True)
             for recipe in args.recipes.split(","):
@@ -124,7 +128,7 @@ def main() -> None:
                 save_delta(delta, out / "delta")
                 with delta_applied(base.model, delta, base.sha256):
                     nll = assistant_nll(base.model, held).mean_nll
-                    probed = probe_row(engine, asked)
+                    probed = None if args.no_plain else probe_row(engine, asked)
                     penalised = probe_row(engine, asked, repetition_penalty=args.penalty) if args.penalty else None
                     arc_p = multiple_choice_accuracy(base.model, tok, arc)
                 drift = kl_drift(base.model, delta, drift_prompts, max_positions=DRIFT_POSITIONS, base_sha256=base.sha256)
@@ -138,7 +142,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"  {recipe:24s} NLL {nll:.4f} (LoRA {report.heldout_loss_personal:.4f}); drift {drift:.3f} ({late:.3f} after the opening); "
                       f"ARC-Easy {arc_p:.0%}; "
-                      f"probes {fmt(probed)}"
+                      + (f"probes {fmt(probed)}" if probed else "")
                       + (f" (repetition penalty {args.penalty:g}: {fmt(penalised)})" if penalised else "")
                       + f"; {row['artifact_bytes']:,} B; {report.duration_s:.0f} s, "
                       f"{report.steps} steps", flush=True)
@@ -150,7 +154,8 @@ def main() -> None:
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
     for recipe in args.recipes.split(","):
         mine = [r for r in rows if r["recipe"] == recipe]
-        tot = {k: [sum(r["probes"][k]["passed"] for r in mine), sum(r["probes"][k]["total"] for r in mine)]
+        kind = "probes_penalised" if args.no_plain else "probes"
+        tot = {k: [sum(r[kind][k]["passed"] for r in mine), sum(r[kind][k]["total"] for r in mine)]
                for k in ("style", "fact")}
         print(f"{recipe:24s} style {tot['style'][0]}/{tot['style'][1]}, fact {tot['fact'][0]}/{tot['fact'][1]}, "
               f"max drift {max(r['kl_drift'] for r in mine):.3f}")

@@ -225,6 +225,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch and llama.cpp; default: the number of physical cores."
     )
+    max_adapters_per_replica: int | None = Field(
+        default=16, ge=1,
+        description="llama engine: most users' adapters one llama.cpp replica holds (None: one replica holds all). "
+                    "A deploy rebuilds the replica of the user it is for, reading each adapter that replica holds; "
+                    "more replicas cost a KV cache each (engine/replicas.py, bench/replicas.py).")
     user: str | None = Field(
         default=None, description="The user that CLI commands act for; default: the home's only user "
         "(a home with several users needs --user, OWNLM_USER or this setting).")

@@ -27,6 +27,10 @@ How a request runs:
 llama.cpp loads adapters only when a server starts, so another set of personal models is another server:
 `load_adapters` builds it while the current one serves and swaps them between two generations. The adapter
 files (derived from users' conversations) are written to a private temporary directory and removed once loaded.
+With many users, the adapters are spread over replicas (servers of the same base in this process) of at most
+`max_adapters` each (replicas.py): a request goes to the replica holding its model, and a deploy rebuilds that
+replica alone, so its cost does not grow with the node's users. Replicas share the GGUF's mapped weights; each
+has its own KV cache. Generation stays one at a time across them (serial.py): on a CPU node they share its cores.
 
 The xllamacpp server also listens on a random 127.0.0.1 port for HTTP. It gets a random API key and no /slots
 endpoint, so that port tells other local processes nothing but /health.
@@ -41,10 +45,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ownlm.bitdelta.gguf_lora import BaseLayout
 from ownlm.engine.base import REPEAT_LAST_N, GenerationParams, GenerationStream, Message, validate_messages
+from ownlm.engine.replicas import assign
 from ownlm.engine.routing import RoutedEngine
 from ownlm.engine.serial import SerialEngine
 from ownlm.errors import EngineUnavailable, InvalidInput, ModelUnavailable, Overloaded
@@ -99,14 +105,23 @@ class LlamaServer:
         return None
 
 
+@dataclass(eq=False)
+class Replica:
+    """One llama.cpp server and the adapters it holds, {key: llama.cpp adapter id} in load order."""
+
+    server: LlamaServer
+    ids: dict[Hashable, int]
+
+
 class LlamaEngine(SerialEngine):
     """Serves a base GGUF and a set of LoRA adapters ({key: adapter GGUF}); `stream(..., adapter=key)`."""
 
     def __init__(self, gguf: str | Path, tokenizer, model_name: str, adapters: dict[Hashable, Path] | None = None,
-                 threads: int | None = None, context: int | None = None, max_waiting: int | None = None):
+                 threads: int | None = None, context: int | None = None, max_waiting: int | None = None,
+                 max_adapters: int | None = None):
         """`tokenizer`: the base's Hugging Face tokenizer (basemodel.load_tokenizer), for its chat template.
         `threads`: llama.cpp threads (default: physical cores). `context`: tokens (default: the GGUF's, at most
-        MAX_CONTEXT)."""
+        MAX_CONTEXT). `max_adapters`: most adapters per replica (None: one replica holds them all)."""
         from ownlm.device import physical_cores
 
         super().__init__(max_waiting)
@@ -114,25 +129,34 @@ class LlamaEngine(SerialEngine):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.threads = threads or physical_cores()
+        self.max_adapters = max_adapters
         self._context = context or min(BaseLayout.read(self.gguf).context_length, MAX_CONTEXT)
-        self._server, self._ids = self._build(adapters or {})
+        self._replicas = self._build_all(adapters or {})
 
-    def _build(self, adapters: dict[Hashable, Path]) -> tuple[LlamaServer, dict[Hashable, int]]:
+    def _build(self, adapters: dict[Hashable, Path]) -> Replica:
         keys = list(adapters)
         server = LlamaServer(self.gguf, [Path(adapters[k]) for k in keys], self.threads, self._context)
-        return server, {k: i for i, k in enumerate(keys)}
+        return Replica(server, {k: i for i, k in enumerate(keys)})
+
+    def _build_all(self, adapters: dict[Hashable, Path]) -> list[Replica]:
+        return [self._build({k: adapters[k] for k in keys}) for keys in assign([], adapters, self.max_adapters)]
 
     def load_adapters(self, adapters: dict[Hashable, Path]) -> None:
-        """Serve these adapters (and only these) from the next generation on. The new server is built while the
-        current one serves; the files may be deleted once this returns."""
-        server, ids = self._build(adapters)
+        """Serve these adapters (and only these) from the next generation on. The new replicas are built while
+        the current ones serve; the files may be deleted once this returns."""
+        replicas = self._build_all(adapters)
         with self._lock:  # between two generations
-            retired, self._server, self._ids = [self._server], server, ids
+            retired, self._replicas = list(self._replicas), replicas
         _retire(retired)
 
     @property
     def adapters(self) -> list[Hashable]:
-        return list(self._ids)
+        return [k for r in self._replicas for k in r.ids]
+
+    @property
+    def replicas(self) -> list[list[Hashable]]:
+        """Each replica's adapter keys, in load order."""
+        return [list(r.ids) for r in self._replicas]
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         """Token ids of the chat-templated conversation, ending with the assistant turn's opening."""
@@ -154,12 +178,14 @@ class LlamaEngine(SerialEngine):
         """With the engine lock held: the adapter that answers this stream (subclasses route)."""
         return stream.adapter
 
-    def _lora(self, key: Hashable | None) -> list[dict]:
-        """The request's adapter list: every loaded adapter, scale 1 for `key` and 0 for the others."""
-        if key is not None and key not in self._ids:
+    def _lora(self, key: Hashable | None) -> tuple[Replica, list[dict]]:
+        """The replica that serves `key` (None: the base, any replica) and the request's adapter list: every
+        adapter loaded there, scale 1 for `key` and 0 for the others."""
+        replica = self._replicas[0] if key is None else next((r for r in self._replicas if key in r.ids), None)
+        if replica is None:
             raise ModelUnavailable(f"personal model {key} is not loaded in this node's llama.cpp engine",
                                    hint="retry in a moment (it is being loaded), or ask for model 'base'")
-        return [{"id": i, "scale": 1.0 if k == key else 0.0} for k, i in self._ids.items()]
+        return replica, [{"id": i, "scale": 1.0 if k == key else 0.0} for k, i in replica.ids.items()]
 
     def _generate(self, prompt: list[int], params: GenerationParams, out: GenerationStream,
                   emit: Callable[[str], None]) -> None:
@@ -168,11 +194,11 @@ class LlamaEngine(SerialEngine):
         if not self._acquire(out, deadline, params.timeout_s):
             return
         try:
+            replica, lora = self._lora(self._target(out))
             request = {"prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
                        "top_p": params.top_p, "stop": list(params.stop), "seed": _seed(params.seed),
-                       **sampling(params), "lora": self._lora(self._target(out)),
-                       "cache_prompt": True, "n_probs": 0}
-            self._run(self._server, request, params, out, emit, deadline)
+                       **sampling(params), "lora": lora, "cache_prompt": True, "n_probs": 0}
+            self._run(replica.server, request, params, out, emit, deadline)
         finally:
             self._lock.release()
 
@@ -236,9 +262,9 @@ class LlamaEngine(SerialEngine):
         ids[:t], {token id: log p} (a softmax over the whole vocabulary of the raw logits, before sampling)."""
         out = []
         with self._lock:
-            lora = self._lora(adapter)
+            replica, lora = self._lora(adapter)
             for t in positions:
-                res = self._server.complete({"prompt": ids[:t], "max_tokens": 1, "temperature": 0.0, "n_probs": k,
+                res = replica.server.complete({"prompt": ids[:t], "max_tokens": 1, "temperature": 0.0, "n_probs": k,
                                              "samplers": SAMPLERS, **SAMPLING_OFF, "lora": lora, "cache_prompt": True})
                 if "choices" not in res:
                     raise _llama_error(res.get("error", res))
@@ -252,25 +278,25 @@ class LlamaPersonalEngine(RoutedEngine, LlamaEngine):
     routing table says which model answers each user (routing.py); the routed models are the loaded adapters."""
 
     def __init__(self, gguf: str | Path, tokenizer, store, base_sha256: str, base_name: str, model_name: str = "ownlm",
-                 threads: int | None = None, max_waiting: int | None = None):
+                 threads: int | None = None, max_waiting: int | None = None, max_adapters: int | None = None):
         self.store = store
         self.base_sha256 = base_sha256
         self.base_name = base_name
         self.gguf = Path(gguf)
         self._refresh_lock = threading.RLock()
         self._routes = self._stored_routes()
-        with self._adapter_files(self._routes) as paths:
-            super().__init__(gguf, tokenizer, model_name, adapters=paths, threads=threads, max_waiting=max_waiting)
+        with self._adapter_files(_routed(self._routes)) as paths:
+            super().__init__(gguf, tokenizer, model_name, adapters=paths, threads=threads, max_waiting=max_waiting,
+                             max_adapters=max_adapters)
 
     @contextlib.contextmanager
-    def _adapter_files(self, routes: dict[str, tuple[str, str] | None]) -> Iterator[dict[tuple[str, str], Path]]:
-        """The routed models' deltas (checked against the base) as GGUF LoRA files in a private temporary
-        directory, removed on leaving: {(user id, model id): path}."""
+    def _adapter_files(self, wanted: list[tuple[str, str]]) -> Iterator[dict[tuple[str, str], Path]]:
+        """These models' deltas (checked against the base) as GGUF LoRA files in a private temporary directory,
+        removed on leaving: {(user id, model id): path}."""
         from ownlm.bitdelta import load_delta
         from ownlm.bitdelta.gguf_lora import write_gguf_lora
         from ownlm.fsutil import mkdir_private
 
-        wanted = sorted({k for k in routes.values() if k})
         if not wanted:
             yield {}
             return
@@ -284,18 +310,25 @@ class LlamaPersonalEngine(RoutedEngine, LlamaEngine):
             yield paths
 
     def refresh(self, user_id: str | None = None) -> None:
-        """Re-read the routing table (all users); when the set of routed models changed, load a new server with
-        them as adapters (the current one serves meanwhile)."""
+        """Re-read the routing table (all users); when the routed models changed, build the replicas whose
+        adapters changed (replicas.assign: a user's new version replaces their old one in its replica) while the
+        current ones serve, and swap them in."""
         with self._refresh_lock:
             routes = self._stored_routes()
-            if sorted({k for k in routes.values() if k}) != sorted(self._ids):
-                with self._adapter_files(routes) as paths:
-                    server, ids = self._build(paths)
-                with self._lock:  # between two generations
-                    retired, self._server, self._ids, self._routes = [self._server], server, ids, routes
-                _retire(retired)
-            else:
+            current = self.replicas
+            plan = assign(current, _routed(routes), self.max_adapters, group=lambda key: key[0])
+            if plan == current:
                 self._routes = routes
+                return
+            keep = {tuple(r.ids): r for r in self._replicas}
+            todo = [keys for keys in plan if tuple(keys) not in keep]
+            with self._adapter_files([k for keys in todo for k in keys]) as paths:
+                built = {tuple(keys): self._build({k: paths[k] for k in keys}) for keys in todo}
+            replicas = [keep.get(tuple(keys)) or built[tuple(keys)] for keys in plan]
+            with self._lock:  # between two generations
+                retired = [r for r in self._replicas if all(r is not n for n in replicas)]
+                self._replicas, self._routes = replicas, routes
+            _retire(retired)
 
     def stream(self, messages: list[Message], params: GenerationParams, user_id: str | None = None,
                use: str = "personal") -> GenerationStream:
@@ -319,12 +352,18 @@ def load_llama_engine(settings, store, max_waiting: int | None = None) -> LlamaP
         raise EngineUnavailable(f"the llama.cpp engine serves GGUF bases, and base {source.path} is a checkpoint directory",
                                 hint='set engine = "torch", or base to a .gguf file (or "embedded")')
     return LlamaPersonalEngine(source.path, load_tokenizer(settings), store, base_sha256(source, settings.home),
-                               source.name, threads=settings.threads, max_waiting=max_waiting)
+                               source.name, threads=settings.threads, max_waiting=max_waiting,
+                               max_adapters=settings.max_adapters_per_replica)
+
+
+def _routed(routes: dict[str, tuple[str, str] | None]) -> list[tuple[str, str]]:
+    """The models a routing table names, sorted."""
+    return sorted({k for k in routes.values() if k})
 
 
 def _retire(holder: list) -> None:
-    """Let go of the replaced server (the only reference, in `holder`) in a thread of its own. Tearing a
-    llama.cpp server down stops its threads and frees its context, which a deploy would otherwise wait for
+    """Let go of the replaced replicas (the only references to their servers, in `holder`) in a thread of its
+    own. Tearing a llama.cpp server down stops its threads and frees its context, which a deploy would otherwise wait for
     before the new version's first token (and, under the engine lock, every waiting request with it)."""
     threading.Thread(target=holder.clear, name="ownlm-llama-retire", daemon=True).start()
 
