@@ -15,8 +15,9 @@ src/ownlm/                     each stage imports only the stages above it and t
                  PII out), memory (the FTS5 index of passages, BM25 recall); imports capture, artifact
   learn/         dataset (merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
                  store, bitdelta
-  engine/        the inference protocol, the torch engine, the personal engine, the llama.cpp engine, routing
-                 (hot deploy), serving (which engine serves), memory (recalled passages into the system prompt);
+  engine/        the inference protocol, the torch engine, the personal engine, the llama.cpp engine and its
+                 replicas, routing (hot deploy), serving (which engine serves), memory (recalled passages into the
+                 system prompt);
                  imports bitdelta
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
