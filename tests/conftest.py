@@ -85,9 +85,11 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> su
     )
 
 
-def make_tiny_delta(tiny_base: Path, root: Path, seed: int = 1, scale: float = 1.0) -> Path:
-    """A lora1 BitDelta (root/delta) of a random LoRA r=8 q/v adapter on `tiny_base`, plus root/report.json,
-    as the trainer would produce them. `scale` multiplies the LoRA B factor (a larger or smaller change)."""
+def make_tiny_delta(tiny_base: Path, root: Path, seed: int = 1, scale: float = 1.0, r: int = 8,
+                    modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A lora1 BitDelta (root/delta) of a random LoRA (r=8 on q/v unless told) on `tiny_base`, plus
+    root/report.json, as the trainer would produce them. `scale` multiplies the LoRA B factor (a larger or
+    smaller change)."""
     import json
 
     import torch
@@ -99,7 +101,7 @@ def make_tiny_delta(tiny_base: Path, root: Path, seed: int = 1, scale: float = 1
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(modules), init_lora_weights=False))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

@@ -84,6 +84,22 @@ def test_adapter_matches_torch_with_the_delta_merged(engine, tiny_base, world):
         assert agree == 1.0 and err < 5e-3, name  # llama.cpp keeps K and V in f16
 
 
+def test_an_adapter_on_all_seven_linear_layers_matches_torch(world, tiny_base, tmp_path):
+    """r=1 on q, k, v, o and the MLP's gate, up and down (a layout the recipe sweep measured): every module's
+    llama.cpp name, the k rows' rotary permutation and the MLP shapes."""
+    from ownlm.bitdelta.config import LLAMA_LINEARS
+
+    root = make_tiny_delta(tiny_base, tmp_path / "all7", seed=3, scale=30.0, r=1, modules=LLAMA_LINEARS)
+    delta = load_delta(root / "delta")
+    assert {p.split(".")[-2] for p in delta.lora_pairs()} == set(LLAMA_LINEARS)
+    engine = LlamaEngine(world["gguf"], world["tok"], "tiny", threads=1,
+                         adapters={"all7": write_gguf_lora(delta, world["gguf"], tmp_path / "all7.gguf")})
+    base_ref = torch_logprobs(tiny_base, engine.encode_chat(Q))
+    assert (base_ref - torch_logprobs(tiny_base, engine.encode_chat(Q), root)).abs().max() > 0.05
+    agree, err = compare(engine, tiny_base, {"deltas": {"all7": root}}, "all7")
+    assert agree == 1.0 and err < 5e-3
+
+
 def test_adapter_without_the_rotary_permutation_serves_another_model(world, tiny_base, monkeypatch, tmp_path):
     """Trap 1 of issue 17: the adapter loads either way; only the permuted one is the delta."""
     monkeypatch.setattr(gguf_lora, "rope_permute_rows", lambda rows, n_head: rows)
