@@ -69,7 +69,12 @@ class LocalCluster:
 
     def _env(self, name: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OWNLM_", "RAY_"))}
-        return {**env, "OWNLM_HOME": str(self.homes[name]), **self.extra_env.get(name, {})}
+        # Its own HOME: Ray reads ~/.ray/auth_token when it exists (another Ray user's, e.g. one made by `ray
+        # get-auth-token --generate`), and with it a second raylet cannot join a head started without auth
+        # (seen with Ray 2.60: "InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'").
+        home = self.temp / "home"
+        home.mkdir(exist_ok=True)
+        return {**env, "HOME": str(home), "OWNLM_HOME": str(self.homes[name]), **self.extra_env.get(name, {})}
 
     def _start(self, name: str, args: list[str]) -> None:
         common = ["--num-cpus", "1", "--temp-dir", str(self.temp), "--disable-usage-stats",

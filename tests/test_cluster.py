@@ -250,12 +250,14 @@ def test_a_worker_killed_mid_round(home, cluster, tiny_base, retries):
         t = threading.Thread(target=lambda: done.update(run_job(store, settings, job_id)))
         t.start()
         jobs_dir = cluster.homes["b"] / "trainer" / "jobs"  # tier 0 prefers worker b
+        sealed = cluster.homes["b"] / "trainer" / "checkpoints"
         deadline, victim = time.time() + 90, None
         while time.time() < deadline and victim is None and t.is_alive():
             running = [d for d in jobs_dir.iterdir()] if jobs_dir.exists() else []
-            victim = int(running[0].name.partition("-")[0]) if running else None
+            checkpointed = sealed.exists() and any(sealed.glob("*.sealed"))  # killed after its first checkpoint
+            victim = int(running[0].name.partition("-")[0]) if running and checkpointed else None
             time.sleep(0.05)
-        assert victim is not None, f"the round's work directory never appeared: {store.job(job_id)}"
+        assert victim is not None, f"the round never checkpointed in its work directory: {store.job(job_id)}"
         os.kill(victim, signal.SIGKILL)
         t.join(180)
         job = store.job(job_id)
@@ -263,11 +265,14 @@ def test_a_worker_killed_mid_round(home, cluster, tiny_base, retries):
             assert job["state"] == "deployed", job["reason"]
             assert job["result"]["worker"]["node_id"] == cluster.node_id["b"] and job["result"]["worker"]["pid"] != victim
             assert len(store.models(user.id)) == 1
+            manifest = store.models(user.id)[0]["manifest"]
+            assert manifest["training"]["resumed_from_step"] >= 8  # the rerun took up the sealed checkpoint
             assert_no_residue(cluster, job["result"]["merkle_root"])  # the killed attempt's files were erased too
         else:
             assert job["state"] == "failed" and "died" in job["reason"] and "nothing was installed" in job["reason"]
             assert store.models(user.id) == []
             assert_no_residue(cluster)  # the node had the worker's agent erase what the killed process left
+        assert list(sealed.glob("*.sealed")) == []  # deployed or given up: no checkpoint of the job is kept
 
 
 DRIVER = """

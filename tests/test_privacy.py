@@ -357,3 +357,73 @@ def test_remote_round_from_the_store_on_tier0(home, node, make_trainer, pki):
         built, res = remote.remote_round(store, settings, user, trainer_url=srv.url, ca_file=ca.pem)
     assert built.config.redact and res.version == 1
     assert actions(store, user.id)["remote_training_sent"]["merkle_root"] == built.merkle_root
+
+
+KILLED_TRAINER = """
+import sys
+from pathlib import Path
+from tests.test_privacy import settings_for
+from ownlm.privacy.trainer import Trainer
+
+home, base, job = sys.argv[1:4]
+s = settings_for(Path(home), base)
+s = s.model_copy(update={"personalization": s.personalization.model_copy(update={"max_steps": 400})})
+Trainer(s).run(Path(job).read_bytes())
+"""
+
+
+def test_a_trainer_killed_mid_job_resumes_from_its_sealed_checkpoint(node, tiny_base, tmp_path):
+    """SIGKILL of a trainer process after its first checkpoint: the same job run again on that trainer resumes from
+    the sealed checkpoint (the bundle's manifest says from which step), which held no plaintext and is gone after."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ownlm.artifact.seal import open_bundle, seal
+    from ownlm.privacy.checkpoints import job_id
+
+    settings, store, built = node
+    user = store.create_user("ann", tier=0)
+    home = tmp_path / "trainer-home"
+    t = trainer_mod.Trainer(settings_for(home, tiny_base))  # creates the trainer's keys
+    doc = remote.job_document(user, built, store.node_key().public_json(), t.base.sha256, settings, 1, None)
+    doc["train_config"]["max_steps"] = 400  # long enough to be killed mid-way
+    job = tmp_path / "job.sealed"
+    job.write_bytes(seal({"job.json": json.dumps(doc).encode()}, t.pubkey()))
+    sealed_ckpt = home / "trainer" / "checkpoints" / (job_id(doc) + ".sealed")
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, str(home), str(tiny_base), str(job)],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.time() + 120
+        while not sealed_ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert sealed_ckpt.exists(), "the trainer never sealed a checkpoint"
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    kept = sealed_ckpt.read_bytes()
+    for plain in (MARKER.encode(), b"lora_A", b"__metadata__", built.merkle_root.encode()):
+        assert plain not in kept  # ciphertext only: no text, no tensor names, not even the dataset's root
+
+    bundle = t.run(job.read_bytes())  # the rerun: a new trainer process would do the same (it has the same keys)
+    manifest = json.loads(open_bundle(bundle, store.node_key())["manifest.json"])
+    assert manifest["training"]["resumed_from_step"] >= trainer_mod.CHECKPOINT_EVERY_STEPS
+    assert not sealed_ckpt.exists() and list((home / "trainer" / "jobs").iterdir()) == []
+    assert files_containing(home, built.merkle_root.encode()) == []
+
+
+def test_a_sealed_checkpoint_that_does_not_open_is_dropped(tmp_path):
+    from ownlm.artifact.seal import NodeKey
+    from ownlm.privacy.checkpoints import SealedCheckpoints
+
+    ck = SealedCheckpoints(tmp_path / "ck", NodeKey.generate())
+    jid = "ab" * 32
+    ck.path(jid).parent.mkdir(parents=True)
+    ck.path(jid).write_bytes(b"not a sealed file")
+    assert ck.restore(jid, tmp_path / "restored") is False and not ck.path(jid).exists()
+    with pytest.raises(ValueError):
+        ck.path("../../etc/passwd")

@@ -60,7 +60,8 @@ def build_manifest(
             "target_modules": delta_meta.get("target_modules"),
         },
         "training": {k: training.get(k) for k in
-                     ("samples", "tokens", "duration_s", "loss", "heldout_loss_base", "heldout_loss_personal")},
+                     ("samples", "tokens", "duration_s", "loss", "heldout_loss_base", "heldout_loss_personal",
+                      "resumed_from_step")},
         "dataset": {"merkle_root": merkle_root},
         "versioning": {"version": version, "previous": previous},
         "created_at": now,

@@ -14,7 +14,8 @@ Two things run there:
   answer about "some node" would let the node seal a job to a key held elsewhere than where the task runs.
 - `run_round`, the round task (a sealed job in, a sealed signed bundle out): `Trainer.run`, which erases the
   job's work directory whatever happens. If the process is SIGKILLed mid-round, the next trainer process on
-  that node erases what it left (`erase_stale_jobs`), and Ray reruns the task there (max_retries).
+  that node erases what it left (`erase_stale_jobs`), and Ray reruns the task there (max_retries), which resumes
+  from the job's last sealed checkpoint (privacy/checkpoints.py).
 
 Attestation evidence comes from the worker's own environment (`OWNLM_TRAINER_ATTESTER`), never from the node:
 evidence the node could choose would prove nothing. Only the test attester exists so far
@@ -31,6 +32,7 @@ import ray
 
 from ownlm.artifact import sign
 from ownlm.errors import ConfigError
+from ownlm.privacy.checkpoints import SealedCheckpoints
 from ownlm.privacy.trainer import Trainer, TrainerKeys, erase_stale_jobs
 from ownlm.settings import load_settings
 
@@ -66,15 +68,20 @@ class TrainerAgent:
         self.keys = TrainerKeys.load_or_create(settings.home)
         self.attester = attester_from_env()
         self.jobs_dir = settings.home / "trainer" / "jobs"
+        self.checkpoints = SealedCheckpoints(settings.home / "trainer" / "checkpoints", self.keys.hpke)
         erase_stale_jobs(self.jobs_dir)  # what a killed round left, before anything else
+        self.checkpoints.erase_stale()
 
     def identity(self) -> dict:
         return {"node_id": _node_id(), "pid": os.getpid(), "hpke": self.keys.hpke.public_json(),
                 "signing_pem": sign.public_pem(self.keys.signing), "signer": sign.key_id(self.keys.signing),
                 "attests": self.attester is not None}
 
-    def sweep(self) -> int:
-        """Erase what killed rounds left on this node now (the node asks after a round's worker died)."""
+    def sweep(self, job_ids: list[str] = ()) -> int:
+        """Erase what killed rounds left on this node now (the node asks after a round's worker died), and the sealed
+        checkpoints of `job_ids`, rounds the node has given up on."""
+        for jid in job_ids:
+            self.checkpoints.erase(jid)
         return len(erase_stale_jobs(self.jobs_dir))
 
     def attestation(self, nonce: bytes) -> dict | None:

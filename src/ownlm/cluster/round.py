@@ -15,7 +15,8 @@
    exactly as a remote trainer's bundle is. The store's install refuses a version it already has, so a bundle
    delivered twice is installed once.
 Faults: a worker *process* killed mid-round is rerun by Ray on the same node (`cluster.task_retries`; only that
-node's trainer can open the job), then the round fails with the reason. A whole *node* lost mid-round (raylet
+node's trainer can open the job), which resumes from the job's last sealed checkpoint (privacy/checkpoints.py);
+then the round fails with the reason and the worker erases that checkpoint. A whole *node* lost mid-round (raylet
 gone) makes the job unopenable anywhere else, so it is placed again among the other eligible workers and sealed
 anew (audited as a new transfer). A node process (this one) that dies mid-round takes its Ray tasks with it
 (Ray ends a dead driver's tasks); the restarted scheduler re-queues the job (loop.Scheduler.start).
@@ -33,6 +34,7 @@ import time
 from ownlm.cluster import placement
 from ownlm.cluster.connect import connect
 from ownlm.errors import CorruptArtifact, OwnlmError, RemoteTrainerError
+from ownlm.privacy import checkpoints
 from ownlm.privacy import tiers as privacy
 from ownlm.privacy.remote import install_judged, job_document, redacted_dataset
 from ownlm.settings import Settings
@@ -73,6 +75,7 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
     doc = job_document(user, built, store.node_key().public_json(), base_sha256(resolve_base(settings.base), settings.home),
                        settings, version, latest[0]["id"] if latest else None)
     job_json = json.dumps(doc, ensure_ascii=False).encode()
+    trained_job = checkpoints.job_id(doc)  # names the worker's sealed checkpoint of this job, to erase it if it fails
     del doc
     lost: list[str] = []  # nodes that died under this round: it is placed again among the others, sealed anew
     while True:
@@ -84,7 +87,7 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
         figures.update(placement=detail)
         update(result=figures)
         try:
-            out = run_on(ray, settings, worker, sealed, job["id"])
+            out = run_on(ray, settings, worker, sealed, job["id"], trained_job)
             break
         except NodeLost as e:
             lost.append(worker.node_id)
@@ -107,9 +110,10 @@ def cluster_round(store: Store, settings: Settings, user: User, job: dict, updat
     return res
 
 
-def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
+def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str, trained_job: str = "") -> dict:
     """Submit the round task to `worker` and wait for it: {"bundle", "node_id", "pid", "seconds"}.
-    Every way it can fail becomes a RemoteTrainerError that says what happened."""
+    Every way it can fail becomes a RemoteTrainerError that says what happened. `trained_job`
+    (privacy.checkpoints.job_id of the job) is the sealed checkpoint the worker erases when the round has failed."""
     from ray.exceptions import GetTimeoutError, NodeDiedError, RayTaskError, TaskUnschedulableError, WorkerCrashedError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -139,7 +143,7 @@ def run_on(ray, settings: Settings, worker, sealed: bytes, job_id: str) -> dict:
             if not _alive(ray, worker):
                 raise NodeLost(f"{worker.label} left the cluster during the round ({type(e).__name__})",
                                hint="the round is placed on another worker") from None
-            _sweep(ray, worker)
+            _sweep(ray, worker, trained_job)
             raise RemoteTrainerError(
                 f"the worker process running the round on {worker.label} died (tried {cfg.task_retries + 1} "
                 f"time{'s' if cfg.task_retries else ''}; {type(e).__name__}); nothing was installed",
@@ -176,11 +180,12 @@ def _alive(ray, worker, wait_s: float = NODE_DEATH_S) -> bool:
         time.sleep(0.5)
 
 
-def _sweep(ray, worker) -> None:
-    """A killed trainer process never ran its `finally`: have the worker's agent erase its work directory now rather
-    than at that node's next round. Best effort: the node may be gone with the worker."""
+def _sweep(ray, worker, trained_job: str = "") -> None:
+    """A killed trainer process never ran its `finally`: have the worker's agent erase its work directory (and the
+    failed job's sealed checkpoint, which no retry will resume) now rather than at that node's next round. Best
+    effort: the node may be gone with the worker."""
     try:
-        ray.get(worker.agent.sweep.remote(), timeout=30)
+        ray.get(worker.agent.sweep.remote([trained_job] if trained_job else []), timeout=30)
     except ray.exceptions.RayError:
         pass
 

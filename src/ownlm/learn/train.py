@@ -242,13 +242,15 @@ def train(
     resume: bool = True,
     dataset: dict | None = None,
     init_adapter: Path | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainReport:
     """Train a LoRA adapter; write out_dir/adapter/ and out_dir/report.json only on success.
 
     `dataset` is recorded as is in the report (e.g. {"merkle_root": ...}). `resume=False` ignores an
     existing checkpoint. `init_adapter` (a peft adapter directory with the same r, alpha and target modules)
-    starts from its weights instead of a fresh LoRA init: continual learning, see loop.py. The base model is
-    left as it was (the LoRA layers are removed at the end).
+    starts from its weights instead of a fresh LoRA init: continual learning, see loop.py. `on_checkpoint(root)`
+    is called after each checkpoint is complete under root (the trainer role seals it away: privacy/trainer.py).
+    The base model is left as it was (the LoRA layers are removed at the end).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -382,6 +384,8 @@ def train(
                     "epoch_order": epoch_order(n_batches, config.seed, step // n_batches),
                     "batches": [b.indices for b in batches], "total_steps": total_steps,
                 })
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt_root)
             if over_budget and step < total_steps:
                 stopped = "time_budget"
                 break

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ownlm.artifact import sign
 from ownlm.artifact.seal import NodeKey, load_public, open_bundle
+from ownlm.privacy.checkpoints import SealedCheckpoints, job_id
 from ownlm.errors import CorruptArtifact, DeltaMismatch, InvalidInput
 from ownlm.fsutil import mkdir_private
 from ownlm.settings import Settings
@@ -45,6 +46,10 @@ JOB_FILE = "job.json"
 JOB_VERSION = 1
 # Only these training settings may come from a node; the rest (rank, modules...) are the trainer's.
 JOB_TRAIN_KEYS = ("lr", "epochs", "max_steps", "time_budget_s", "qat")
+# How often a job's training is checkpointed (and sealed away, privacy/checkpoints.py): a killed round rerun on this
+# trainer loses at most this many steps (~3 s each on 2 cores at the default recipe); a checkpoint of the default
+# adapter with its AdamW moments is ~5.5 MB to write and seal, small beside 8 steps.
+CHECKPOINT_EVERY_STEPS = 8
 
 
 class TrainerKeys:
@@ -145,6 +150,7 @@ class Trainer:
         self.base = base if base is not None else load_base(settings)
         self.attester = attester
         self.jobs_dir = settings.home / "trainer" / "jobs"
+        self.checkpoints = SealedCheckpoints(settings.home / "trainer" / "checkpoints", self.keys.hpke)
         self._lock = threading.Lock()  # one job at a time: the base model is shared
 
     def pubkey(self) -> dict:
@@ -161,6 +167,7 @@ class Trainer:
         """Open, check and run one job; return the sealed bundle. The job's data is erased whatever happens (and if
         this process is killed, by the next trainer process that starts: `erase_stale_jobs`)."""
         erase_stale_jobs(self.jobs_dir)
+        self.checkpoints.erase_stale()
         work = self.jobs_dir / f"{os.getpid()}-{secrets.token_hex(8)}"
         try:
             files = open_bundle(sealed_job, self.keys.hpke)
@@ -173,7 +180,10 @@ class Trainer:
                     hint="send the job to a trainer with the node's base model (`ownlm info` shows its sha256)",
                 )
             with self._lock:
-                return self._train(job, work)
+                try:
+                    return self._train(job, work)
+                finally:  # done or failed here: a rerun would not resume. Only a killed process leaves it behind.
+                    self.checkpoints.erase(job_id(job))
         finally:
             erase_tree(work)
 
@@ -182,7 +192,7 @@ class Trainer:
         from ownlm.learn.merkle import merkle_root
         from ownlm.learn.dataset import Example, tokenize
         from ownlm.evaluate.gate import compress_adapter
-        from ownlm.learn.train import TrainConfig, train
+        from ownlm.learn.train import CHECKPOINT_DIR, TrainConfig, train
 
         examples = [Example(str(e.get("conversation_id", "")), e["messages"], e["split"]) for e in job["examples"]]
         root = merkle_root([e.sha256 for e in examples]) if examples else ""
@@ -191,10 +201,15 @@ class Trainer:
         tok = self.base.tokenizer
         train_ex = tokenize([e for e in examples if e.split == "train"], tok)
         held_ex = tokenize([e for e in examples if e.split == "heldout"], tok)
-        tcfg = TrainConfig(**job["train_config"])
+        tcfg = TrainConfig(**job["train_config"], checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
         mkdir_private(work)
-        report = train(self.base, train_ex, held_ex, tcfg, work / "train", resume=False,
-                       dataset={"merkle_root": root})
+        jid = job_id(job)
+        # A rerun of a killed attempt resumes from its sealed checkpoint (train() checks that it matches).
+        resumed = self.checkpoints.restore(jid, work / "train" / CHECKPOINT_DIR)
+        if resumed:
+            log.info("trainer: resuming job %s from its sealed checkpoint", jid[:12])
+        report = train(self.base, train_ex, held_ex, tcfg, work / "train", resume=resumed,
+                       dataset={"merkle_root": root}, on_checkpoint=lambda ckpt: self.checkpoints.save(jid, ckpt))
         compress_adapter(work / "train" / "adapter", work / "delta", self.base)
         report_dict = json.loads(report.to_json())
         report_dict.pop("adapter_dir", None)  # a path on the trainer: meaningless to the node
