@@ -1,6 +1,7 @@
 """Mode `lora1`: a peft LoRA adapter's factors A (r, in) and B (out, r) as packed signs + scales.
 
-LoRA r=8 on q/v of the 135M base is 460,800 parameters: 57,600 bytes of signs at 1 bit, plus the scales.
+The loop's default, r=1 on all seven linear layers of the 135M base, is 305,280 parameters: 38,160 bytes of signs
+at 1 bit, plus the scales (q/v r=8, the default before 2026-12-03: 460,800 parameters, 57,600 bytes).
 Only plain LoRA is accepted (no DoRA, rsLoRA, per-module ranks, biases or fully saved modules): for it the
 weight delta is exactly (alpha / r) * B @ A, which is what apply.py rebuilds. Anything else would be
 silently mis-merged, so it is refused with a message naming the adapter_config.json field.
