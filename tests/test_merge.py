@@ -155,7 +155,7 @@ def test_errors(node, fp32_base, sources):
     with pytest.raises(MergeConfigError, match="above the merged rank"):
         merge_models(store, settings, ["1", "2"], alice, MergeConfig(rank=12), base=fp32_base)
     with pytest.raises(MergeConfigError, match="budget"):
-        merge_models(store, settings, ["1", "2"], alice, MergeConfig(method="cat", rank=16, max_bytes=10_000), base=fp32_base)
+        merge_models(store, settings, ["1", "2"], alice, MergeConfig(method="cat", rank=16, max_bytes=600), base=fp32_base)
     a = load_delta(store.model(alice.id, v1)["path"])
     with pytest.raises(MergeIncompatible, match="made for base"):
         check_compatible([a, dataclasses.replace(a, base_sha256="0" * 64)], a.base_sha256)
