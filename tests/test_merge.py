@@ -186,6 +186,8 @@ def test_the_cli_merges_into_a_new_user(home, node):
                   "0.7,0.3", "--into", "dana", "--distill-steps", "1", env=env)
     assert out.returncode == 0, out.stderr
     assert "installed pm_" in out.stdout and "for dana" in out.stdout and "dare_ties" in out.stdout
+    listed = run_cli("models", "--user", "dana", env={**env, "COLUMNS": "200"})
+    assert listed.returncode == 0 and "merged (dare_ties) from alice v1, alice v2" in listed.stdout, listed.stdout
     with Store(home) as again:
         dana = again.get_user("dana")
         m = again.active_model(dana.id)

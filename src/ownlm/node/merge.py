@@ -165,9 +165,10 @@ def merge_deltas(base, deltas: list, config: MergeConfig, distill_ids: list[int]
         peft_model = PeftModel.from_pretrained(model, str(work / names[0]), adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(str(work / name), adapter_name=name)
-        torch.manual_seed(config.seed)  # dare's drops
-        peft_model.add_weighted_adapter(names, weights, MERGED, combination_type=config.method, density=config.density,
-                                        svd_rank=target if config.method == "svd" else None)
+        with torch.random.fork_rng(devices=[]):  # dare's random drops, seeded, without moving the caller's RNG
+            torch.manual_seed(config.seed)
+            peft_model.add_weighted_adapter(names, weights, MERGED, combination_type=config.method,
+                                            density=config.density, svd_rank=target if config.method == "svd" else None)
         peft_model.set_adapter(MERGED)
         peft_model.eval()
         factors = {}
