@@ -8,7 +8,11 @@ NLL and the persona's unseen style and fact probes (greedy, evaluate.metrics.PRO
 intervals), plus the merged artifact's bytes and the merge's seconds.
 
     OWNLM_HOME=... .venv/bin/python bench/merge.py [--personas bram,mira] [--steps 24] [--methods linear,ties,dare_ties]
-        [--density 0.5] [--distill-steps 32] [--json FILE]
+        [--density 0.5] [--distill-steps 8] [--adapters DIR] [--resume FILE] [--probe-order LABELS] [--json FILE]
+
+Held-out NLL of every row is measured first (seconds), then the probes (greedy generation, the slow part: about
+25 minutes per row on 2 busy cores), so an interrupted run keeps its NLL table; `--adapters` keeps the trained
+adapters and `--resume` the probed rows for a second run.
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="training steps per persona (the loop's default: 48)")
     ap.add_argument("--methods", default="linear,ties,dare_ties")
     ap.add_argument("--density", type=float, default=0.5, help="for ties / dare methods")
-    ap.add_argument("--distill-steps", type=int, default=32)
+    ap.add_argument("--distill-steps", type=int, default=8)
+    ap.add_argument("--adapters", type=Path, help="directory of the trained adapters (<persona>/): reused if there, "
+                    "else trained and kept there")
+    ap.add_argument("--resume", type=Path, help="rows of an earlier run (its --json): their probes are not measured again")
+    ap.add_argument("--probe-order", help="comma-separated model labels to probe first (default: table order)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     names = args.personas.split(",")
@@ -54,40 +62,71 @@ def main() -> None:
     tok, engine = base.tokenizer, TorchEngine(base)
     cfg = parse_recipe(f"qv-r8-lr1e-3-s{args.steps}-qat")
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-merge-"))
-    held, asked, deltas, rows = {}, {}, {}, []
+    adapters = args.adapters or work
+    held, asked, deltas = {}, {}, {}
+    done = {r["model"]: r for r in json.loads(args.resume.read_text())} if args.resume else {}
     try:
         for name in names:
             built = build(persona_conversations(name), {}, tok, DatasetConfig(heldout_fraction=0.15, paraphrases=3))
             train_ex, held[name] = tokenize(built.split("train"), tok), tokenize(built.split("heldout"), tok)
             asked[name] = probes(PERSONAS[name])
-            report = train(base, train_ex, held[name], cfg, work / name)
-            deltas[name] = compress_lora(read_adapter(work / name / "adapter"), CompressConfig(mode="lora1"), base.sha256)
-            print(f"trained {name}: {len(train_ex)} examples, {report.steps} steps, {report.duration_s:.0f} s", flush=True)
+            if not (adapters / name / "adapter_config.json").is_file():
+                report = train(base, train_ex, held[name], cfg, work / name)
+                shutil.copytree(work / name / "adapter", adapters / name, dirs_exist_ok=True)
+                print(f"trained {name}: {len(train_ex)} examples, {report.steps} steps, {report.duration_s:.0f} s", flush=True)
+            deltas[name] = compress_lora(read_adapter(adapters / name), CompressConfig(mode="lora1"), base.sha256)
 
-        def measure(label: str, delta, extra: dict | None = None) -> None:
-            row = {"model": label, **(extra or {})}
-            for name in names:
-                if delta is None:
-                    nll, probed = assistant_nll(base.model, held[name]).mean_nll, probe_row(engine, asked[name])
-                else:
-                    with delta_applied(base.model, delta, base.sha256):
-                        nll, probed = assistant_nll(base.model, held[name]).mean_nll, probe_row(engine, asked[name])
-                row[name] = {"nll": nll, "probes": probed}
-            rows.append(row)
-            print(f"{label:10s} " + " | ".join(f"{n}: NLL {row[n]['nll']:.4f}, {fmt(row[n]['probes'])}" for n in names)
-                  + (f" | {extra['payload_bytes']:,} B, merge {extra['seconds']:.0f} s" if extra else ""), flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=1))
-
-        measure("base", None)
-        measure(f"A={names[0]}", deltas[names[0]])
-        measure(f"B={names[1]}", deltas[names[1]])
+        models = {"base": (None, {}), f"A={names[0]}": (deltas[names[0]], {}), f"B={names[1]}": (deltas[names[1]], {})}
         for method in args.methods.split(","):
             mc = MergeConfig(method=method, density=args.density if method in NEEDS_DENSITY else None,
                              distill_steps=args.distill_steps)
             merged = merge_deltas(base, [deltas[names[0]], deltas[names[1]]], mc)
-            measure(method, merged.delta, {"payload_bytes": merged.report["payload_bytes"], "seconds": merged.report["seconds"],
-                                           "distill": merged.report["distill"]})
+            models[method] = (merged.delta, {k: merged.report[k] for k in ("payload_bytes", "seconds", "distill")})
+            print(f"merged {method}: {merged.report['payload_bytes']:,} B payload, {merged.report['seconds']:.0f} s, "
+                  f"distillation {merged.report['distill']}", flush=True)
+        rows = {label: {"model": label, **extra, **{n: {"nll": None, "probes": None} for n in names}}
+                for label, (_, extra) in models.items()}
+        for label, row in done.items():
+            if label in rows:
+                for n in names:
+                    rows[label][n]["probes"] = (row.get(n) or {}).get("probes")
+
+        def save() -> None:
+            if args.json:
+                args.json.write_text(json.dumps(list(rows.values()), indent=1))
+
+        def show(label: str) -> None:
+            row = rows[label]
+            print(f"{label:10s} " + " | ".join(
+                f"{n}: NLL {row[n]['nll']:.4f}" + (f", {fmt(row[n]['probes'])}" if row[n]["probes"] else "") for n in names)
+                  + (f" | {row['payload_bytes']:,} B" if "payload_bytes" in row else ""), flush=True)
+
+        # 1. held-out NLL of every model on both personas (cheap), 2. the probes (greedy generation: the slow part)
+        for label, (delta, _) in models.items():
+            for n in names:
+                if delta is None:
+                    rows[label][n]["nll"] = assistant_nll(base.model, held[n]).mean_nll
+                else:
+                    with delta_applied(base.model, delta, base.sha256):
+                        rows[label][n]["nll"] = assistant_nll(base.model, held[n]).mean_nll
+            show(label)
+            save()
+        order = args.probe_order.split(",") if args.probe_order else []
+        for label in order + [m for m in models if m not in order]:
+            delta = models[label][0]
+            for n in names:
+                if rows[label][n]["probes"] is not None:
+                    continue
+                if delta is None:
+                    rows[label][n]["probes"] = probe_row(engine, asked[n])
+                else:
+                    with delta_applied(base.model, delta, base.sha256):
+                        rows[label][n]["probes"] = probe_row(engine, asked[n])
+                save()
+            print("probed " + label + ": " + " | ".join(f"{n}: {fmt(rows[label][n]['probes'])}" for n in names), flush=True)
+        print("\nall rows:")
+        for label in models:
+            show(label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"whole run {time.perf_counter() - t0:.0f} s")

@@ -31,8 +31,9 @@ def _weights(text: str | None) -> tuple[float, ...] | None:
               "it must fit the 64 KB artifact budget).")
 @click.option("--into", "into", metavar="NAME", help="The user who gets the merged model as their next version "
               "(default: --user). Created if missing, e.g. a new user starting from two others' models.")
-@click.option("--distill-steps", type=click.IntRange(0), default=32, show_default=True,
-              help="Scale-distillation steps after the 1-bit compression (0: none).")
+@click.option("--distill-steps", type=click.IntRange(0), default=8, show_default=True,
+              help="Scale-distillation steps after the 1-bit compression (0: none; each step is tens of seconds on a "
+                   "CPU for the 135M base, take 100 or more on a GPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds dare's random drops and distillation.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run (default auto).")
 @user_option
