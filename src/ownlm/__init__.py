@@ -21,7 +21,8 @@ src/ownlm/                     each stage imports only the stages above it and t
                  imports bitdelta
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
-                 ollama); imports store, artifact, engine
+                 ollama); merge (`ownlm merge`: peft's add_weighted_adapter → SVD to rank → lora1 → sign → install);
+                 imports store, artifact, engine, evaluate
   privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
   cluster/       rounds as Ray tasks (optional extra, imported only with cluster.ray_address): connect · agent (the
                  trainer role on each Ray node) · placement (tiers decide the node) · round; imports privacy, node

@@ -185,3 +185,13 @@ class TrainedOnDeletedData(OwnlmError):
     training while the delete happened): the right to delete refuses to install it."""
 
     http_status = 409
+
+
+class MergeIncompatible(DeltaMismatch):
+    """Personal models that cannot be merged into one: made for different bases, on different modules or shapes,
+    not LoRA (dense), or of different ranks for a method that needs equal ones."""
+
+
+class MergeConfigError(ConfigError):
+    """A merge asked for in a way that cannot work: an unknown method, weights that do not fit the models, a
+    density the method does not take (or lacks), or a rank outside the artifact's size budget."""

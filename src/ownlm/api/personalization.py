@@ -200,4 +200,7 @@ def delete_data(
     reload = getattr(request.app.state, "on_model_change", None)
     if res["models_removed"] and reload:
         reload(user.id)  # the engine stops serving the removed models now
+    for owner in res.get("models_removed_elsewhere") or {}:  # other users' models merged from this data
+        if reload:
+            reload(owner)
     return {"deleted": res}

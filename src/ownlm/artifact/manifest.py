@@ -42,14 +42,19 @@ def build_manifest(
     version: int,
     previous: str | None,
     created_at: float | None = None,
+    merge: dict | None = None,
 ) -> dict:
     """A manifest for the payload `files` (name -> bytes). `delta_meta` is the bitdelta delta.json.
 
     `training`: samples, tokens, duration_s, loss, heldout_loss_base, heldout_loss_personal (from the report).
+    `merge` (a merged model, node/merge.py): {"method", "weights", "density", "rank", ..., "sources": [one per
+    source model], "data": [{"user_id", "merkle_root"}, ...]}; `merge["data"]` also becomes `dataset.sources`,
+    the training data roots of every source (their own sources included), which the right to delete checks
+    (store.models.training_roots).
     """
     now = created_at or time.time()
     scales = delta_meta.get("scales")
-    return {
+    manifest = {
         "format": FORMAT,
         "model": {"id": f"{model_id(now)}_v{version}", "user": user, "base": base_name, "base_sha256": base_sha256},
         "bitdelta": {
@@ -67,6 +72,10 @@ def build_manifest(
         "created_at": now,
         "files": {name: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for name, b in sorted(files.items())},
     }
+    if merge is not None:
+        manifest["dataset"]["sources"] = [dict(d) for d in merge.get("data", [])]
+        manifest["merge"] = {k: v for k, v in merge.items() if k != "data"}
+    return manifest
 
 
 def check_files(manifest: dict, files: dict[str, bytes]) -> None:

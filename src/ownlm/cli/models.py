@@ -113,6 +113,9 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
     for m in rows:
         t = m["manifest"].get("training", {})
         loss = f"{t.get('heldout_loss_base') or 0:.3f} → {t.get('heldout_loss_personal') or 0:.3f}"
+        if isinstance(merged := m["manifest"].get("merge"), dict):  # a merge (node/merge.py) has no held-out loss
+            loss = f"merged ({merged.get('method')}) from " + ", ".join(
+                f"{s.get('user')} v{s.get('version')}" for s in merged.get("sources") or [] if isinstance(s, dict))
         table.add_row(str(m["version"]), m["id"], datetime.fromtimestamp(m["installed_at"]).isoformat(" ", "minutes"),
                       f"{m['size_bytes'] / 1000:.1f} KB", loss, "verified" if m["signer"] in trusted else "untrusted",
                       "●" if m["active"] else "")

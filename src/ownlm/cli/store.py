@@ -79,6 +79,9 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
                f"and their {res['memory_passages']} memory passages")
     if res["models_removed"]:
         click.echo(f"removed the models trained on them: {', '.join(res['models_removed'])}")
+    for owner, ids in (res.get("models_removed_elsewhere") or {}).items():
+        click.echo(f"removed the models of user id {owner} "
+                   f"merged from them: {', '.join(ids)}")
     if res["models_kept"]:
         click.echo(f"kept, as asked, the models trained on them: {', '.join(res['models_kept'])}")
     if res["models_removed"] or res["models_kept"]:

@@ -35,7 +35,7 @@ from ownlm.fsutil import PRIVATE_DIR, fsync_dir, mkdir_private, write_private
 from ownlm.errors import AuthError, CorruptArtifact, DeltaMismatch, NotFound, TrainedOnDeletedData, VersionConflict
 from ownlm.settings import Settings
 from ownlm.store import Store
-from ownlm.store.models import model_relpath, resolve_model_path
+from ownlm.store.models import model_relpath, resolve_model_path, training_roots
 from ownlm.store.users import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,9 @@ def _complete_manifest(d: Path) -> dict | None:
 
 
 def _holds_deleted(store: Store, user_id: str, manifest: dict, db=None) -> bool:
-    """Whether the model's recorded dataset (by its manifest's Merkle root) holds data the user deleted."""
-    dataset = manifest.get("dataset")
-    root_hash = dataset.get("merkle_root") if isinstance(dataset, dict) else None
-    return isinstance(root_hash, str) and bool(root_hash) and store.dataset_has_deleted_data(user_id, root_hash, db)
+    """Whether a dataset the model learned from (its manifest's Merkle root, and for a merged model each of its
+    sources' roots, whoever's data they are: store.models.training_roots) holds data that was deleted."""
+    return any(store.dataset_has_deleted_data(uid, root, db) for uid, root in training_roots(manifest, user_id))
 
 
 def _check_not_trained_on_deleted(store: Store, user, manifest: dict, model_id: str, db=None) -> None:

@@ -367,7 +367,9 @@ class ConversationsMixin:
             touched = None
         with self._read_lock:  # models_trained_on only reads: the reader connection will do
             linked, unlinked = self.models_trained_on(self._read_db, user_id, touched)
-        return {"messages": n_msg, "conversations": n_conv, "feedback": n_fb, "models": linked, "models_unlinked": unlinked}
+            elsewhere = self.models_of_others_trained_on(self._read_db, user_id, touched)
+        return {"messages": n_msg, "conversations": n_conv, "feedback": n_fb, "models": linked, "models_unlinked": unlinked,
+                "models_elsewhere": elsewhere}
 
     def delete_data(self, user_id: str, *, before: float | None = None, conversation_id: str | None = None,
                     keep_models: bool = False) -> dict:
@@ -378,8 +380,10 @@ class ConversationsMixin:
         The right to delete reaches the models: every installed model trained on the deleted data (the Merkle
         audit of its dataset says which, see `models_trained_on`) is unregistered in the same transaction and
         its files removed, and a user it served is routed to the newest remaining model or the base — unless
-        `keep_models`, the user's explicit choice, which keeps them and says so. The result adds
-        `models_removed`, `models_kept`, `models_unlinked` (ids) and `active_model` (None: the base)."""
+        `keep_models`, the user's explicit choice, which keeps them and says so. So are other users' models
+        merged from this data (node/merge.py records their sources' data roots). The result adds
+        `models_removed`, `models_kept`, `models_unlinked` (ids), `models_removed_elsewhere` ({user id: ids})
+        and `active_model` (None: the base)."""
         if before is not None and conversation_id is not None:
             raise InvalidInput("give either a date or a conversation, not both")
         with self.tx() as db:
@@ -390,6 +394,7 @@ class ConversationsMixin:
                     raise NotFound(f"no conversation {conversation_id}")
                 scope = {"scope": "conversation", "conversation_id": conversation_id}
                 linked, unlinked = self.models_trained_on(db, user_id, [conversation_id])
+                elsewhere = self.models_of_others_trained_on(db, user_id, [conversation_id])
                 self._blank_examples(db, [conversation_id])
                 n_mem = forget_passages(db, "conversation_id = ?", (conversation_id,))
                 n_msg = db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount
@@ -400,6 +405,7 @@ class ConversationsMixin:
                     "SELECT DISTINCT conversation_id FROM messages WHERE user_id = ? AND created_at < ?", (user_id, before)
                 )]
                 linked, unlinked = self.models_trained_on(db, user_id, touched)
+                elsewhere = self.models_of_others_trained_on(db, user_id, touched)
                 self._blank_examples(db, touched)
                 old = "SELECT id FROM messages WHERE user_id = ? AND created_at < ?"  # a passage goes with either side
                 n_mem = forget_passages(db, f"user_id = ? AND (question_id IN ({old}) OR answer_id IN ({old}))",
@@ -413,6 +419,7 @@ class ConversationsMixin:
             else:
                 scope = {"scope": "all"}
                 linked, unlinked = self.models_trained_on(db, user_id, None)
+                elsewhere = self.models_of_others_trained_on(db, user_id, None)
                 db.execute(
                     "UPDATE dataset_examples SET messages = NULL WHERE dataset_id IN"
                     " (SELECT id FROM datasets WHERE user_id = ?)", (user_id,),
@@ -422,16 +429,20 @@ class ConversationsMixin:
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount
             models = {"models_removed": [] if keep_models else linked, "models_kept": linked if keep_models else [],
-                      "models_unlinked": unlinked}
+                      "models_unlinked": unlinked, "models_removed_elsewhere": {} if keep_models else elsewhere}
             self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, memory_passages=n_mem, **scope, **models)
             if keep_models:
                 active = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user_id,)).fetchone()
                 active = active[0] if active else None
             else:
                 active = self.drop_models(db, user_id, linked, reason="trained on deleted data")
+                for owner, ids in elsewhere.items():  # merged from this user's data into another user's model
+                    self.drop_models(db, owner, ids, reason="merged from another user's deleted data")
         # Files after COMMIT: a crash in between leaves unregistered directories that the audit names as
         # deleted, and node.recover removes them at the next start.
         self.remove_model_files(user_id, models["models_removed"])
+        for owner, ids in models["models_removed_elsewhere"].items():
+            self.remove_model_files(owner, ids)
         # The adapter kept for continual learning learned from these messages: it goes too (the next round
         # retrains from scratch; see learn/continual.py).
         forget(self.home, user_id)

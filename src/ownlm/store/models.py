@@ -46,6 +46,26 @@ def resolve_model_path(home: Path, user_id: str, stored: str) -> Path:
     return path
 
 
+def training_roots(manifest: dict, owner_id: str) -> list[tuple[str, str]]:
+    """(user id, dataset Merkle root) of every dataset a model learned from, by its manifest: its own
+    `dataset.merkle_root` (a dataset of its owner), and for a merged model (node/merge.py) each of
+    `dataset.sources` (the sources' data, theirs included, whoever's it was). The right to delete checks each."""
+    dataset = manifest.get("dataset") if isinstance(manifest, dict) else None
+    if not isinstance(dataset, dict):
+        return []
+    out = []
+    root = dataset.get("merkle_root")
+    if isinstance(root, str) and root:
+        out.append((owner_id, root))
+    for source in dataset.get("sources") or []:
+        if isinstance(source, dict) and isinstance(source.get("user_id"), str) and isinstance(source.get("merkle_root"), str) \
+                and source["merkle_root"]:
+            pair = (source["user_id"], source["merkle_root"])
+            if pair not in out:
+                out.append(pair)
+    return out
+
+
 class ModelsMixin:
     # --- keys -------------------------------------------------------------------------------------------
     def node_key(self):
@@ -178,15 +198,31 @@ class ModelsMixin:
         """(linked, unlinked) model ids of the user, newest first, inside the caller's transaction.
 
         linked: models whose dataset, as the store recorded it (datasets + dataset_examples, matched by the
-        manifest's `dataset.merkle_root`), holds an example of one of `conversation_ids`; every model when
-        None (all of the user's data). A continued round's dataset is the user's whole data at that time, so
-        the ancestors it continued from are covered too. unlinked: models whose Merkle root names no dataset
-        recorded here (trained from data this node never held); nothing ties them to the deleted data.
+        manifest's `dataset.merkle_root`, or for a merged model any of its `dataset.sources` of this user: see
+        `training_roots`), holds an example of one of `conversation_ids`; every model when None (all of the
+        user's data). A continued round's dataset is the user's whole data at that time, so the ancestors it
+        continued from are covered too. unlinked: models none of whose Merkle roots names a dataset recorded here
+        (trained from data this node never held); nothing ties them to the deleted data.
         """
         rows = db.execute("SELECT id, manifest FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,)).fetchall()
         if conversation_ids is None:
             return [r[0] for r in rows], []
         known = {r[0] for r in db.execute("SELECT DISTINCT merkle_root FROM datasets WHERE user_id = ?", (user_id,))}
+        tainted = self._tainted_roots(db, user_id, conversation_ids)
+        linked, unlinked = [], []
+        for mid, manifest in rows:
+            roots = training_roots(json.loads(manifest), user_id)
+            own = [r for u, r in roots if u == user_id]
+            if any(r in tainted for r in own):
+                linked.append(mid)
+            elif len(own) == len(roots) and not any(r in known for r in own):
+                unlinked.append(mid)
+        return linked, unlinked
+
+    def _tainted_roots(self, db, user_id: str, conversation_ids: list[str] | None) -> set[str]:
+        """Merkle roots of the user's recorded datasets holding an example of these conversations (all: None)."""
+        if conversation_ids is None:
+            return {r[0] for r in db.execute("SELECT DISTINCT merkle_root FROM datasets WHERE user_id = ?", (user_id,))}
         tainted: set[str] = set()
         ids = list(dict.fromkeys(conversation_ids))
         for i in range(0, len(ids), 500):  # SQLite's host-parameter limit
@@ -194,15 +230,20 @@ class ModelsMixin:
             tainted |= {r[0] for r in db.execute(
                 "SELECT DISTINCT d.merkle_root FROM dataset_examples e JOIN datasets d ON d.id = e.dataset_id"
                 f" WHERE d.user_id = ? AND e.conversation_id IN ({','.join('?' * len(part))})", [user_id, *part])}
-        linked, unlinked = [], []
-        for mid, manifest in rows:
-            dataset = json.loads(manifest).get("dataset")
-            root = dataset.get("merkle_root") if isinstance(dataset, dict) else None
-            if root in tainted:
-                linked.append(mid)
-            elif root not in known:
-                unlinked.append(mid)
-        return linked, unlinked
+        return tainted
+
+    def models_of_others_trained_on(self, db, user_id: str, conversation_ids: list[str] | None) -> dict[str, list[str]]:
+        """{other user id: [model ids]}: other users' models merged from this user's data (node/merge.py) whose
+        `dataset.sources` name a dataset of this user holding one of `conversation_ids` (all: None)."""
+        tainted = self._tainted_roots(db, user_id, conversation_ids)
+        out: dict[str, list[str]] = {}
+        if not tainted:
+            return out
+        rows = db.execute("SELECT user_id, id, manifest FROM models WHERE user_id != ? ORDER BY version DESC", (user_id,))
+        for owner, mid, manifest in rows.fetchall():
+            if any(u == user_id and r in tainted for u, r in training_roots(json.loads(manifest), owner)):
+                out.setdefault(owner, []).append(mid)
+        return out
 
     def drop_models(self, db, user_id: str, model_ids: list[str], reason: str) -> str | None:
         """Inside the caller's transaction: unregister these models of the user. A user routed to one of them is
