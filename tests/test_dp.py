@@ -130,3 +130,74 @@ def test_dp_training_with_a_target_epsilon_and_qat(tiny, tmp_path):
     report = train(tiny, ex, held, cfg, tmp_path / "out")
     assert report.dp["target_epsilon"] == 4.0 and 3.5 < report.dp["epsilon"] <= 4.0 + 1e-6
     assert report.dp["noise_multiplier"] > 0
+
+
+def test_the_budget_is_signed_in_the_manifest_and_shown_by_ownlm_models(tiny, tiny_base, tmp_path, home):
+    """A DP-trained adapter, bundled and installed as the loop does: the manifest's training.dp carries the
+    budget, the signature covers it (changing epsilon breaks it), and `ownlm models` shows epsilon and delta."""
+    from ownlm.artifact.sign import verify_manifest
+    from ownlm.errors import SignatureError
+    from ownlm.evaluate.gate import compress_adapter
+    from ownlm.artifact.bundle import make_bundle
+    from ownlm.node.install import install
+    from ownlm.settings import load_settings
+    from ownlm.store import Store
+
+    from conftest import run_cli
+
+    ex, held = examples(tiny.tokenizer, range(12)), examples(tiny.tokenizer, range(12, 14))
+    report = train(tiny, ex, held, dp_quick(dp_noise_multiplier=1.5), tmp_path / "train")
+    compress_adapter(tmp_path / "train" / "adapter", tmp_path / "delta", tiny)
+    settings = load_settings(home=str(home), base=str(tiny_base))
+    with Store(home) as store:
+        alice = store.create_user("alice")
+        key = store.signing_key(alice.id)
+        data, manifest = make_bundle(delta_dir=tmp_path / "delta", report=json.loads(report.to_json()), user_name="alice",
+                                     signing_key=key, recipient=store.node_key().public_json(),
+                                     base_name=tiny_base.name, version=1, previous=None)
+        install(store, settings, data)  # verifies the signature against the user's trusted key
+        trusted = {manifest["signature"]["key_id"]: key.public_key()}
+        installed = store.models(alice.id)[0]["manifest"]
+    assert installed["training"]["dp"] == report.dp and 0 < report.dp["epsilon"] < math.inf
+    verify_manifest(installed, trusted)
+    forged = json.loads(json.dumps(installed))
+    forged["training"]["dp"]["epsilon"] = 0.1  # a smaller budget claimed than spent
+    with pytest.raises(SignatureError):
+        verify_manifest(forged, trusted)
+    r = run_cli("models", "--user", "alice", env={"OWNLM_BASE": str(tiny_base), "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert f"ε={report.dp['epsilon']:.2f} δ=1e-05" in r.stdout and "DP" in r.stdout
+    shown = run_cli("models", "show", installed["model"]["id"], "--user", "alice", env={"OWNLM_BASE": str(tiny_base)})
+    assert "noise_multiplier: 1.5" in shown.stdout and "accountant: rdp" in shown.stdout
+
+
+def test_a_user_turns_dp_on_for_their_local_rounds(home, tiny_base, tmp_path):
+    """`ownlm privacy dp 50` is stored for the user (audited); their next loop round trains with DP, and the
+    deployed model's manifest carries the budget. 'default' falls back to the node's setting (off here)."""
+    from conftest import run_cli
+    from ownlm.capture.importers import parse_file
+    from ownlm.loop import round_epsilon, run_job
+    from ownlm.store import Store
+    from ownlm.store.imports import import_into
+    from test_loop import loop_settings, persona_file
+
+    settings = loop_settings(tiny_base)
+    with Store(home) as store:
+        user = store.create_user("bram")
+        import_into(store, user.id, parse_file(persona_file(tmp_path, 0, 40)), "bram")
+    env = {"OWNLM_BASE": str(tiny_base)}
+    r = run_cli("privacy", "dp", "50", "--user", "bram", env=env)
+    assert r.returncode == 0 and "ε = 50 per round" in r.stdout, r.stderr
+    assert "on, ε = 50 per round (your choice" in run_cli("privacy", "show", "--user", "bram", env=env).stdout
+    assert run_cli("privacy", "dp", "lots", "--user", "bram", env=env).returncode != 0
+    with Store(home) as store:
+        assert store.dp_epsilon(user.id) == 50 and round_epsilon(store, settings, user.id) == 50
+        assert any(a["action"] == "dp_changed" and a["detail"]["new"] == 50 for a in store.audit_log(user.id))
+        job = run_job(store, settings, store.enqueue_job(user.id, "round 1"))
+        budget = job["result"]["dp"]
+        assert budget["target_epsilon"] == 50 and 0 < budget["epsilon"] <= 50 + 1e-6 and budget["steps"] == 3
+        if job["state"] == "deployed":  # a noised 3-step round may also be refused by the gate; both are fine here
+            assert store.active_model(user.id)["manifest"]["training"]["dp"] == budget
+    assert run_cli("privacy", "dp", "default", "--user", "bram", env=env).returncode == 0
+    with Store(home) as store:
+        assert store.dp_epsilon(user.id) is None and round_epsilon(store, settings, user.id) is None

@@ -363,3 +363,10 @@ def m010_memory(db) -> None:
     ):
         db.execute(f"CREATE TRIGGER {name} AFTER {event} ON memory_passages {when} BEGIN {body}; END")
     reindex(db)
+
+
+@migration
+def m011_user_dp(db) -> None:
+    """A user's own differential-privacy choice for their local rounds (learn/dp.py): NULL follows the node's
+    personalization.dp_epsilon, 0 is off, a positive number is the epsilon each round may spend."""
+    db.execute("ALTER TABLE users ADD COLUMN dp_epsilon REAL")
