@@ -20,7 +20,7 @@ from ownlm.learn.steps import target_nll
 from ownlm.learn.tokens import TokenizedExample
 from ownlm.learn.train import TrainConfig, train
 
-from test_train import examples, quick, tiny  # noqa: F401 (fixture)
+from tests.test_train import examples, quick, tiny  # noqa: F401 (fixture)
 
 
 def dp_quick(**kw) -> TrainConfig:
@@ -143,7 +143,7 @@ def test_the_budget_is_signed_in_the_manifest_and_shown_by_ownlm_models(tiny, ti
     from ownlm.settings import load_settings
     from ownlm.store import Store
 
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     ex, held = examples(tiny.tokenizer, range(12)), examples(tiny.tokenizer, range(12, 14))
     report = train(tiny, ex, held, dp_quick(dp_noise_multiplier=1.5), tmp_path / "train")
@@ -174,12 +174,12 @@ def test_the_budget_is_signed_in_the_manifest_and_shown_by_ownlm_models(tiny, ti
 def test_a_user_turns_dp_on_for_their_local_rounds(home, tiny_base, tmp_path):
     """`ownlm privacy dp 50` is stored for the user (audited); their next loop round trains with DP, and the
     deployed model's manifest carries the budget. 'default' falls back to the node's setting (off here)."""
-    from conftest import run_cli
+    from tests.conftest import run_cli
     from ownlm.capture.importers import parse_file
     from ownlm.loop import round_epsilon, run_job
     from ownlm.store import Store
     from ownlm.store.imports import import_into
-    from test_loop import loop_settings, persona_file
+    from tests.test_loop import loop_settings, persona_file
 
     settings = loop_settings(tiny_base)
     with Store(home) as store:
