@@ -13,8 +13,8 @@ src/ownlm/                     each stage imports only the stages above it and t
   store/         SQLCipher: migrations, users/tokens, conversations, imports (an importer's result into the
                  store), datasets, models and the files derived from a user's data, jobs, redact (secrets and
                  PII out), memory (the FTS5 index of passages, BM25 recall); imports capture, artifact
-  learn/         dataset (merkle, augment, paraphrase) → tokens → batching → train (steps) · continual · worker; imports
-                 store, bitdelta
+  learn/         dataset (merkle, augment, paraphrase) → tokens → batching → train (steps, dp: DP-SGD with Opacus) ·
+                 continual · worker; imports store, bitdelta
   engine/        the inference protocol, the torch engine, the personal engine, the llama.cpp engine and its
                  replicas, routing (hot deploy), serving (which engine serves), memory (recalled passages into the
                  system prompt);
@@ -23,7 +23,7 @@ src/ownlm/                     each stage imports only the stages above it and t
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
                  ollama); merge (`ownlm merge`: peft's add_weighted_adapter → SVD to rank → lora1 → sign → install);
                  imports store, artifact, engine, evaluate
-  privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
+  privacy/       tiers · remote · trainer · attest · secure_agg (tier 3: CKKS sums, pairwise masks); imports node, evaluate, learn, store
   cluster/       rounds as Ray tasks (optional extra, imported only with cluster.ray_address): connect · agent (the
                  trainer role on each Ray node) · placement (tiers decide the node) · round; imports privacy, node
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job

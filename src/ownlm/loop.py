@@ -151,8 +151,10 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
     figures.update(dataset=ds_id, merkle_root=built.merkle_root, train_examples=len(train_ex), heldout_examples=len(held_ex))
 
     # 2. train: from the serving model's adapter on the new data, or afresh (learn/continual.py says when)
+    epsilon = round_epsilon(store, settings, user.id)  # differential privacy, when the user or node asks for it
     tcfg = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, time_budget_s=cfg.time_budget_s,
-                       qat=cfg.qat, anchor_kl=cfg.anchor_kl)
+                       qat=cfg.qat, anchor_kl=cfg.anchor_kl, dp=epsilon is not None, dp_epsilon=epsilon,
+                       dp_max_grad_norm=cfg.dp_max_grad_norm)
     serving = store.active_model(user.id)  # what this round continues (or not) and would replace
     plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
     figures.update(continual=plan.summary())
@@ -167,7 +169,7 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
                    dataset={"id": ds_id, "merkle_root": built.merkle_root}, init_adapter=plan.init_adapter)
     figures.update(train_loss=report.loss, heldout_loss_base=report.heldout_loss_base,
                    heldout_loss_lora=report.heldout_loss_personal, train_seconds=report.duration_s,
-                   tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve)
+                   tokens_per_s=report.tokens_per_s, steps=report.steps, loss_curve=report.loss_curve, dp=report.dp)
     update(stage="compress", progress=0.0)
 
     # 3. compress, 4. gate
@@ -208,6 +210,13 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
     keep_adapter(settings.home, user.id, work / "train" / "adapter", Lineage(
         model_id=res.model_id, dataset_id=ds_id, base_sha256=base.sha256, lora=_lora(tcfg), audit_mark=audit_mark))
     return res
+
+
+def round_epsilon(store: Store, settings: Settings, user_id: str) -> float | None:
+    """The epsilon a local round of this user spends (None: no DP): the user's own choice, else the node's."""
+    own = store.dp_epsilon(user_id)
+    epsilon = own if own is not None else settings.personalization.dp_epsilon
+    return epsilon if epsilon else None
 
 
 def _lora(tcfg) -> dict:

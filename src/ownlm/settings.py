@@ -67,6 +67,13 @@ class Personalization(BaseModel):
                     "3 variants): weight 1 cut drift on generic prompts from 0.28-0.30 to 0.117 nats/token with the "
                     "same probes (fact 1/9, style 4/11); in the loop's round on bram (bench/personas.py) drift 0.158, "
                     "ARC-Easy 45% -> 45%. Costs the base's forward pass per step.")
+    dp_epsilon: float | None = Field(
+        default=None, ge=0,
+        description="Differential privacy for local rounds (learn/dp.py, Opacus DP-SGD): the epsilon (delta = "
+                    "min(1e-5, 1/conversations)) each round's adapter may spend, per conversation; None or 0: off. A "
+                    "user's own choice (`ownlm privacy dp`) overrides this. The budget goes into the signed manifest.")
+    dp_max_grad_norm: float = Field(
+        default=1.0, gt=0, description="With DP: each conversation's gradient is clipped to this L2 norm.")
     paraphrases: int = Field(
         default=3, ge=0, le=16,
         description="Question variants per training example (learn/augment.py: the last user turn rephrased, the "

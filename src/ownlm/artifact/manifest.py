@@ -46,7 +46,9 @@ def build_manifest(
 ) -> dict:
     """A manifest for the payload `files` (name -> bytes). `delta_meta` is the bitdelta delta.json.
 
-    `training`: samples, tokens, duration_s, loss, heldout_loss_base, heldout_loss_personal (from the report).
+    `training`: samples, tokens, duration_s, loss, heldout_loss_base, heldout_loss_personal, resumed_from_step (from
+    the report), and `dp` when the adapter was trained with differential privacy: the budget spent (epsilon, delta,
+    noise multiplier, clip norm, accountant, steps, sample rate, unit; learn/dp.py Budget). Signed like the rest.
     `merge` (a merged model, node/merge.py): {"method", "weights", "density", "rank", ..., "sources": [one per
     source model], "data": [{"user_id", "merkle_root"}, ...]}; `merge["data"]` also becomes `dataset.sources`,
     the training data roots of every source (their own sources included), which the right to delete checks
@@ -54,6 +56,8 @@ def build_manifest(
     """
     now = created_at or time.time()
     scales = delta_meta.get("scales")
+    train_fields = ("samples", "tokens", "duration_s", "loss", "heldout_loss_base", "heldout_loss_personal",
+                    "resumed_from_step")
     manifest = {
         "format": FORMAT,
         "model": {"id": f"{model_id(now)}_v{version}", "user": user, "base": base_name, "base_sha256": base_sha256},
@@ -64,18 +68,27 @@ def build_manifest(
             "scales": scales,
             "target_modules": delta_meta.get("target_modules"),
         },
-        "training": {k: training.get(k) for k in
-                     ("samples", "tokens", "duration_s", "loss", "heldout_loss_base", "heldout_loss_personal",
-                      "resumed_from_step")},
+        "training": {k: training.get(k) for k in train_fields},
         "dataset": {"merkle_root": merkle_root},
         "versioning": {"version": version, "previous": previous},
         "created_at": now,
         "files": {name: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for name, b in sorted(files.items())},
     }
+    if training.get("dp"):  # only then: a manifest without DP keeps the bytes it always had
+        manifest["training"]["dp"] = dict(training["dp"])
     if merge is not None:
         manifest["dataset"]["sources"] = [dict(d) for d in merge.get("data", [])]
         manifest["merge"] = {k: v for k, v in merge.items() if k != "data"}
     return manifest
+
+
+def dp_summary(manifest: dict) -> str:
+    """'ε=2.00 δ=1e-05' for a model trained with differential privacy, 'ε=∞ …' without noise, '' without DP."""
+    b = (manifest.get("training") or {}).get("dp")
+    if not b:
+        return ""
+    eps = "∞" if b.get("epsilon") is None else f"{b['epsilon']:.2f}"
+    return f"ε={eps} δ={b.get('delta'):.0e}"
 
 
 def check_files(manifest: dict, files: dict[str, bytes]) -> None:

@@ -102,13 +102,18 @@ def privacy() -> None:
 @pass_ctx
 def privacy_show(ctx: Context, user) -> None:
     """Show the tier and what each tier means."""
+    from ownlm.loop import round_epsilon
     from ownlm.privacy.tiers import TIERS
 
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
+        store_choice = store.dp_epsilon(u.id)
+        eps = round_epsilon(store, settings, u.id)
     for tier, meaning in TIERS.items():
         console.print(f"{'●' if tier == u.privacy_tier else ' '} {tier}  {meaning}")
+    console.print(f"differential privacy for local rounds: {f'on, ε = {eps:g} per round' if eps else 'off'}"
+                  f" ({'your choice' if store_choice is not None else 'the node default'}; `ownlm privacy dp`)")
 
 
 @privacy.command("set")
@@ -124,6 +129,30 @@ def privacy_set(ctx: Context, tier: int, confirm: bool, user) -> None:
     with cli_store(settings) as store:
         res = set_tier(store, ctx.user(store, settings), tier, confirm)
     console.print(f"privacy tier {res['previous']} → {res['tier']}: {res['meaning']}")
+
+
+@privacy.command("dp")
+@click.argument("epsilon")
+@user_option
+@pass_ctx
+def privacy_dp(ctx: Context, epsilon: str, user) -> None:
+    """Differential privacy for your local rounds: EPSILON (e.g. 8; smaller is more private and costs more
+    utility), 'off', or 'default' (the node's personalization.dp_epsilon). Recorded in the audit log."""
+    from ownlm.errors import InvalidInput
+
+    words = {"off": 0.0, "default": None}
+    if epsilon.lower() in words:
+        value = words[epsilon.lower()]
+    else:
+        try:
+            value = float(epsilon)
+        except ValueError:
+            raise InvalidInput(f"epsilon {epsilon!r} is not a number", hint="give e.g. 8, 'off' or 'default'") from None
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        store.set_dp_epsilon(ctx.user(store, settings).id, value)
+    console.print("differential privacy: " + ("the node default" if value is None else "off" if value == 0
+                                              else f"ε = {value:g} per round (δ = min(1e-5, 1/conversations))"))
 
 
 @cli.command()

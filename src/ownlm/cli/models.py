@@ -10,6 +10,7 @@ import click
 from rich import box
 from rich.table import Table
 
+from ownlm.artifact.manifest import dp_summary
 from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
 from ownlm.errors import InvalidInput
 
@@ -108,7 +109,7 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     table.add_column("v", justify="right", overflow="fold")
     table.add_column("id", no_wrap=True, min_width=max((len(m["id"]) for m in rows), default=2))
-    for header in ("installed", "size", "held-out loss base → personal", "signature", "active"):
+    for header in ("installed", "size", "held-out loss base → personal", "DP", "signature", "active"):
         table.add_column(header, overflow="fold")
     for m in rows:
         t = m["manifest"].get("training", {})
@@ -117,7 +118,8 @@ def models_cmd(ctx: Context, model: tuple[str, ...], user) -> None:
             loss = f"merged ({merged.get('method')}) from " + ", ".join(
                 f"{s.get('user')} v{s.get('version')}" for s in merged.get("sources") or [] if isinstance(s, dict))
         table.add_row(str(m["version"]), m["id"], datetime.fromtimestamp(m["installed_at"]).isoformat(" ", "minutes"),
-                      f"{m['size_bytes'] / 1000:.1f} KB", loss, "verified" if m["signer"] in trusted else "untrusted",
+                      f"{m['size_bytes'] / 1000:.1f} KB", loss, dp_summary(m["manifest"]) or "off",
+                      "verified" if m["signer"] in trusted else "untrusted",
                       "●" if m["active"] else "")
     console.print(table if rows else "no personal model installed: the base model answers")
 

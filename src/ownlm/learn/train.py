@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ from ownlm.basemodel import BaseModel
 from ownlm.learn.batching import epoch_order, make_batches, prepare
 from ownlm.errors import ConfigError, NotEnoughData, TrainingDiverged
 from ownlm.fsutil import mkdir_private
+from ownlm.learn import dp
 from ownlm.learn.qat import freeze_quantized, quantize_lora
 from ownlm.learn.tokens import TokenizedExample
 from ownlm.learn.steps import (
@@ -114,6 +116,16 @@ class TrainConfig:
         metadata={"help": "With qat: one learned scale per factor matrix ('matrix', the lora1 default) or per rank "
                   "component ('rank'); the artifact must be compressed with the same scales."},
     )
+    dp: bool = field(default=False, metadata={"help": "Differentially private training (DP-SGD, learn/dp.py): per-conversation "
+                     "clipping + Gaussian noise on the LoRA parameters; (epsilon, delta) goes into the report and manifest."})
+    dp_epsilon: float | None = field(default=None, metadata={"help": "With dp: the epsilon to spend over the planned steps "
+                                     "(the noise multiplier is solved for it). Set this or dp_noise_multiplier."})
+    dp_noise_multiplier: float | None = field(default=None, metadata={"help": "With dp: noise std / clip norm, fixed "
+                                              "(epsilon then follows from the steps taken)."})
+    dp_delta: float | None = field(default=None, metadata={"help": "With dp: delta (None: min(1e-5, 1/conversations))."})
+    dp_max_grad_norm: float = field(default=1.0, metadata={"help": "With dp: each conversation's gradient is clipped to this L2 norm."})
+    dp_batch_size: int = field(default=8, metadata={"help": "With dp: expected conversations per step (Poisson sampling, q = this / conversations)."})
+    dp_accountant: str = field(default="rdp", metadata={"help": "With dp: Opacus' privacy accountant, 'rdp' or 'prv'."})
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -153,6 +165,7 @@ class TrainConfig:
             raise bad("qat_scales", "must be 'matrix' or 'rank'")
         if self.max_seq_len > self.batch_tokens:
             raise bad("max_seq_len", f"must be <= batch_tokens ({self.batch_tokens}) so that any example fits a batch")
+        dp.validate(self, bad)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +226,7 @@ class TrainReport:
     padding_fraction: float  # padded positions / all positions in the training batches
     wall_s: float  # the whole call, evaluation and saving included
     adapter_dir: str
+    dp: dict | None = None  # the privacy budget spent (learn/dp.py Budget), None without dp
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -274,7 +288,7 @@ def train(
 
     batches = make_batches(data.examples, config.batch_tokens, config.seed, pad_id)
     held_batches = make_batches(held.examples, config.eval_batch_tokens, config.seed, pad_id)
-    n_batches = len(batches)
+    n_batches = dp.steps_per_epoch(data.examples, config) if config.dp else len(batches)  # DP: Poisson draws
     total_steps = config.epochs * n_batches
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -292,6 +306,7 @@ def train(
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(f"invalid training setting target_modules={config.target_modules!r}: {e}",
                           hint="name linear modules of the base, e.g. q_proj, k_proj, v_proj, o_proj") from None
+    private: dp.DPTrainer | None = None
     try:
         causal_lm = model.get_base_model()  # the *ForCausalLM with LoRA layers injected
         if init is not None:
@@ -299,6 +314,7 @@ def train(
         quantized = quantize_lora(causal_lm, config.qat_scales) if config.qat else []  # after the init: scales start from it
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        private = dp.DPTrainer(model, causal_lm, optimizer, data.examples, config, pad_id, total_steps, device) if config.dp else None
 
         # Loop state, restored from a checkpoint when there is a matching one.
         step, loss_curve, tokens_seen, loss_tokens_seen = 0, [], 0, 0
@@ -341,43 +357,49 @@ def train(
         call_tokens = 0
         while step < total_steps:
             epoch, k = divmod(step, n_batches)
-            order = epoch_order(n_batches, config.seed, epoch)
-            batch = batches[order[k]]
+            batch = batches[epoch_order(n_batches, config.seed, epoch)[k]] if private is None else None
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, config.lr, total_steps, warmup)
-            logits, targets, rows = target_logits(causal_lm, batch, device)
-            nll = F.cross_entropy(logits, targets, reduction="sum")
-            objective = nll
-            if config.unlikelihood:
-                objective = objective + config.unlikelihood * unlikelihood(logits, targets, rows)
-            if config.anchor_kl:
-                with torch.no_grad(), model.disable_adapter():
-                    reference, _, _ = target_logits(causal_lm, batch, device)
-                objective = objective + config.anchor_kl * kl_to(reference, logits)
-            loss = objective / batch.n_loss_tokens
-            loss_value = (nll / batch.n_loss_tokens).detach().item()  # the curve is the NLL, whatever the extra terms
-            objective_value = loss.detach().item()
-            if not is_finite(objective_value):
-                raise _diverged(step, f"loss is {objective_value}", config)
-            loss.backward()
-            if config.grad_clip is not None:
-                norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
+            if private is not None:  # one DP-SGD step on a Poisson draw (learn/dp.py); the loss is that draw's NLL
+                loss_value, n_tok, n_loss_tok, _ = private.step()
+                if not all_finite(params.values()) or (loss_value is not None and not math.isfinite(loss_value)):
+                    raise _diverged(step, f"loss {loss_value} or a LoRA weight is not finite", config)
             else:
-                norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()])))
-            if not is_finite(norm):
-                raise _diverged(step, f"gradient norm is {norm}", config)
-            try:
-                optimizer.step()
-            except RuntimeError as e:  # AdamW's step size itself overflows float32 at absurd learning rates
-                if "overflow" not in str(e):
-                    raise
-                raise _diverged(step, f"the optimizer step overflowed ({e})", config) from None
-            optimizer.zero_grad(set_to_none=True)
+                logits, targets, rows = target_logits(causal_lm, batch, device)
+                nll = F.cross_entropy(logits, targets, reduction="sum")
+                objective = nll
+                if config.unlikelihood:
+                    objective = objective + config.unlikelihood * unlikelihood(logits, targets, rows)
+                if config.anchor_kl:
+                    with torch.no_grad(), model.disable_adapter():
+                        reference, _, _ = target_logits(causal_lm, batch, device)
+                    objective = objective + config.anchor_kl * kl_to(reference, logits)
+                loss = objective / batch.n_loss_tokens
+                loss_value = (nll / batch.n_loss_tokens).detach().item()  # the curve is the NLL, whatever the extra terms
+                objective_value = loss.detach().item()
+                if not is_finite(objective_value):
+                    raise _diverged(step, f"loss is {objective_value}", config)
+                loss.backward()
+                if config.grad_clip is not None:
+                    norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
+                else:
+                    norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()])))
+                if not is_finite(norm):
+                    raise _diverged(step, f"gradient norm is {norm}", config)
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # AdamW's step size itself overflows float32 at absurd learning rates
+                    if "overflow" not in str(e):
+                        raise
+                    raise _diverged(step, f"the optimizer step overflowed ({e})", config) from None
+                optimizer.zero_grad(set_to_none=True)
+                n_tok, n_loss_tok = batch.n_tokens, batch.n_loss_tokens
             step += 1
-            loss_curve.append(loss_value)
-            tokens_seen += batch.n_tokens
-            loss_tokens_seen += batch.n_loss_tokens
-            call_tokens += batch.n_tokens
+            if loss_value is not None:  # None: a DP step whose Poisson draw was empty (a noise-only step)
+                loss_curve.append(loss_value)
+            tokens_seen += n_tok
+            loss_tokens_seen += n_loss_tok
+            call_tokens += n_tok
             elapsed = time.perf_counter() - t0
             report_progress("train", loss_value, call_tokens / elapsed, elapsed)
             over_budget = config.time_budget_s is not None and elapsed >= config.time_budget_s
@@ -425,10 +447,13 @@ def train(
             resumed_from_step=resumed_from, dropped_no_target=data.dropped_no_target, truncated=data.truncated,
             batches_per_epoch=n_batches, padding_fraction=round(1 - data.tokens / padded, 4) if padded else 0.0,
             wall_s=round(time.perf_counter() - wall0, 3), adapter_dir=str(out_dir / ADAPTER_DIR),
+            dp=private.budget(step).to_dict() if private is not None else None,
         )
         atomic_write(out_dir / REPORT_FILE, report.to_json())
         return report
     finally:
+        if private is not None:
+            private.close()  # Opacus' hooks off before the LoRA layers go
         model.unload()  # removes the LoRA layers: base.model is the plain base again
         base.model.eval()
 

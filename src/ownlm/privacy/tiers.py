@@ -48,3 +48,31 @@ def set_tier(store, user, tier: int, confirm: bool) -> dict:
         db.execute("UPDATE users SET privacy_tier = ? WHERE id = ?", (tier, user.id))
         store.audit(db, user.id, "privacy_tier_changed", old=user.privacy_tier, new=tier)
     return {"tier": tier, "previous": user.privacy_tier, "meaning": TIERS[tier]}
+
+
+# --- tier 3: what form an adapter update may take when it leaves the device ----------------------------------
+
+UPDATE_FORMS = {
+    "plaintext": "the update's float values as they are",
+    "ckks": "CKKS ciphertexts under the person's own key (privacy/secure_agg.py): only the person can decrypt",
+    "masked": "pairwise-masked fixed-point values (privacy/secure_agg.py): only the sum over all participants "
+              "can be read, for a model shared by several people",
+}
+
+
+def check_update_form(tier: int, form: str, shared: bool = False) -> None:
+    """Raise PrivacyViolation unless an adapter update in `form` may go to another machine under `tier`.
+
+    Tier 3 lets an update out only encrypted under the person's key ('ckks'), or, for a model shared with other
+    people (`shared`, opt-in), pairwise-masked ('masked'); never as plaintext. The other tiers' rules on where an
+    update may go are `check_may_send_update`'s (federation); this function only judges its form.
+    """
+    if form not in UPDATE_FORMS:
+        raise InvalidInput(f"update form {form!r} does not exist", hint=f"use one of {', '.join(UPDATE_FORMS)}")
+    if tier != 3 or form == "ckks" or (form == "masked" and shared):
+        return
+    why = ("a plaintext update" if form == "plaintext" else
+           "a masked update for your own model (masking is for shared models; your own is encrypted to your key)")
+    raise PrivacyViolation(f"refused to let {why} leave this device: tier 3 (homomorphic) sends updates only "
+                           "encrypted, and no other machine ever computes on your plaintext",
+                           hint="aggregate with privacy/secure_agg.py (a secure round), or train locally only")

@@ -363,3 +363,26 @@ def m010_memory(db) -> None:
     ):
         db.execute(f"CREATE TRIGGER {name} AFTER {event} ON memory_passages {when} BEGIN {body}; END")
     reindex(db)
+
+
+@migration
+def m011_user_dp(db) -> None:
+    """A user's own differential-privacy choice for their local rounds (learn/dp.py): NULL follows the node's
+    personalization.dp_epsilon, 0 is off, a positive number is the epsilon each round may spend."""
+    db.execute("ALTER TABLE users ADD COLUMN dp_epsilon REAL")
+
+
+@migration
+def m012_he_keys(db) -> None:
+    """A person's CKKS key pair for tier-3 encrypted aggregation (privacy/secure_agg.py): the secret context
+    lives here, encrypted at rest with the rest of the store; the public one is what devices and aggregators get."""
+    run_script(db, """
+        CREATE TABLE he_keys (
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            key_id TEXT NOT NULL,
+            params TEXT NOT NULL,
+            secret_context BLOB NOT NULL,
+            public_context BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+    """)

@@ -99,6 +99,20 @@ class ModelsMixin:
             self.audit(db, user_id, "signing_key_created", key_id=sign.key_id(key), alg=alg)
         return key
 
+    def he_keys(self, user_id: str) -> tuple[bytes, bytes] | None:
+        """(secret, public) serialized CKKS contexts of the user (privacy/secure_agg.py), or None."""
+        rows = self.query("SELECT secret_context, public_context FROM he_keys WHERE user_id = ?", (user_id,))
+        return (bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def save_he_keys(self, user_id: str, secret: bytes, public: bytes, key_id: str, params: dict) -> None:
+        """Keep the user's first CKKS key pair (a second call keeps the first: keys are never silently replaced)."""
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO he_keys (user_id, key_id, params, secret_context, public_context,"
+                             " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                             (user_id, key_id, json.dumps(params), secret, public, time.time()))
+            if cur.rowcount:
+                self.audit(db, user_id, "he_key_created", key_id=key_id, **params)
+
     def trust(self, public_pem: str, label: str | None = None, *, user_id: str) -> str:
         """Trust a signing key (a trainer's) for one user: it may then sign that user's models, no one else's."""
         from ownlm.artifact import sign

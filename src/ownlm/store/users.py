@@ -27,6 +27,20 @@ def token_sha256(token: str) -> str:
 
 
 class UsersMixin:
+    def dp_epsilon(self, user_id: str) -> float | None:
+        """The user's own DP choice: None (follow the node's personalization.dp_epsilon), 0 (off) or an epsilon."""
+        row = self.query("SELECT dp_epsilon FROM users WHERE id = ?", (user_id,))
+        return row[0][0] if row else None
+
+    def set_dp_epsilon(self, user_id: str, epsilon: float | None) -> None:
+        """Record the user's DP choice (see `dp_epsilon`) and audit it."""
+        if epsilon is not None and (isinstance(epsilon, bool) or not epsilon >= 0 or epsilon != epsilon):
+            raise InvalidInput(f"epsilon {epsilon!r} is not a number >= 0", hint="give e.g. 8 (weaker) or 1 (stronger), or 'off'")
+        with self.tx() as db:
+            old = db.execute("SELECT dp_epsilon FROM users WHERE id = ?", (user_id,)).fetchone()
+            db.execute("UPDATE users SET dp_epsilon = ? WHERE id = ?", (epsilon, user_id))
+            self.audit(db, user_id, "dp_changed", old=old[0] if old else None, new=epsilon)
+
     def create_user(self, name: str, tier: int = 1) -> User:
         if not NAME_RE.match(name):
             raise InvalidInput(

@@ -80,7 +80,7 @@ export async function showModels() {
     ? `Answering with version ${models.find((m) => m.active).version}.`
     : "Answering with the base model (no personal model active).";
   const rows = models.map(modelRow);
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8 }, "No personal model yet: it appears after the first deployed round.")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 9 }, "No personal model yet: it appears after the first deployed round.")));
   document.querySelector("#models-table tbody").replaceChildren(...rows);
   document.getElementById("use-base").disabled = !active;
 }
@@ -98,9 +98,19 @@ function modelRow(m) {
     el("td", { class: "nowrap" }, kb(m.size_bytes)),
     el("td", {}, t.samples ?? "—"),
     el("td", {}, `${loss(t.heldout_loss_base)} → ${loss(t.heldout_loss_personal)}`),
+    dpCell(t.dp),
     el("td", { class: "nowrap" }, m.signature_verified ? "✔ verified" : "✘ not verified"),
     el("td", { class: "nowrap" }, m.active ? el("strong", {}, "● active") : ""),
     el("td", {}, action));
+}
+
+// The privacy budget a DP-trained version spent (manifest training.dp, learn/dp.py); "off" without DP.
+function dpCell(b) {
+  if (!b) return el("td", { class: "muted dp" }, "off");
+  const eps = typeof b.epsilon === "number" ? b.epsilon.toFixed(2) : "∞";
+  const detail = `noise ×${Number(b.noise_multiplier).toFixed(2)}, clip ${b.max_grad_norm}, ${b.steps} steps, ` +
+    `q=${Number(b.sample_rate).toFixed(3)} per ${b.unit}, ${String(b.accountant).toUpperCase()} accountant`;
+  return el("td", { class: "nowrap dp", title: detail }, `ε = ${eps}, δ = ${Number(b.delta).toExponential(0)}`);
 }
 
 async function rollback(target, label) {
