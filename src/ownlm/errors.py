@@ -185,3 +185,9 @@ class TrainedOnDeletedData(OwnlmError):
     training while the delete happened): the right to delete refuses to install it."""
 
     http_status = 409
+
+
+class UpdateRefused(OwnlmError):
+    """A federated round refused a device's update (tampered, replayed, for another round, user or base)."""
+
+    http_status = 409

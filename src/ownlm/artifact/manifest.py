@@ -42,14 +42,17 @@ def build_manifest(
     version: int,
     previous: str | None,
     created_at: float | None = None,
+    federation: dict | None = None,
 ) -> dict:
     """A manifest for the payload `files` (name -> bytes). `delta_meta` is the bitdelta delta.json.
 
     `training`: samples, tokens, duration_s, loss, heldout_loss_base, heldout_loss_personal (from the report).
+    `federation`: for the aggregate of a federated round, {round, method, devices, weights} (signed with the rest).
     """
     now = created_at or time.time()
     scales = delta_meta.get("scales")
-    return {
+    extra = {"federation": federation} if federation is not None else {}
+    return {**extra,
         "format": FORMAT,
         "model": {"id": f"{model_id(now)}_v{version}", "user": user, "base": base_name, "base_sha256": base_sha256},
         "bitdelta": {
