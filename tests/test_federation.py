@@ -235,3 +235,15 @@ def test_a_secure_round_is_refused_until_the_secure_aggregator_exists():
     plain = secure_aggregator(fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32), 4)
     plain.add(np.ones(4, np.float32), 2)
     assert plain.total()[1] == 2
+
+
+def test_cli_join_refuses_a_server_outside_home_at_tier_1(home):
+    from tests.conftest import run_cli
+
+    with Store(home) as store:
+        store.create_user(USER)
+    r = run_cli("federate", "join", "--user", USER, "--superlink", "8.8.8.8:9091")
+    assert r.returncode == 1 and "tier 1 (edge)" in r.stderr, r.stderr
+    assert not (home / "federation" / "logs").exists()  # no SuperNode was started
+    r = run_cli("federate", "server", "--help")
+    assert r.returncode == 0 and "--method" in r.stdout

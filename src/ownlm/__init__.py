@@ -22,7 +22,9 @@ src/ownlm/                     each stage imports only the stages above it and t
   evaluate/      metrics · habits · general · report · run · gate · personas/; imports learn, engine, artifact
   node/          install: verify → open → install → route, rollback, prune, recover; export (gguf-lora, peft,
                  ollama); imports store, artifact, engine
-  privacy/       tiers · remote · trainer · attest; imports node, evaluate, learn, store
+  privacy/       tiers · remote · trainer · attest · federation (Flower rounds across a person's devices:
+                 fedupdate = signed updates and their checks, aggregate = the pure maths); imports node, evaluate,
+                 learn, store
   cluster/       rounds as Ray tasks (optional extra, imported only with cluster.ray_address): connect · agent (the
                  trainer role on each Ray node) · placement (tiers decide the node) · round; imports privacy, node
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job
