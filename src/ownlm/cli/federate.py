@@ -37,11 +37,13 @@ def federate() -> None:
 @click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
 @click.option("--timeout", "timeout_s", type=float, default=3600, show_default=True,
               help="Seconds the devices may take to train (and then to install).")
+@click.option("--secure", is_flag=True, help="Sum the updates encrypted (privacy/secure_agg.py, CKKS); required for "
+              "devices at tier 3, refused while no secure aggregator is installed.")
 @click.option("--join", "join_self", is_flag=True, help="Also take part with this home's conversations (a SuperNode here).")
 @click.option("--no-gate", is_flag=True, help="With --join: install the aggregate here without this device's quality gate.")
 @pass_ctx
-def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, wait_s, timeout_s, join_self,
-           no_gate) -> None:
+def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, wait_s, timeout_s, secure,
+           join_self, no_gate) -> None:
     """Run one federated round: start a SuperLink, wait for the devices, aggregate, install on every device."""
     from ownlm.privacy import federation as fed
     from ownlm.privacy.fedupdate import new_round_id
@@ -50,6 +52,11 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
     p = settings.personalization
+    if secure:
+        from ownlm.privacy.federation import secure_aggregator
+        from ownlm.privacy.fedupdate import RoundSpec
+
+        secure_aggregator(RoundSpec(round_id="check", user=u.name, base_sha256="", secure=True), 1)  # fail before starting
     address = f"{host}:{port}"
     procs = [fed.start_superlink(settings.home, host=host, port=port)]
     try:
@@ -62,7 +69,7 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
             "min_devices": min_devices, "method": method, "lr": lr if lr is not None else p.lr,
             "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
-            "wait_s": wait_s, "timeout_s": timeout_s}, timeout_s=wait_s + 2 * timeout_s + 120)
+            "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120)
     finally:
         for proc in reversed(procs):
             proc.stop()

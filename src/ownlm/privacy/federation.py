@@ -275,6 +275,8 @@ def server_round(grid, cfg: dict) -> dict:
                     "installed": {}, "state": "failed"}
     t0 = time.time()
     try:
+        if spec.secure:
+            secure_aggregator(spec, 1)  # no secure aggregator: refused before any device trains
         state = fu.start_round(store, user, spec, int(cfg["devices"]))
         deadline = time.time() + float(cfg["wait_s"])
         while len(list(grid.get_node_ids())) < int(cfg["devices"]) and time.time() < deadline:

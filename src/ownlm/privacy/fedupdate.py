@@ -174,6 +174,10 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
     layout = agg.Layout.of(tensors)
     weight = report.samples
     payload = agg.weighted(layout.flatten(tensors), weight)
+    # Secure aggregation hook (spec.secure, tier 3): privacy/secure_agg.py encrypts `payload` here with the
+    # person's public CKKS context; the header then binds the ciphertext's sha256 instead, and the server's
+    # federation.secure_aggregator() sums ciphertexts. Without that module a secure round is refused by the
+    # server before any device trains (federation.secure_aggregator) and at tier 3 here by the tier check.
     latest = store.models(user.id)
     node_pub = store.node_key().public_json()
     header = {
