@@ -247,3 +247,25 @@ def test_cli_join_refuses_a_server_outside_home_at_tier_1(home):
     assert not (home / "federation" / "logs").exists()  # no SuperNode was started
     r = run_cli("federate", "server", "--help")
     assert r.returncode == 0 and "--method" in r.stdout
+
+
+@pytest.mark.slow  # the gate's drift and behaviour checks: 1-5 min on 2 shared cores, though on the tiny model
+def test_the_device_gate_judges_the_aggregate_on_its_own_heldout_data(one_round):
+    """With the gate on (the default of `ownlm federate join`), the device judges the aggregate on its own held-out
+    conversations like a remote round's bundle, and audits the verdict; the tiny random model trained one step
+    does not beat the base by the gate's margin, so nothing is installed."""
+    from ownlm.errors import QualityGateRefused
+    from ownlm.privacy.aggregate import PlainSum, finish
+
+    r = one_round
+    lap, phone, user, state, up = r["lap"], r["phone"], r["lap"].get_user(USER), r["state"], r["update"]
+    fu.verify_update(lap, user, state, up.header, up.payload)
+    s = PlainSum(up.payload.shape[0])
+    s.add(up.payload, up.header["weight"])
+    bundles, _ = fu.aggregate_bundles(lap, r["s_lap"], user, state, finish(*s.total()), r["s_lap"].home / "w", "tiny")
+    puser = phone.get_user(USER)
+    with pytest.raises(QualityGateRefused):
+        fu.install_aggregate(phone, r["s_phone"], puser, bundles[up.header["device"]], r["spec"].round_id, gate=True)
+    assert phone.active_model(puser.id) is None
+    judged = [a for a in phone.audit_log(puser.id) if a["action"] == "federated_model_judged"]
+    assert len(judged) == 1 and judged[0]["detail"]["passed"] is False
