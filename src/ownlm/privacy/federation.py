@@ -256,7 +256,7 @@ def _write_private_json(path: Path, doc: dict) -> None:
 
 def server_round(grid, cfg: dict) -> dict:
     """The ServerApp's body for one round (see the module doc); returns and writes the result."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     from ownlm.basemodel import base_sha256, resolve_base
     from ownlm.errors import OwnlmError, UpdateRefused
@@ -299,7 +299,7 @@ def server_round(grid, cfg: dict) -> dict:
                 (out_dir / "received" / f"{i}.payload.f32").write_bytes(np.ascontiguousarray(payload).tobytes())
             try:
                 fu.verify_update(store, user, state, header, payload)
-            except (UpdateRefused, OwnlmError) as e:
+            except OwnlmError as e:  # UpdateRefused, or a malformed layout
                 result["refused"].append({"node": str(reply.metadata.src_node_id), "reason": e.message})
                 continue
             if summer is None:
