@@ -195,3 +195,9 @@ class MergeIncompatible(DeltaMismatch):
 class MergeConfigError(ConfigError):
     """A merge asked for in a way that cannot work: an unknown method, weights that do not fit the models, a
     density the method does not take (or lacks), or a rank outside the artifact's size budget."""
+
+
+class UpdateRefused(OwnlmError):
+    """A federated round refused a device's update (tampered, replayed, for another round, user or base)."""
+
+    http_status = 409

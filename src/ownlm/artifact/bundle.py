@@ -16,6 +16,7 @@ MANIFEST = "manifest.json"
 def make_bundle(
     *, delta_dir: Path, report: dict, user_name: str, signing_key, recipient: dict,
     base_name: str, version: int, previous: str | None, created_at: float | None = None, merge: dict | None = None,
+    federation: dict | None = None,
 ) -> tuple[bytes, dict]:
     """(sealed bundle bytes, signed manifest) for the delta in `delta_dir` and its training `report` (`merge`: what
     a merged model records of its sources, see build_manifest)."""
@@ -26,6 +27,7 @@ def make_bundle(
         user=user_name, base_name=base_name, base_sha256=meta["base_sha256"], files=files, delta_meta=meta,
         training=report, merkle_root=(report.get("dataset") or {}).get("merkle_root", ""),
         version=version, previous=previous, created_at=created_at, merge=merge,
+        federation=federation,
     )
     signed = sign_manifest(manifest, signing_key)
     return seal({MANIFEST: canonical(signed), **files}, recipient), signed

@@ -43,6 +43,7 @@ def build_manifest(
     previous: str | None,
     created_at: float | None = None,
     merge: dict | None = None,
+    federation: dict | None = None,
 ) -> dict:
     """A manifest for the payload `files` (name -> bytes). `delta_meta` is the bitdelta delta.json.
 
@@ -53,6 +54,7 @@ def build_manifest(
     source model], "data": [{"user_id", "merkle_root"}, ...]}; `merge["data"]` also becomes `dataset.sources`,
     the training data roots of every source (their own sources included), which the right to delete checks
     (store.models.training_roots).
+    `federation`: for the aggregate of a federated round, {round, method, devices, weights} (signed with the rest).
     """
     now = created_at or time.time()
     scales = delta_meta.get("scales")
@@ -79,6 +81,8 @@ def build_manifest(
     if merge is not None:
         manifest["dataset"]["sources"] = [dict(d) for d in merge.get("data", [])]
         manifest["merge"] = {k: v for k, v in merge.items() if k != "data"}
+    if federation is not None:
+        manifest["federation"] = federation
     return manifest
 
 

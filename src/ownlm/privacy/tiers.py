@@ -6,6 +6,16 @@
 - 3 homomorphic: no party but the user computes on plaintext; not available on these machines (see docs).
 Every code path that would send conversation data off the machine calls `check_may_send` first.
 
+Federated rounds (privacy/federation.py) send no conversation data at all, only a device's adapter update
+(a float vector, signed); every such send calls `check_may_send_update` first:
+- 0 cloud: to the configured federation server, wherever it is;
+- 1 edge: only between the person's own devices at home: the server's address must be loopback (this
+  machine) or a private LAN address (RFC 1918 / link-local / IPv6 ULA), every address a name resolves to
+  included. An update is derived from the conversations, so it never crosses the internet at tier 1;
+- 2 TEE: refused (no attested aggregator exists yet);
+- 3 homomorphic: only to a secure aggregator that sums encrypted updates (privacy/secure_agg.py); a
+  plaintext update never leaves the device.
+
 Memory (store/memory.py, api/memory.py) never leaves the node, whatever the tier: its passages go only into
 the prompt the local engine reads, and that prompt is never stored, so no dataset, and therefore no remote
 trainer at tier 0 or 2, ever receives them (tests/test_memory_api.py checks it). Inference always runs here.
@@ -34,6 +44,48 @@ def check_may_send(tier: int, destination: str, attested: bool = False) -> None:
             3: "tier 3 (homomorphic) never sends plaintext"}[tier]
     raise PrivacyViolation(f"refused to send training data to {destination}: {what}",
                            hint="train on this node, or change the tier with `ownlm privacy set` (lowering needs --confirm)")
+
+
+def _lan_only(destination: str) -> str | None:
+    """None when every address of `destination` ('host:port' or 'host') is loopback or private, else why not."""
+    import ipaddress
+    import socket
+
+    host = destination.rsplit(":", 1)[0] if destination.count(":") == 1 else destination
+    host = host.strip("[]")
+    if not host:
+        return "no server address was given"
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as e:
+        return f"{host} does not resolve ({e})"
+    home = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
+    for a in sorted(addrs):
+        ip = ipaddress.ip_address(a.split("%", 1)[0])
+        if not (ip.is_loopback or ip.is_link_local or any(ip in n for n in home if n.version == ip.version)):
+            return f"{host} resolves to {a}, which is not on this machine or the local network"
+    return None
+
+
+def check_may_send_update(tier: int, destination: str | None, *, secure: bool = False) -> None:
+    """Raise PrivacyViolation unless a federated adapter update (never conversations) may go to `destination`
+    (the federation server, 'host:port') under `tier`; `secure`: the server only sums encrypted updates."""
+    if tier == 0:
+        return
+    if tier == 1:
+        why = _lan_only(destination or "")
+        if why is None:
+            return
+        raise PrivacyViolation(f"refused to send a federated update to {destination}: tier 1 (edge) shares updates "
+                               f"only between your own devices on this machine or your local network ({why})",
+                               hint="run the federation server on one of your devices at home (a LAN or 127.0.0.1 "
+                                    "address), or change the tier with `ownlm privacy set 0 --confirm`")
+    if tier == 3 and secure:
+        return
+    what = {2: "tier 2 (TEE) has no attested aggregator for federated rounds",
+            3: "tier 3 (homomorphic) sends updates only to a secure aggregator that sums them encrypted"}[tier]
+    raise PrivacyViolation(f"refused to send a federated update to {destination}: {what}",
+                           hint="use a secure aggregator (tier 3), or change the tier with `ownlm privacy set`")
 
 
 def set_tier(store, user, tier: int, confirm: bool) -> dict:

@@ -1,0 +1,156 @@
+"""Federated vs local vs pooled: does a round across a person's devices beat each device's own model?
+
+Each persona's shipped history is split across two devices (conversations alternate: laptop gets the even ones,
+phone the odd ones), each an ownlm home with its own SQLCipher store. Each device builds its dataset from its own
+store and trains exactly as in a federated round (privacy/fedupdate.train_local: the loop's train(), quantization-
+aware by default, from scratch). Then, on the *union of the two devices' held-out conversations*, the assistant-
+token NLL of:
+- base: no adapter;
+- local laptop / local phone: each device's own 1-bit adapter;
+- federated factors / product / latent: the two devices' updates aggregated by each method of
+  privacy/aggregate.py (weighted by example count), re-quantized to the lora1 artifact that would be installed;
+- pooled: one model trained on both devices' training examples on one machine (the upper reference).
+With --probes, the persona's unseen probe questions too (greedy, as bench/personas.py; slow on a CPU).
+The transport (Flower processes, signatures) is not timed here: tests/test_federation.py runs it for real.
+
+    OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
+                                                       [--conversations 300] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, probe_row  # noqa: E402
+from ownlm.basemodel import load_base  # noqa: E402
+from ownlm.bitdelta import CompressConfig, compress_lora  # noqa: E402
+from ownlm.bitdelta.lora1 import LoraAdapter  # noqa: E402
+from ownlm.capture.importers import parse_file  # noqa: E402
+from ownlm.capture.importers.base import ImportResult  # noqa: E402
+from ownlm.evaluate.metrics import assistant_nll, delta_applied  # noqa: E402
+from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, probes  # noqa: E402
+from ownlm.learn.dataset import tokenize  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
+from ownlm.privacy import aggregate as agg  # noqa: E402
+from ownlm.privacy import fedupdate as fu  # noqa: E402
+from ownlm.settings import load_settings  # noqa: E402
+from ownlm.store import Store  # noqa: E402
+from ownlm.store.imports import import_into  # noqa: E402
+
+DEVICES = ("laptop", "phone")
+
+
+def lora1(factors, spec, sha):
+    return compress_lora(LoraAdapter(r=spec.r, alpha=spec.alpha, factors=factors), CompressConfig(mode="lora1"), sha)
+
+
+def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
+    history = parse_file(DATA_DIR / f"{name}.jsonl")
+    convs = history.conversations[: args.conversations]
+    spec = fu.RoundSpec(round_id=f"bench-{name}", user=name, base_sha256=base.sha256, method="factors", lr=args.lr,
+                        max_steps=args.steps, qat=not args.fp32)
+    devices = {}
+    for i, dev in enumerate(DEVICES):
+        home = root / f"{name}-{dev}"
+        home.mkdir(parents=True)
+        (home / "cache").symlink_to(shared_cache.resolve(), target_is_directory=True)
+        settings = load_settings(home=str(home))
+        with Store(home) as store:
+            user = store.create_user(name)
+            import_into(store, user.id, ImportResult(history.format, convs[i::2]), f"{dev}.jsonl")
+            built = fu.local_dataset(store, settings, user, base.tokenizer)
+        t0 = time.perf_counter()
+        # one training per device serves every method: its adapter (factors, product) and, with QAT, its latents
+        report, factors, latent = fu.train_local(base, built, replace(spec, method="latent" if spec.qat else "factors"),
+                                                 home / "work")
+        devices[dev] = {"built": built, "report": report, "factors": factors, "latent": latent,
+                        "train_s": round(time.perf_counter() - t0, 1)}
+        print(f"  {dev}: {report.samples} train examples, {report.heldout_samples} held out, {report.steps} steps "
+              f"in {devices[dev]['train_s']} s", flush=True)
+
+    held = [e for d in devices.values() for e in tokenize(d["built"].split("heldout"), base.tokenizer)]
+    weights = [devices[d]["report"].samples for d in DEVICES]
+    models = {f"local {d}": lora1(devices[d]["factors"], spec, base.sha256) for d in DEVICES}
+    for method in agg.METHODS:
+        if method == "latent" and not spec.qat:
+            continue
+        tensors = [agg.tensors_for(method, devices[d]["factors"], devices[d]["latent"]) for d in DEVICES]
+        layout = agg.Layout.of(tensors[0])
+        merged = agg.aggregate(method, layout, [layout.flatten(t) for t in tensors], weights, spec.r)
+        models[f"federated {method}"] = agg.to_delta(merged, spec.r, spec.alpha, base.sha256)
+
+    # pooled: both devices' training examples on one machine, the same settings
+    pooled_train = [e for d in devices.values() for e in tokenize(d["built"].split("train"), base.tokenizer)]
+    t0 = time.perf_counter()
+    tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat)
+    train(base, pooled_train, held, tcfg, root / f"{name}-pooled", resume=False)
+    from ownlm.bitdelta.lora1 import read_adapter
+
+    models["pooled"] = lora1(read_adapter(root / f"{name}-pooled" / "adapter").factors, spec, base.sha256)
+    pooled_s = round(time.perf_counter() - t0, 1)
+
+    asked = probes(PERSONAS[name]) if args.probes else None
+    engine = None
+    if asked:
+        from ownlm.engine.torch_engine import TorchEngine
+
+        engine = TorchEngine(base)
+    rows = {"base": {"nll": assistant_nll(base.model, held).mean_nll}}
+    if engine:
+        rows["base"]["probes"] = probe_row(engine, asked)
+    for label, delta in models.items():
+        with delta_applied(base.model, delta, base.sha256):
+            rows[label] = {"nll": assistant_nll(base.model, held).mean_nll}
+            if engine:
+                rows[label]["probes"] = probe_row(engine, asked)
+    local_best = min(rows[f"local {d}"]["nll"] for d in DEVICES)
+    for label, row in rows.items():
+        row["gain_vs_base"] = rows["base"]["nll"] - row["nll"]
+        row["beats_every_local"] = label.startswith("federated") and row["nll"] < local_best
+    return {"persona": name, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)),
+            "steps": args.steps, "lr": args.lr, "qat": spec.qat, "pooled_train_s": pooled_s,
+            "train_s": {d: devices[d]["train_s"] for d in DEVICES}, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", help="ownlm home whose cache/ holds the converted base (default: $OWNLM_HOME)")
+    ap.add_argument("--personas", default="mira")
+    ap.add_argument("--conversations", type=int, default=300, help="use the first N conversations of each persona")
+    ap.add_argument("--steps", type=int, default=48, help="optimizer steps on each device (and for pooled)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--fp32", action="store_true", help="fp32 LoRA instead of quantization-aware (no latent method)")
+    ap.add_argument("--probes", action="store_true", help="also the persona's probes (slow on a CPU)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    shared = load_settings(home=args.home)
+    (shared.home / "cache").mkdir(parents=True, exist_ok=True)
+    base = load_base(shared)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ownlm-federated-") as tmp:
+        for name in args.personas.split(","):
+            print(f"\n{name}: {args.steps} steps, lr {args.lr}, {'fp32' if args.fp32 else 'QAT'}", flush=True)
+            res = run_persona(name, args, base, shared.home / "cache", Path(tmp))
+            results.append(res)
+            print(f"  held-out NLL on the union of both devices' held-out conversations ({res['heldout_examples']} examples):")
+            print(f"  {'model':<20} {'NLL':>8} {'gain':>8}  beats every local")
+            for label, row in res["rows"].items():
+                extra = f"  probes {fmt(row['probes'])}" if "probes" in row else ""
+                print(f"  {label:<20} {row['nll']:8.4f} {row['gain_vs_base']:8.4f}  "
+                      f"{'yes' if row['beats_every_local'] else ('-' if not label.startswith('federated') else 'no')}{extra}",
+                      flush=True)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`ownlm federate`: federated rounds across one person's devices (privacy/federation.py, Flower 1.42).
+
+    laptop$ ownlm federate server --user me --devices 2 --join      # SuperLink + the laptop's own SuperNode
+    phone$  ownlm federate join --user me --superlink 192.168.1.5:9091
+
+Before the first round each device trusts the others' signing keys for the user (updates are signed with the
+device's key, the aggregate with the server's): `ownlm keys public --user me > laptop.pem` on each device, then
+`ownlm trust add laptop.pem --user me` on the others.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ownlm.cli.base import Context, cli, cli_store, console, pass_ctx, user_option
+
+
+@cli.group()
+def federate() -> None:
+    """Federated rounds: each of your devices trains on its own conversations, only adapter updates travel."""
+
+
+@federate.command("server")
+@user_option
+@click.option("--devices", type=int, default=2, show_default=True, help="Devices (SuperNodes) the round waits for.")
+@click.option("--min-devices", type=int, default=0, help="Valid updates needed to aggregate (default: --devices).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the SuperLink binds (a LAN address to reach your other devices at home).")
+@click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port.")
+@click.option("--method", type=click.Choice(["factors", "product", "latent"]), default="factors", show_default=True,
+              help="factors: FedAvg of A and B; product: mean of B·A re-factorised by SVD; latent: mean of the "
+                   "quantization-aware latent weights and scales.")
+@click.option("--steps", type=int, help="Training steps on each device (default: personalization.max_steps).")
+@click.option("--lr", type=float, help="Learning rate on each device (default: personalization.lr).")
+@click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
+@click.option("--timeout", "timeout_s", type=float, default=3600, show_default=True,
+              help="Seconds the devices may take to train (and then to install).")
+@click.option("--secure", is_flag=True, help="Sum the updates encrypted (privacy/secure_agg.py, CKKS); required for "
+              "devices at tier 3, refused while no secure aggregator is installed.")
+@click.option("--join", "join_self", is_flag=True, help="Also take part with this home's conversations (a SuperNode here).")
+@click.option("--no-gate", is_flag=True, help="With --join: install the aggregate here without this device's quality gate.")
+@pass_ctx
+def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, wait_s, timeout_s, secure,
+           join_self, no_gate) -> None:
+    """Run one federated round: start a SuperLink, wait for the devices, aggregate, install on every device."""
+    from ownlm.privacy import federation as fed
+    from ownlm.privacy.fedupdate import new_round_id
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = ctx.user(store, settings)
+    p = settings.personalization
+    if secure:
+        from ownlm.privacy.federation import secure_aggregator
+        from ownlm.privacy.fedupdate import RoundSpec
+
+        secure_aggregator(RoundSpec(round_id="check", user=u.name, base_sha256="", secure=True), 1)  # fail before starting
+    address = f"{host}:{port}"
+    procs = [fed.start_superlink(settings.home, host=host, port=port)]
+    try:
+        fed.wait_port(host, port)
+        if join_self:
+            procs.append(fed.start_supernode(settings.home, address, u.name, port=port + 3, gate=not no_gate))
+        round_id = new_round_id()
+        console.print(f"federation round {round_id} for {u.name} on {address}: waiting for {devices} device(s)…")
+        result = fed.run_round(settings.home, address, {
+            **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
+            "min_devices": min_devices, "method": method, "lr": lr if lr is not None else p.lr,
+            "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
+            "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    click.echo(json.dumps(result, indent=1))
+    if result.get("state") != "installed":
+        raise click.ClickException(f"the round did not install everywhere: {result.get('error') or result.get('state')}")
+
+
+@federate.command("join")
+@user_option
+@click.option("--superlink", required=True, help="HOST:PORT of the federation server's SuperLink.")
+@click.option("--port", type=int, default=9094, show_default=True, help="This SuperNode's local port (127.0.0.1).")
+@click.option("--no-gate", is_flag=True, help="Install the aggregate without judging it on this device's held-out data.")
+@pass_ctx
+def join(ctx: Context, user, superlink, port, no_gate) -> None:
+    """Take part in federated rounds until interrupted: train here, send only the signed adapter update."""
+    from ownlm.privacy import federation as fed
+    from ownlm.privacy.tiers import check_may_send_update
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        u = ctx.user(store, settings)
+        check_may_send_update(store.get_user(u.id).privacy_tier, superlink)  # refuse before connecting at all
+    proc = fed.start_supernode(settings.home, superlink, u.name, port=port, gate=not no_gate)
+    console.print(f"joined {superlink} as {u.name} (log: {proc.log_path}); Ctrl-C to leave")
+    try:
+        proc.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.stop()

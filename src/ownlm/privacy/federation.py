@@ -1,0 +1,406 @@
+"""Federated rounds across a person's devices over Flower's deployment engine (flwr 1.42), all real processes.
+
+    server device:  flower-superlink --insecure --host 127.0.0.1 --port 9091        (start_superlink)
+    every device:   flower-supernode --insecure --superlink HOST:9091 --port 9094 \\
+                        --node-config 'home="..." user="..." superlink="HOST:9091"'      (start_supernode)
+    one round:      flwr run <app dir> ownlm --run-config 'home="..." user="..." ...'   (run_round)
+
+The SuperLink starts this module's `server_app` (ServerApp, in a `flwr-serverapp` subprocess) for the run; each
+SuperNode starts `client_app` (ClientApp, `flwr-clientapp`) per message. The Flower App is a generated
+pyproject.toml (`write_app`) whose components name these objects: the code is the installed ownlm package, and
+the SuperLink is told not to install dependencies. Over Flower travel only what privacy/fedupdate.py makes:
+the round's settings (server → device), a signed update header and one float32 vector (device → server), and
+a sealed, signed bundle (server → device); no conversation text, ever.
+
+One round (`server_round`):
+1. the server records the round id as started (a later update naming it is a replay), waits for `devices`
+   SuperNodes, and sends each a train message with the RoundSpec;
+2. each device checks its user's tier (tiers.check_may_send_update), trains on its own store's conversations
+   and replies with its update (fedupdate.make_update);
+3. the server checks each update (fedupdate.verify_update: refusals are audited), sums the accepted ones
+   (aggregate.PlainSum; `secure_aggregator()` is where privacy/secure_agg.py plugs in), averages, re-quantizes,
+   and makes one bundle per device (fedupdate.aggregate_bundles);
+4. each device installs its bundle (fedupdate.install_aggregate, with the device's own gate unless told not to)
+   and replies with the installed model id; the server writes home/federation/rounds/<round>/result.json.
+
+Transport security: `--insecure` is plain HTTP, accepted here only because updates are signed and bundles are
+signed and sealed end to end (ML-KEM + X25519 HPKE); tier 1 keeps the server on the LAN or this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ownlm-federation"
+FEDERATION = "ownlm"
+INSTALL = "query.install"
+# run_config keys (and their defaults) the ServerApp accepts; `flwr run --run-config` may override only these
+RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "factors", "lr": 1e-3,
+              "max_steps": 48, "epochs": 20, "qat": True, "r": 8, "alpha": 16.0, "wait_s": 120.0,
+              "timeout_s": 1800.0, "keep_received": False, "secure": False}
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string is a JSON string for what we pass (paths, names)
+
+
+def config_string(values: dict) -> str:
+    """'k1="v1" k2=3' as Flower's --node-config and --run-config take it."""
+    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
+
+
+def write_app(directory: Path) -> Path:
+    """The Flower App (a pyproject.toml only): its components are this module's server_app and client_app."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{k} = {_toml(v)}" for k, v in RUN_CONFIG.items())
+    (directory / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "ownlm: federated rounds of a person's adapter across their devices"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "ownlm"
+
+[tool.flwr.app.components]
+serverapp = "ownlm.privacy.federation:server_app"
+clientapp = "ownlm.privacy.federation:client_app"
+
+[tool.flwr.app.config]
+{config}
+""")
+    return directory
+
+
+# --- processes --------------------------------------------------------------------------------------------------
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        from ownlm.errors import ConfigError
+
+        raise ConfigError(f"{name} is not installed next to {sys.executable}",
+                          hint="install the federation extra: pip install 'ownlm[federation]' (flwr 1.42)")
+    return str(path)
+
+
+def _env(flwr_home: Path) -> dict:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flwr-serverapp/-clientapp
+    return env
+
+
+@dataclass
+class FlowerProcess:
+    """A Flower process this module started (stopped by its own pid only)."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, cmd: list[str], env: dict, log_path: Path) -> FlowerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return FlowerProcess(name, proc, log_path)
+
+
+def federation_dir(home: Path) -> Path:
+    return Path(home) / "federation"
+
+
+def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9091) -> FlowerProcess:
+    """The SuperLink of the server device (Fleet, Control and runtime APIs on one HTTP port)."""
+    fed = federation_dir(home)
+    cmd = [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
+    return _spawn("superlink", cmd, _env(fed / "flwr" / "superlink"), fed / "logs" / "superlink.log")
+
+
+def start_supernode(home: Path, superlink: str, user: str, port: int = 9094, gate: bool = True) -> FlowerProcess:
+    """A device's SuperNode; its ClientApp opens the store in `home` and acts for `user`."""
+    fed = federation_dir(home)
+    node_config = config_string({"home": str(Path(home).resolve()), "user": user, "superlink": superlink, "gate": gate})
+    cmd = [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+           "--node-config", node_config]
+    return _spawn(f"supernode:{port}", cmd, _env(fed / "flwr" / f"supernode-{port}"), fed / "logs" / f"supernode-{port}.log")
+
+
+def wait_port(host: str, port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.1)
+    from ownlm.errors import ConfigError
+
+    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:.0f} s", hint="see home/federation/logs/")
+
+
+def round_dir(home: Path, round_id: str) -> Path:
+    return federation_dir(home) / "rounds" / round_id
+
+
+def run_round(home: Path, superlink: str, run_config: dict, timeout_s: float = 1800) -> dict:
+    """Submit one round to the SuperLink with `flwr run` and wait for the ServerApp's result.json."""
+    from ownlm.errors import ConfigError
+
+    fed = federation_dir(home)
+    flwr_home = fed / "flwr" / "cli"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{superlink}"\ninsecure = true\n')
+    app = write_app(fed / "app")
+    cfg = {**run_config, "home": str(Path(run_config["home"]).resolve())}
+    result_path = round_dir(home, cfg["round"]) / "result.json"
+    log_path = fed / "logs" / f"run-{cfg['round']}.log"
+    proc = _spawn("flwr run", [_bin("flwr"), "run", str(app), FEDERATION, "--run-config", config_string(cfg), "--stream"],
+                  _env(flwr_home), log_path)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            if result_path.exists():
+                return json.loads(result_path.read_text())
+            if proc.proc.poll() is not None and not result_path.exists():
+                time.sleep(1.0)  # the stream can end a moment before the file is renamed into place
+                if result_path.exists():
+                    continue
+                raise ConfigError(f"the federated round ended without a result ({proc.log_tail(1500)})",
+                                  hint=f"see {log_path} and home/federation/logs/superlink.log")
+            time.sleep(0.3)
+        raise ConfigError(f"the federated round took longer than {timeout_s:.0f} s", hint=f"see {log_path}")
+    finally:
+        proc.stop()
+
+
+# --- the Flower apps --------------------------------------------------------------------------------------------
+
+
+def secure_aggregator(spec, dim: int):
+    """The sum aggregator for a round: PlainSum, or (spec.secure) an encrypted sum.
+
+    The hook for tier 3. privacy/secure_agg.py has the encrypted sum (`SecureSum(public_context, dim)`: CKKS
+    ciphertexts added without the secret key) and pairwise masking, but the devices of a Flower round do not yet
+    encrypt their updates with the person's public context, nor decrypt the sum with their secret one. Until they
+    do, a secure round is refused here, before any device trains, rather than run in the clear."""
+    from ownlm.privacy.aggregate import PlainSum
+
+    if not spec.secure:
+        return PlainSum(dim)
+    from ownlm.errors import ConfigError
+
+    raise ConfigError("an encrypted (tier-3) federated round was asked for; the encrypted sum exists "
+                      "(privacy/secure_agg.py) but Flower rounds do not encrypt device updates with it yet",
+                      hint="run the round without --secure (tiers 0 and 1); tier-3 users take no federated rounds yet")
+
+
+def _open(home: str):
+    from ownlm.settings import load_settings
+    from ownlm.store import Store
+
+    settings = load_settings(home=home)
+    return settings, Store(settings.home, os.environ.get("OWNLM_PASSPHRASE"))
+
+
+def _write_private_json(path: Path, doc: dict) -> None:
+    from ownlm.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(doc, indent=1, default=str))
+
+
+def server_round(grid, cfg: dict) -> dict:
+    """The ServerApp's body for one round (see the module doc); returns and writes the result."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from ownlm.basemodel import base_sha256, resolve_base
+    from ownlm.errors import OwnlmError, UpdateRefused
+    from ownlm.privacy import fedupdate as fu
+    from ownlm.privacy.aggregate import finish
+
+    settings, store = _open(cfg["home"])
+    user = store.get_user(cfg["user"])
+    source = resolve_base(settings.base)
+    spec = fu.RoundSpec(round_id=cfg["round"] or fu.new_round_id(), user=user.name,
+                        base_sha256=base_sha256(source, settings.home), method=cfg["method"], lr=float(cfg["lr"]),
+                        max_steps=int(cfg["max_steps"]) or None, epochs=int(cfg["epochs"]), qat=bool(cfg["qat"]),
+                        r=int(cfg["r"]), alpha=float(cfg["alpha"]), secure=bool(cfg["secure"]))
+    out_dir = round_dir(settings.home, spec.round_id)
+    result: dict = {"round": spec.round_id, "method": spec.method, "user": user.name, "refused": [], "failed": [],
+                    "installed": {}, "state": "failed"}
+    t0 = time.time()
+    try:
+        if spec.secure:
+            secure_aggregator(spec, 1)  # no secure aggregator: refused before any device trains
+        state = fu.start_round(store, user, spec, int(cfg["devices"]))
+        deadline = time.time() + float(cfg["wait_s"])
+        while len(list(grid.get_node_ids())) < int(cfg["devices"]) and time.time() < deadline:
+            time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+        result["nodes"] = len(nodes)
+        content = RecordDict({"spec": ConfigRecord({"json": spec.to_json()})})
+        replies = list(grid.send_and_receive(
+            [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], timeout=float(cfg["timeout_s"])))
+        summer, node_of = None, {}
+        for i, reply in enumerate(replies):
+            if reply.has_error():
+                result["failed"].append({"node": str(reply.metadata.src_node_id), "error": reply.error.reason[:500]})
+                continue
+            header = json.loads(reply.content["update"]["header"])
+            payload = reply.content["payload"]["v"].numpy()
+            if cfg["keep_received"]:  # what the server received, byte for byte (tests look for plaintext in it)
+                (out_dir / "received").mkdir(parents=True, exist_ok=True)
+                (out_dir / "received" / f"{i}.header.json").write_text(reply.content["update"]["header"])
+                (out_dir / "received" / f"{i}.payload.f32").write_bytes(np.ascontiguousarray(payload).tobytes())
+            try:
+                fu.verify_update(store, user, state, header, payload)
+            except OwnlmError as e:  # UpdateRefused, or a malformed layout
+                result["refused"].append({"node": str(reply.metadata.src_node_id), "reason": e.message})
+                continue
+            if summer is None:
+                summer = secure_aggregator(spec, payload.shape[0])
+            summer.add(payload, header["weight"])
+            node_of[header["device"]] = reply.metadata.src_node_id
+        need = int(cfg["min_devices"]) or int(cfg["devices"])
+        if len(state.accepted) < need:
+            raise UpdateRefused(f"{len(state.accepted)} of {need} devices sent a valid update; nothing was aggregated",
+                                hint="see the refused and failed devices in the result and the audit log")
+        mean = finish(*summer.total())
+        work = out_dir / "work"
+        bundles, figures = fu.aggregate_bundles(store, settings, user, state, mean, work, source.name)
+        shutil.rmtree(work, ignore_errors=True)
+        result.update(figures)
+        installs = [Message(RecordDict({"install": ConfigRecord({"round": spec.round_id, "bundle": bundles[d]})}),
+                            dst_node_id=node_of[d], message_type=INSTALL) for d in bundles]
+        device_of = {v: k for k, v in node_of.items()}
+        for reply in grid.send_and_receive(installs, timeout=float(cfg["timeout_s"])):
+            dev = device_of.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            if reply.has_error():
+                result["failed"].append({"device": dev, "error": reply.error.reason[:500]})
+            else:
+                result["installed"][dev] = json.loads(reply.content["result"]["json"])
+        result["state"] = "installed" if len(result["installed"]) == len(bundles) else "partly installed"
+    except OwnlmError as e:
+        result["error"] = e.message
+    except Exception as e:  # a bug: keep the traceback in the server's log, the reason in the result
+        log.error("federated round %s: %s", spec.round_id, traceback.format_exc())
+        result["error"] = f"internal error: {e!r}"
+    finally:
+        result["seconds"] = round(time.time() - t0, 2)
+        with store.tx() as db:
+            store.audit(db, user.id, fu.FINISHED, round=spec.round_id, state=result["state"],
+                        accepted=sorted(result.get("weights") or {}), refused=len(result["refused"]),
+                        failed=len(result["failed"]), model=result.get("model"))
+        _write_private_json(out_dir / "result.json", result)
+        store.close()
+    return result
+
+
+def client_train(msg, context):
+    """The ClientApp's train handler: this device's update for the round in `msg` (see fedupdate.make_update)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from ownlm.errors import OwnlmError
+    from ownlm.privacy import fedupdate as fu
+
+    node = dict(context.node_config)
+    settings, store = _open(node["home"])
+    try:
+        user = store.get_user(node["user"])
+        spec = fu.RoundSpec.from_json(msg.content["spec"]["json"])
+        work = federation_dir(settings.home) / "work" / spec.round_id
+        try:
+            update, _built = fu.make_update(store, settings, user, spec, work, destination=node.get("superlink"))
+        except OwnlmError as e:
+            with store.tx() as db:
+                store.audit(db, user.id, "federated_update_withheld", round=spec.round_id, reason=e.message)
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return Message(RecordDict({"update": ConfigRecord({"header": fu.header_text(update.header)}),
+                                   "payload": ArrayRecord({"v": Array(update.payload)})}), reply_to=msg)
+    finally:
+        store.close()
+
+
+def client_install(msg, context):
+    """The ClientApp's install handler: verify, (judge,) install the round's aggregate on this device."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from ownlm.privacy import fedupdate as fu
+
+    node = dict(context.node_config)
+    settings, store = _open(node["home"])
+    try:
+        user = store.get_user(node["user"])
+        rec = msg.content["install"]
+        res = fu.install_aggregate(store, settings, user, bytes(rec["bundle"]), str(rec["round"]),
+                                   gate=bool(node.get("gate", True)))
+        doc = {"model": res.model_id, "version": res.version, "signer": res.signer}
+        return Message(RecordDict({"result": ConfigRecord({"json": json.dumps(doc)})}), reply_to=msg)
+    finally:
+        store.close()
+
+
+def _apps():
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        server_round(grid, {**RUN_CONFIG, **dict(context.run_config)})
+
+    client.train()(client_train)
+    client.query("install")(client_install)
+    return server, client
+
+
+try:  # flwr is the optional `federation` extra: without it this module still imports (the CLI says what to install)
+    server_app, client_app = _apps()
+except ImportError:  # pragma: no cover
+    server_app = client_app = None
