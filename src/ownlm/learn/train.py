@@ -58,7 +58,8 @@ class TrainConfig:
     # bench/README.md, 2026-12-03) against q/v r8 (the default before) and MLP-only r2 at the same <= 64 KB budget.
     # At the same 48 quantization-aware steps: bram style probes 8/11 vs 7/11, held-out NLL 3.25 vs 3.36, drift
     # 0.100 vs 0.117, ARC-Easy 42% vs 39%; mira NLL 3.48 vs 3.68, drift 0.112 vs 0.126, ARC 45% vs 40%, probes
-    # tied (0/8 style); and 48,952 B of 1-bit delta against 61,281 B.
+    # tied (0/8 style); chiara NLL 2.47 vs 2.60, drift 0.116 vs 0.142, ARC 43% vs 40%, probes tied (0/8); and
+    # 48,952 B of 1-bit delta against 61,281 B.
     r: int = field(default=1, metadata={"help": "LoRA rank. r=1 on all seven linear layers of the 135M base is "
                                                 "305,280 parameters (48,952 B as lora1, names and scales included); q/v r8 is 460,800."})
     alpha: float = field(default=2, metadata={"help": "LoRA alpha; the update is scaled by alpha / r (here 2)."})
