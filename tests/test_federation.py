@@ -112,7 +112,7 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
         if p.name.endswith(".header.json"):
             assert set(json.loads(p.read_text())) == {
                 "kind", "version", "user", "round", "device", "node_pubkey", "base_sha256", "method", "r", "alpha",
-                "layout", "layout_sha256", "dim", "weight", "payload_sha256", "merkle_root", "max_version",
+                "layout", "layout_sha256", "dim", "weight", "form", "key_id", "payload_sha256", "merkle_root", "max_version",
                 "previous", "figures", "signature"}
     raw = b"".join(p.read_bytes() for p in blobs)
     texts = _texts(devices["laptop"]) + _texts(devices["phone"])
@@ -196,7 +196,7 @@ def test_the_aggregate_installs_only_for_the_round_the_device_took_part_in(one_r
     from ownlm.bitdelta import load_delta
 
     delta = load_delta(res.path)
-    assert delta.mode == "lora1" and delta.lora_r == 8
+    assert delta.mode == "lora1" and delta.lora_r == fu.RoundSpec.r
 
 
 def test_tiers_decide_where_an_update_may_go(devices):
@@ -222,13 +222,17 @@ def test_tiers_decide_where_an_update_may_go(devices):
         assert not (devices["phone"] / "work").exists()
 
 
-def test_a_secure_round_is_refused_until_the_secure_aggregator_exists():
-    from ownlm.errors import ConfigError
+def test_a_round_trains_the_loops_layout():
+    from ownlm.learn.train import TrainConfig
+    from ownlm.privacy.federation import RUN_CONFIG
+
+    spec, tc = fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32), TrainConfig()
+    assert (spec.r, spec.alpha) == (tc.r, tc.alpha) == (RUN_CONFIG["r"], RUN_CONFIG["alpha"])
+
+
+def test_a_plain_round_sums_float_vectors():
     from ownlm.privacy.federation import secure_aggregator
 
-    spec = fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32, secure=True)
-    with pytest.raises(ConfigError, match="secure_agg"):  # never in the clear instead
-        secure_aggregator(spec, 4)
     plain = secure_aggregator(fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32), 4)
     plain.add(np.ones(4, np.float32), 2)
     assert plain.total()[1] == 2

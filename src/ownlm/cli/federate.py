@@ -11,6 +11,7 @@ device's key, the aggregate with the server's): `ownlm keys public --user me > l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -37,8 +38,9 @@ def federate() -> None:
 @click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
 @click.option("--timeout", "timeout_s", type=float, default=3600, show_default=True,
               help="Seconds the devices may take to train (and then to install).")
-@click.option("--secure", is_flag=True, help="Sum the updates encrypted (privacy/secure_agg.py, CKKS); required for "
-              "devices at tier 3, refused while no secure aggregator is installed.")
+@click.option("--secure", is_flag=True, help="Devices encrypt their updates to your CKKS key and this server only adds "
+              "ciphertexts (privacy/securefed.py); required for devices at tier 3. Every device needs the key "
+              "(`ownlm federate key`).")
 @click.option("--join", "join_self", is_flag=True, help="Also take part with this home's conversations (a SuperNode here).")
 @click.option("--no-gate", is_flag=True, help="With --join: install the aggregate here without this device's quality gate.")
 @pass_ctx
@@ -52,11 +54,6 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
     p = settings.personalization
-    if secure:
-        from ownlm.privacy.federation import secure_aggregator
-        from ownlm.privacy.fedupdate import RoundSpec
-
-        secure_aggregator(RoundSpec(round_id="check", user=u.name, base_sha256="", secure=True), 1)  # fail before starting
     address = f"{host}:{port}"
     procs = [fed.start_superlink(settings.home, host=host, port=port)]
     try:
@@ -92,7 +89,9 @@ def join(ctx: Context, user, superlink, port, no_gate) -> None:
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
-        check_may_send_update(store.get_user(u.id).privacy_tier, superlink)  # refuse before connecting at all
+        tier = store.get_user(u.id).privacy_tier
+        # refuse before connecting at all; at tier 3 the device itself sends only encrypted updates (make_update)
+        check_may_send_update(tier, superlink, secure=tier == 3)
     proc = fed.start_supernode(settings.home, superlink, u.name, port=port, gate=not no_gate)
     console.print(f"joined {superlink} as {u.name} (log: {proc.log_path}); Ctrl-C to leave")
     try:
@@ -101,3 +100,58 @@ def join(ctx: Context, user, superlink, port, no_gate) -> None:
         pass
     finally:
         proc.stop()
+
+
+@federate.group("key")
+def key() -> None:
+    """Your tier-3 (CKKS) key pair, the same on every device; the federation server never gets its secret half."""
+
+
+@key.command("init")
+@user_option
+@pass_ctx
+def key_init(ctx: Context, user) -> None:
+    """Make your key pair on this device (once, on the first device), or show the one it has."""
+    from ownlm.privacy.securefed import init_keys
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        keys = init_keys(store, ctx.user(store, settings))
+    click.echo(json.dumps({"key_id": keys.key_id, "public_bytes": len(keys.public)}))
+
+
+@key.command("export")
+@user_option
+@click.option("--to", "recipient", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The other device's node public key JSON (`ownlm node pubkey` there).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The key file to write.")
+@pass_ctx
+def key_export(ctx: Context, user, recipient: Path, out: Path) -> None:
+    """Seal your key pair to another of your devices (only that device can open the file)."""
+    from ownlm.errors import InvalidInput
+    from ownlm.fsutil import atomic_write
+    from ownlm.privacy.securefed import export_keys
+
+    try:
+        doc = json.loads(recipient.read_text())
+    except ValueError as e:
+        raise InvalidInput(f"{recipient} is not JSON ({e})", hint="pass the output of `ownlm node pubkey`") from None
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        data = export_keys(store, ctx.user(store, settings), doc)
+    atomic_write(out, data)
+    console.print(f"wrote {out} ({len(data):,} bytes), sealed to {doc.get('key_id')}")
+
+
+@key.command("import")
+@user_option
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def key_import(ctx: Context, user, path: Path) -> None:
+    """Keep the key pair another of your devices sealed to this one (its signing key must be trusted here)."""
+    from ownlm.privacy.securefed import import_keys
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        kid = import_keys(store, ctx.user(store, settings), path.read_bytes())
+    click.echo(json.dumps({"key_id": kid}))

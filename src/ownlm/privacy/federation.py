@@ -18,10 +18,14 @@ One round (`server_round`):
 2. each device checks its user's tier (tiers.check_may_send_update), trains on its own store's conversations
    and replies with its update (fedupdate.make_update);
 3. the server checks each update (fedupdate.verify_update: refusals are audited), sums the accepted ones
-   (aggregate.PlainSum; `secure_aggregator()` is where privacy/secure_agg.py plugs in), averages, re-quantizes,
-   and makes one bundle per device (fedupdate.aggregate_bundles);
+   (aggregate.PlainSum), averages, re-quantizes, and makes one bundle per device (fedupdate.aggregate_bundles);
 4. each device installs its bundle (fedupdate.install_aggregate, with the device's own gate unless told not to)
    and replies with the installed model id; the server writes home/federation/rounds/<round>/result.json.
+
+A secure round (tier 3, `secure`): in 2 each device encrypts its update to the person's CKKS key and sends the
+ciphertexts with the public context; in 3 the server adds ciphertexts (secure_agg.SecureSum: no secret key, so
+it cannot read an update or the sum) and sends every device the encrypted sum; in 4 each device decrypts it, builds
+the same model and installs it (privacy/securefed.py).
 
 Transport security: `--insecure` is plain HTTP, accepted here only because updates are signed and bundles are
 signed and sealed end to end (ML-KEM + X25519 HPKE); tier 1 keeps the server on the LAN or this machine.
@@ -49,7 +53,7 @@ FEDERATION = "ownlm"
 INSTALL = "query.install"
 # run_config keys (and their defaults) the ServerApp accepts; `flwr run --run-config` may override only these
 RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "factors", "lr": 1e-3,
-              "max_steps": 48, "epochs": 20, "qat": True, "r": 8, "alpha": 16.0, "wait_s": 120.0,
+              "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "wait_s": 120.0,
               "timeout_s": 1800.0, "keep_received": False, "secure": False}
 
 
@@ -220,22 +224,20 @@ def run_round(home: Path, superlink: str, run_config: dict, timeout_s: float = 1
 # --- the Flower apps --------------------------------------------------------------------------------------------
 
 
-def secure_aggregator(spec, dim: int):
-    """The sum aggregator for a round: PlainSum, or (spec.secure) an encrypted sum.
-
-    The hook for tier 3. privacy/secure_agg.py has the encrypted sum (`SecureSum(public_context, dim)`: CKKS
-    ciphertexts added without the secret key) and pairwise masking, but the devices of a Flower round do not yet
-    encrypt their updates with the person's public context, nor decrypt the sum with their secret one. Until they
-    do, a secure round is refused here, before any device trains, rather than run in the clear."""
+def secure_aggregator(spec, dim: int, public: bytes | None = None):
+    """The sum aggregator for a round: PlainSum of float vectors, or (spec.secure) secure_agg.SecureSum of CKKS
+    ciphertexts under the person's `public` context, which holds no secret key: the server cannot decrypt."""
     from ownlm.privacy.aggregate import PlainSum
 
     if not spec.secure:
         return PlainSum(dim)
     from ownlm.errors import ConfigError
+    from ownlm.privacy.secure_agg import SecureSum
 
-    raise ConfigError("an encrypted (tier-3) federated round was asked for; the encrypted sum exists "
-                      "(privacy/secure_agg.py) but Flower rounds do not encrypt device updates with it yet",
-                      hint="run the round without --secure (tiers 0 and 1); tier-3 users take no federated rounds yet")
+    if public is None:
+        raise ConfigError("a secure round needs the person's public CKKS context to add ciphertexts",
+                          hint="the devices send it with their updates (ownlm federate key import on each)")
+    return SecureSum(public, dim)
 
 
 def _open(home: str):
@@ -273,8 +275,6 @@ def server_round(grid, cfg: dict) -> dict:
                     "installed": {}, "state": "failed"}
     t0 = time.time()
     try:
-        if spec.secure:
-            secure_aggregator(spec, 1)  # no secure aggregator: refused before any device trains
         state = fu.start_round(store, user, spec, int(cfg["devices"]))
         deadline = time.time() + float(cfg["wait_s"])
         while len(list(grid.get_node_ids())) < int(cfg["devices"]) and time.time() < deadline:
@@ -290,31 +290,33 @@ def server_round(grid, cfg: dict) -> dict:
                 result["failed"].append({"node": str(reply.metadata.src_node_id), "error": reply.error.reason[:500]})
                 continue
             header = json.loads(reply.content["update"]["header"])
-            payload = reply.content["payload"]["v"].numpy()
+            payload, public = _received_payload(reply.content["payload"])
             if cfg["keep_received"]:  # what the server received, byte for byte (tests look for plaintext in it)
-                (out_dir / "received").mkdir(parents=True, exist_ok=True)
-                (out_dir / "received" / f"{i}.header.json").write_text(reply.content["update"]["header"])
-                (out_dir / "received" / f"{i}.payload.f32").write_bytes(np.ascontiguousarray(payload).tobytes())
+                _keep_received(out_dir / "received", i, reply.content["update"]["header"], payload, public)
             try:
-                fu.verify_update(store, user, state, header, payload)
+                fu.verify_update(store, user, state, header, payload, public_context=public)
             except OwnlmError as e:  # UpdateRefused, or a malformed layout
                 result["refused"].append({"node": str(reply.metadata.src_node_id), "reason": e.message})
                 continue
             if summer is None:
-                summer = secure_aggregator(spec, payload.shape[0])
+                summer = secure_aggregator(spec, header["dim"], public)
             summer.add(payload, header["weight"])
             node_of[header["device"]] = reply.metadata.src_node_id
         need = int(cfg["min_devices"]) or int(cfg["devices"])
         if len(state.accepted) < need:
             raise UpdateRefused(f"{len(state.accepted)} of {need} devices sent a valid update; nothing was aggregated",
                                 hint="see the refused and failed devices in the result and the audit log")
-        mean = finish(*summer.total())
-        work = out_dir / "work"
-        bundles, figures = fu.aggregate_bundles(store, settings, user, state, mean, work, source.name)
-        shutil.rmtree(work, ignore_errors=True)
+        if spec.secure:  # the encrypted sum goes back; each device decrypts and builds the same model itself
+            records, figures = _secure_installs(state, *summer.total())
+        else:
+            work = out_dir / "work"
+            bundles, figures = fu.aggregate_bundles(store, settings, user, state, finish(*summer.total()), work,
+                                                    source.name)
+            shutil.rmtree(work, ignore_errors=True)
+            records = {d: {"round": spec.round_id, "bundle": b} for d, b in bundles.items()}
         result.update(figures)
-        installs = [Message(RecordDict({"install": ConfigRecord({"round": spec.round_id, "bundle": bundles[d]})}),
-                            dst_node_id=node_of[d], message_type=INSTALL) for d in bundles]
+        installs = [Message(RecordDict({"install": ConfigRecord(records[d])}), dst_node_id=node_of[d],
+                            message_type=INSTALL) for d in records]
         device_of = {v: k for k, v in node_of.items()}
         for reply in grid.send_and_receive(installs, timeout=float(cfg["timeout_s"])):
             dev = device_of.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
@@ -322,7 +324,7 @@ def server_round(grid, cfg: dict) -> dict:
                 result["failed"].append({"device": dev, "error": reply.error.reason[:500]})
             else:
                 result["installed"][dev] = json.loads(reply.content["result"]["json"])
-        result["state"] = "installed" if len(result["installed"]) == len(bundles) else "partly installed"
+        result["state"] = "installed" if len(result["installed"]) == len(records) else "partly installed"
     except OwnlmError as e:
         result["error"] = e.message
     except Exception as e:  # a bug: keep the traceback in the server's log, the reason in the result
@@ -337,6 +339,42 @@ def server_round(grid, cfg: dict) -> dict:
         _write_private_json(out_dir / "result.json", result)
         store.close()
     return result
+
+
+def _received_payload(record) -> tuple[np.ndarray | bytes, bytes | None]:
+    """(payload, public context) of a device's reply: a float32 Array, or (secure) CKKS bytes and the context."""
+    from flwr.app import ConfigRecord
+
+    if isinstance(record, ConfigRecord):
+        return bytes(record["ckks"]), bytes(record["public"])
+    return record["v"].numpy(), None
+
+
+def _keep_received(directory: Path, i: int, header_text: str, payload, public: bytes | None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{i}.header.json").write_text(header_text)
+    if public is None:
+        (directory / f"{i}.payload.f32").write_bytes(np.ascontiguousarray(payload).tobytes())
+    else:
+        (directory / f"{i}.payload.ckks").write_bytes(payload)
+        (directory / f"{i}.public.ctx").write_bytes(public)
+
+
+def _secure_installs(state, total: bytes, weight: float) -> tuple[dict[str, dict], dict]:
+    """What each device of a secure round gets back: the encrypted sum, the summed weight and the round's
+    description (the same for all, so every device builds the same model), and the round's figures."""
+    from ownlm.artifact.manifest import model_id
+
+    spec, headers = state.spec, list(state.accepted.values())
+    created = time.time()
+    weights = {h["device"]: h["weight"] for h in headers}
+    fed = {"layout": headers[0]["layout"], "version": max(h["max_version"] for h in headers) + 1, "created": created,
+           "devices": sorted(weights), "weights": weights}
+    record = {"round": spec.round_id, "sum": total, "weight": float(weight), "fed": json.dumps(fed)}
+    figures = {"round": spec.round_id, "method": spec.method, "secure": True, "model": f"{model_id(created)}_v{fed['version']}",
+               "version": fed["version"], "devices": sorted(weights), "weights": weights, "sum_bytes": len(total),
+               "key_id": state.key_id}
+    return {d: record for d in weights}, figures
 
 
 def client_train(msg, context):
@@ -360,8 +398,12 @@ def client_train(msg, context):
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if spec.secure:
+            payload = ConfigRecord({"ckks": update.payload, "public": update.public_context})
+        else:
+            payload = ArrayRecord({"v": Array(update.payload)})
         return Message(RecordDict({"update": ConfigRecord({"header": fu.header_text(update.header)}),
-                                   "payload": ArrayRecord({"v": Array(update.payload)})}), reply_to=msg)
+                                   "payload": payload}), reply_to=msg)
     finally:
         store.close()
 
@@ -377,8 +419,19 @@ def client_install(msg, context):
     try:
         user = store.get_user(node["user"])
         rec = msg.content["install"]
-        res = fu.install_aggregate(store, settings, user, bytes(rec["bundle"]), str(rec["round"]),
-                                   gate=bool(node.get("gate", True)))
+        gate = bool(node.get("gate", True))
+        if "sum" in rec:  # a secure round: decrypt the sum here and build the model (privacy/securefed.py)
+            from ownlm.basemodel import resolve_base
+            from ownlm.privacy.securefed import install_secure_sum
+
+            work = federation_dir(settings.home) / "work" / f"{rec['round']}-install"
+            try:
+                res = install_secure_sum(store, settings, user, str(rec["round"]), bytes(rec["sum"]), float(rec["weight"]),
+                                         json.loads(rec["fed"]), work, resolve_base(settings.base).name, gate=gate)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            res = fu.install_aggregate(store, settings, user, bytes(rec["bundle"]), str(rec["round"]), gate=gate)
         doc = {"model": res.model_id, "version": res.version, "signer": res.signer}
         return Message(RecordDict({"result": ConfigRecord({"json": json.dumps(doc)})}), reply_to=msg)
     finally:

@@ -42,7 +42,7 @@ import numpy as np
 
 from ownlm.artifact.manifest import canonical
 from ownlm.artifact.sign import sign_manifest, verify_manifest
-from ownlm.errors import InvalidInput, SignatureError, UpdateRefused
+from ownlm.errors import InvalidInput, OwnlmError, SignatureError, UpdateRefused
 from ownlm.fsutil import mkdir_private
 from ownlm.privacy import aggregate as agg
 from ownlm.privacy import tiers
@@ -70,8 +70,8 @@ class RoundSpec:
     max_steps: int | None = 48
     epochs: int = 20
     qat: bool = True
-    r: int = 8
-    alpha: float = 16
+    r: int = 1  # the loop's layout: TrainConfig's r and alpha (tests/test_federation.py keeps them equal)
+    alpha: float = 2.0
     secure: bool = False  # the server sums encrypted updates (privacy/secure_agg.py); tier 3 requires it
 
     def __post_init__(self) -> None:
@@ -142,11 +142,14 @@ def train_local(base, built, spec: RoundSpec, work: Path):
 @dataclass
 class Update:
     header: dict  # signed (artifact.sign over its canonical JSON); binds the payload by its sha256
-    payload: np.ndarray  # weight * vector, float32 (aggregate.weighted)
+    payload: np.ndarray | bytes  # weight * vector: float32 (aggregate.weighted), or its CKKS ciphertexts (secure)
     figures: dict = field(default_factory=dict)  # device-local only (not sent)
+    public_context: bytes | None = None  # secure rounds: the person's public CKKS context, for the aggregator
 
 
-def payload_sha256(payload: np.ndarray) -> str:
+def payload_sha256(payload: np.ndarray | bytes) -> str:
+    if isinstance(payload, (bytes, bytearray)):
+        return hashlib.sha256(payload).hexdigest()
     return hashlib.sha256(np.ascontiguousarray(payload, dtype="<f4").tobytes()).hexdigest()
 
 
@@ -159,6 +162,10 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
 
     tier = store.get_user(user.id).privacy_tier
     tiers.check_may_send_update(tier, destination, secure=spec.secure)
+    if spec.secure:  # no key, no round: fail before training
+        from ownlm.privacy.secure_agg import device_keys
+
+        device_keys(store, user.id, user.name)
     if spec.user != user.name:
         raise UpdateRefused(f"the round is for user {spec.user}, this device serves {user.name}",
                             hint="join with --user set to the round's user")
@@ -174,46 +181,68 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
     layout = agg.Layout.of(tensors)
     weight = report.samples
     payload = agg.weighted(layout.flatten(tensors), weight)
-    # Secure aggregation hook (spec.secure, tier 3): privacy/secure_agg.py encrypts `payload` here with the
-    # person's public CKKS context; the header then binds the ciphertext's sha256 instead, and the server's
-    # federation.secure_aggregator() sums ciphertexts. Without that module a secure round is refused by the
-    # server before any device trains (federation.secure_aggregator) and at tier 3 here by the tier check.
+    public, key_id = None, None
+    from ownlm.privacy import secure_agg as sa
+
+    if spec.secure:  # encrypted to the person's key; the header binds the ciphertext (privacy/securefed.py)
+        keys = sa.device_keys(store, user.id, user.name)
+        payload, public, key_id = sa.update_for_aggregator(tier, payload, keys.public), keys.public, keys.key_id
+    else:
+        payload = sa.update_for_aggregator(tier, payload, None)  # refuses a plaintext update at tier 3
+    figures = {"samples": report.samples, "tokens": report.tokens, "duration_s": report.duration_s}
+    if not spec.secure:  # a secure round tells the aggregator counts only, not how well the device's data fit
+        figures.update(loss=report.loss, heldout_samples=report.heldout_samples,
+                       heldout_loss_base=report.heldout_loss_base, heldout_loss_personal=report.heldout_loss_personal)
     latest = store.models(user.id)
     node_pub = store.node_key().public_json()
     header = {
         "kind": UPDATE_KIND, "version": UPDATE_VERSION, "user": user.name, "round": spec.round_id,
         "device": node_pub["key_id"], "node_pubkey": node_pub, "base_sha256": base.sha256, "method": spec.method,
         "r": spec.r, "alpha": spec.alpha, "layout": layout.to_json(), "layout_sha256": layout.sha256, "dim": layout.dim,
-        "weight": weight, "payload_sha256": payload_sha256(payload), "merkle_root": built.merkle_root,
+        "weight": weight, "form": "ckks" if spec.secure else "plaintext", "key_id": key_id,
+        "payload_sha256": payload_sha256(payload), "merkle_root": built.merkle_root,
         "max_version": store.max_version(user.id), "previous": latest[0]["id"] if latest else None,
-        "figures": {"samples": report.samples, "tokens": report.tokens, "duration_s": report.duration_s,
-                    "loss": report.loss, "heldout_samples": report.heldout_samples,
-                    "heldout_loss_base": report.heldout_loss_base, "heldout_loss_personal": report.heldout_loss_personal},
+        "figures": figures,
     }
     signed = sign_manifest(header, store.signing_key(user.id))
     with store.tx() as db:  # before it is sent: if anything left the device, the log says so
         store.audit(db, user.id, "federated_update_sent", round=spec.round_id, destination=destination, tier=tier,
-                    method=spec.method, examples=weight, merkle_root=built.merkle_root, floats=layout.dim)
-    _remember_round(settings, user, spec.round_id)
-    return Update(signed, payload, {"train_loss": report.loss, "heldout_loss_lora": report.heldout_loss_personal}), built
+                    method=spec.method, examples=weight, merkle_root=built.merkle_root, floats=layout.dim,
+                    form=header["form"])
+    _remember_round(settings, user, spec.round_id, {"spec": spec.to_json(), "layout_sha256": layout.sha256,
+                                                     "merkle_root": built.merkle_root})
+    return Update(signed, payload, {"train_loss": report.loss, "heldout_loss_lora": report.heldout_loss_personal},
+                  public), built
 
 
 def _rounds_file(settings: Settings, user: User) -> Path:
     return settings.home / "federation" / f"{user.id}.json"
 
 
-def _remember_round(settings: Settings, user: User, round_id: str) -> None:
+def _remember_round(settings: Settings, user: User, round_id: str, info: dict) -> None:
+    """Keep what this device sent in a round (its settings, layout and dataset root; never the update itself)."""
     from ownlm.fsutil import atomic_write
 
     path = _rounds_file(settings, user)
     sent = json.loads(path.read_text()) if path.exists() else {"sent": []}
     sent["sent"] = [*sent["sent"], round_id][-100:]
+    sent["info"] = {r: i for r, i in {**sent.get("info", {}), round_id: info}.items() if r in sent["sent"]}
     atomic_write(path, json.dumps(sent))
 
 
 def sent_rounds(settings: Settings, user: User) -> list[str]:
     path = _rounds_file(settings, user)
     return json.loads(path.read_text())["sent"] if path.exists() else []
+
+
+def sent_round(settings: Settings, user: User, round_id: str) -> dict:
+    """This device's record of a round it sent an update to; UpdateRefused for any other round."""
+    path = _rounds_file(settings, user)
+    info = (json.loads(path.read_text()).get("info", {}) if path.exists() else {}).get(round_id)
+    if info is None:
+        raise UpdateRefused(f"this device sent no update for round {round_id}",
+                            hint="install only the aggregate of a round this device sent an update to")
+    return info
 
 
 def install_aggregate(store: Store, settings: Settings, user: User, bundle: bytes, round_id: str, *, gate: bool = True):
@@ -250,6 +279,7 @@ class RoundState:
     past_rounds: set[str]
     accepted: dict[str, dict] = field(default_factory=dict)  # device id -> header
     layout_sha256: str | None = None
+    key_id: str | None = None  # secure rounds: the person's CKKS key every update is encrypted under
 
 
 def past_rounds(store: Store, user: User) -> set[str]:
@@ -275,8 +305,12 @@ def _refuse(store: Store, user: User, state: RoundState, header: object, reason:
     return UpdateRefused(f"update from device {device} refused: {reason}", hint=hint)
 
 
-def verify_update(store: Store, user: User, state: RoundState, header: object, payload: np.ndarray) -> dict:
-    """Accept one device's update into `state` or raise UpdateRefused (written to the audit log)."""
+def verify_update(store: Store, user: User, state: RoundState, header: object, payload: np.ndarray | bytes,
+                  public_context: bytes | None = None) -> dict:
+    """Accept one device's update into `state` or raise UpdateRefused (written to the audit log).
+
+    A secure round (spec.secure) accepts only CKKS payloads (`bytes`), all under one key, each with the public
+    context (`public_context`) the aggregator adds them with; any other round only float32 vectors."""
     def refuse(reason: str, hint: str = "send a fresh update from `ownlm federate join` for this round"):
         return _refuse(store, user, state, header, reason, hint)
 
@@ -287,9 +321,34 @@ def verify_update(store: Store, user: User, state: RoundState, header: object, p
     except SignatureError as e:
         raise refuse(f"signature: {e.message}", e.hint or "") from None
     spec = state.spec
-    payload = np.asarray(payload)
-    if payload.dtype != np.float32 or payload.ndim != 1 or payload_sha256(payload) != header.get("payload_sha256"):
+    form = header.get("form", "plaintext")
+    if (form == "ckks") != spec.secure or isinstance(payload, (bytes, bytearray)) != spec.secure:
+        raise refuse(f"a {form} update in a {'secure' if spec.secure else 'plaintext'} round",
+                     "every device of a secure round encrypts its update (ownlm federate key import)")
+    if spec.secure:
+        from ownlm.privacy.secure_agg import context_id, public_context as check_public, read_header
+
+        try:
+            clear = read_header(bytes(payload))  # n and key id; the values stay encrypted
+        except OwnlmError:
+            raise refuse("tampered: the payload is not a CKKS update") from None
+        n, context = clear.get("n"), clear.get("context")
+        try:
+            check_public(public_context or b"")  # refuses a context carrying the secret key
+        except OwnlmError:
+            raise refuse("its public context is missing, malformed or carries a secret key") from None
+        if context_id(public_context) != context:
+            raise refuse("tampered: its public context is not the key its payload is encrypted under")
+    else:
+        payload = np.asarray(payload)
+        n, context = (payload.shape[0] if payload.ndim == 1 else -1), None
+    if (not spec.secure and payload.dtype != np.float32) or payload_sha256(payload) != header.get("payload_sha256"):
         raise refuse("tampered: the payload does not match the sha256 its device signed")
+    if context != header.get("key_id"):
+        raise refuse("tampered: the payload is encrypted under another key than its header names")
+    if spec.secure and state.key_id is not None and context != state.key_id:
+        raise refuse("encrypted under another key than the other devices' updates",
+                     "every device imports the same key (ownlm federate key export / import)")
     rid = header.get("round")
     if rid != spec.round_id:
         if rid in state.past_rounds:
@@ -307,14 +366,14 @@ def verify_update(store: Store, user: User, state: RoundState, header: object, p
     if header["device"] in state.accepted:
         raise refuse("replayed: this device already sent its update for this round")
     layout = agg.Layout.from_json(header.get("layout"))
-    if layout.sha256 != header.get("layout_sha256") or layout.dim != payload.shape[0]:
+    if layout.sha256 != header.get("layout_sha256") or layout.dim != n:
         raise refuse("tampered: the layout does not match its payload")
     if state.layout_sha256 is not None and layout.sha256 != state.layout_sha256:
         raise refuse("its adapter layout differs from the other devices'", "train every device with the same LoRA settings")
     w = header.get("weight")
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         raise refuse("its weight is not a positive example count")
-    state.layout_sha256 = layout.sha256
+    state.layout_sha256, state.key_id = layout.sha256, context
     state.accepted[header["device"]] = header
     return header
 

@@ -111,6 +111,18 @@ def person_keys(store, user_id: str, params: CKKSParams = CKKSParams()) -> Keys:
     return Keys(*found)
 
 
+def device_keys(store, user_id: str, user_name: str) -> Keys:
+    """The person's key pair as this device holds it (made by `person_keys` here, or imported: privacy/securefed.py);
+    ConfigError when this device has none."""
+    found = store.he_keys(user_id)
+    if found is None:
+        raise ConfigError(f"this device has no tier-3 (CKKS) key for {user_name}, so it cannot take part in a "
+                          "secure round", hint="on the device that has it: `ownlm federate key export --to "
+                          "<this device's `ownlm node pubkey` file>`, then `ownlm federate key import FILE` here "
+                          "(or `ownlm federate key init` on the first device)")
+    return Keys(*found)
+
+
 def _context(data: bytes, secret: bool):
     import tenseal as ts
 
@@ -244,13 +256,27 @@ class SecureSum:
         return _pack(header, [v.serialize() for v in self.sum]), self.weight
 
 
+def _public_id(ctx) -> str:
+    public = ctx.copy()
+    public.make_context_public()
+    return context_id(public.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
+                                       save_relin_keys=False))
+
+
+def public_id_of(secret: bytes) -> str:
+    """The key id (`Keys.key_id`) of the public half of a secret context."""
+    return _public_id(_context(secret, secret=True))
+
+
+def read_header(data: bytes) -> dict:
+    """The clear header of a payload or sum: {format, n, chunks, slots, context[, summands]}."""
+    return _unpack(data)[0]
+
+
 def decrypt(secret: bytes, data: bytes, n: int) -> np.ndarray:
     """The float32 vector in a payload (an update or a sum), with the person's secret context."""
     ctx = _context(secret, secret=True)
-    ctx_public = ctx.copy()
-    ctx_public.make_context_public()
-    header, vecs = _vectors(ctx, data, context_id(ctx_public.serialize(save_public_key=True, save_secret_key=False,
-                                                                       save_galois_keys=False, save_relin_keys=False)))
+    header, vecs = _vectors(ctx, data, _public_id(ctx))
     if header["n"] != n:
         raise InvalidInput(f"the payload holds {header['n']} values, {n} were expected", hint="check the adapter layout")
     out = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vecs]) if vecs else np.zeros(0)
