@@ -158,7 +158,7 @@ def test_a_real_tier3_flower_round_where_the_server_only_adds_ciphertexts(homes)
         round_id = fu.new_round_id()
         result = fed.run_round(homes["relay"], superlink, {
             **fed.RUN_CONFIG, "home": str(homes["relay"]), "user": USER, "round": round_id, "devices": 2,
-            "max_steps": 2, "method": "factors", "wait_s": 60.0, "timeout_s": 180.0, "keep_received": True,
+            "max_steps": 2, "method": "latent", "wait_s": 60.0, "timeout_s": 180.0, "keep_received": True,
             "secure": True}, timeout_s=240)
     finally:
         for p in reversed(procs):

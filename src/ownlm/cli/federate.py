@@ -30,9 +30,10 @@ def federate() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the SuperLink binds (a LAN address to reach your other devices at home).")
 @click.option("--port", type=int, default=9091, show_default=True, help="The SuperLink's port.")
-@click.option("--method", type=click.Choice(["factors", "product", "latent"]), default="factors", show_default=True,
-              help="factors: FedAvg of A and B; product: mean of B·A re-factorised by SVD; latent: mean of the "
-                   "quantization-aware latent weights and scales.")
+@click.option("--method", type=click.Choice(["factors", "product", "latent"]),
+              help="latent (the default with quantization-aware training): mean of the latent weights and scales; "
+                   "factors (the default without): FedAvg of A and B; product: mean of B·A re-factorised by SVD. "
+                   "bench/federated.py: latent was the only one to match the devices' own models.")
 @click.option("--steps", type=int, help="Training steps on each device (default: personalization.max_steps).")
 @click.option("--lr", type=float, help="Learning rate on each device (default: personalization.lr).")
 @click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
@@ -64,7 +65,7 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
         console.print(f"federation round {round_id} for {u.name} on {address}: waiting for {devices} device(s)…")
         result = fed.run_round(settings.home, address, {
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
-            "min_devices": min_devices, "method": method, "lr": lr if lr is not None else p.lr,
+            "min_devices": min_devices, "method": method or ("latent" if p.qat else "factors"), "lr": lr if lr is not None else p.lr,
             "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
             "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120)
     finally:

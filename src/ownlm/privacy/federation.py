@@ -52,7 +52,7 @@ APP_NAME = "ownlm-federation"
 FEDERATION = "ownlm"
 INSTALL = "query.install"
 # run_config keys (and their defaults) the ServerApp accepts; `flwr run --run-config` may override only these
-RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "factors", "lr": 1e-3,
+RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "latent", "lr": 1e-3,
               "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "wait_s": 120.0,
               "timeout_s": 1800.0, "keep_received": False, "secure": False}
 
