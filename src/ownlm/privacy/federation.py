@@ -289,8 +289,12 @@ def server_round(grid, cfg: dict) -> dict:
             if reply.has_error():
                 result["failed"].append({"node": str(reply.metadata.src_node_id), "error": reply.error.reason[:500]})
                 continue
-            header = json.loads(reply.content["update"]["header"])
-            payload, public = _received_payload(reply.content["payload"])
+            try:
+                header = json.loads(reply.content["update"]["header"])
+                payload, public = _received_payload(reply.content["payload"])
+            except (KeyError, TypeError, ValueError) as e:  # not what an ownlm device sends: refuse it, go on
+                result["refused"].append({"node": str(reply.metadata.src_node_id), "reason": f"malformed reply ({e!r})"[:300]})
+                continue
             if cfg["keep_received"]:  # what the server received, byte for byte (tests look for plaintext in it)
                 _keep_received(out_dir / "received", i, reply.content["update"]["header"], payload, public)
             try:
