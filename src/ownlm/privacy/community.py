@@ -113,6 +113,8 @@ def contribute(store, user, roster: Roster, index: int, mask_private: bytes, fac
                                hint="train it with TrainConfig(dp=True, dp_epsilon=...)")
     if index not in roster.members:
         raise InvalidInput(f"participant {index} is not in round {roster.round_id}", hint="use your roster index")
+    if any(a.shape[0] != roster.r or b.shape[1] != roster.r for a, b in factors.values()):
+        raise InvalidInput(f"the adapter's rank is not the round's r={roster.r}", hint="train with the round's LoRA settings")
     tensors = agg.tensors_for(METHOD, factors)
     layout = agg.Layout.of(tensors)
     masked = sa.masked(layout.flatten(tensors), index, mask_private, roster.publics(), roster.round_id)
