@@ -60,10 +60,16 @@ def test_cli_join_refuses_tier_1_and_status_shows_the_choice(home):
     assert "none on this node yet" in r.stdout
 
 
+_TRAINED: list = []
+
+
 @pytest.fixture
 def trained(tiny, tmp_path):
-    """Three participants' DP-trained factors on the tiny Llama (2 DP steps each, different data)."""
-    out = []
+    """Three participants' DP-trained factors on the tiny Llama (2 DP steps each, different data); trained once
+    per module (the factors are plain tensors, read back from disk)."""
+    if _TRAINED:
+        return _TRAINED
+    out = _TRAINED
     for k in range(3):
         tok = tiny.tokenizer
         report = train(tiny, examples(tok, range(8 * k, 8 * k + 8)), examples(tok, [30, 31]),
