@@ -51,6 +51,7 @@ def split(persona: str, tok):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
+    ap.add_argument("--base", help="base model (default: the node's; a tiny checkpoint makes a smoke test of the code path)")
     ap.add_argument("--new", default="mira", choices=ALL, help="the new user; the other two contribute")
     ap.add_argument("--steps", type=int, default=24, help="the new user's first-round steps")
     ap.add_argument("--contrib-steps", type=int, default=24, help="each contributor's DP steps")
@@ -64,7 +65,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.contrib_steps, args.probes = 4, 4, False
     t0 = time.perf_counter()
-    settings = load_settings(home=args.home)
+    settings = load_settings(home=args.home, base=args.base)
     base = load_base(settings)
     tok = base.tokenizer
     new_train, new_held = split(args.new, tok)
