@@ -26,7 +26,9 @@ src/ownlm/                     each stage imports only the stages above it and t
   privacy/       tiers · remote · trainer · attest · checkpoints (a trainer's sealed resumable checkpoints) · federation (Flower
                  rounds across a person's devices: fedupdate = signed updates and their checks, aggregate = the pure
                  maths) · secure_agg (tier 3: CKKS sums, pairwise masks) · securefed (tier-3 rounds: the
-                 person's key on each device, encrypted updates, decrypting the sum); imports node, evaluate, learn, store
+                 person's key on each device, encrypted updates, decrypting the sum) · community (the opt-in
+                 community model: DP + masked contributions, its aggregator, the shared starting adapter); imports
+                 node, evaluate, learn, store
   cluster/       rounds as Ray tasks (optional extra, imported only with cluster.ray_address): connect · agent (the
                  trainer role on each Ray node) · placement (tiers decide the node) · round; imports privacy, node
   loop.py        the scheduled round: learn → gate → bundle → node, one process owning each job

@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 
 from ownlm.learn.continual import Lineage, RoundPlan, adapter_dir, forget, keep_adapter, plan_round, read_lineage
 from ownlm.errors import OwnlmError, QualityGateRefused
@@ -231,12 +232,19 @@ def _plan(store: Store, settings: Settings, user_id: str, train_ex: list, tcfg, 
         forget(settings.home, user_id)
     active = store.active_model(user_id)
     cfg = settings.personalization
-    return plan_round(
+    plan = plan_round(
         cfg.continual, train_ex, lineage=lineage, adapter=adapter_dir(settings.home, user_id),
         old_hashes=store.dataset_hashes(user_id, lineage.dataset_id) if lineage else set(),
         active_model_id=active["id"] if active else None, base_sha256=base_sha256, lora=_lora(tcfg),
         deleted_since=deleted, replay=cfg.replay, seed=job_id,
     )
+    if lineage is None and active is None and plan.init_adapter is None:  # a new user's first round
+        from ownlm.privacy.community import starting_point
+
+        start = starting_point(store, settings, user_id, base_sha256, _lora(tcfg))  # None unless they opted in
+        if start is not None:
+            plan = replace(plan, init_adapter=start, why="first round: started from the node's community model")
+    return plan
 
 
 class Scheduler:

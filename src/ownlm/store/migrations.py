@@ -386,3 +386,12 @@ def m012_he_keys(db) -> None:
             created_at REAL NOT NULL
         );
     """)
+
+
+@migration
+def m013_community(db) -> None:
+    """The community model (privacy/community.py), both opt-in and off by default: `community_contribute` 1 lets
+    this user's DP-noised, pairwise-masked update join community rounds (tiers 0 and 3 only); `community_start` 1
+    lets this user's first round start from the node's community adapter."""
+    db.execute("ALTER TABLE users ADD COLUMN community_contribute INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE users ADD COLUMN community_start INTEGER NOT NULL DEFAULT 0")

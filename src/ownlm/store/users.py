@@ -41,6 +41,23 @@ class UsersMixin:
             db.execute("UPDATE users SET dp_epsilon = ? WHERE id = ?", (epsilon, user_id))
             self.audit(db, user_id, "dp_changed", old=old[0] if old else None, new=epsilon)
 
+    def community(self, user_id: str) -> dict:
+        """The user's community-model choices (privacy/community.py): both False unless they opted in."""
+        row = self.query("SELECT community_contribute, community_start FROM users WHERE id = ?", (user_id,))
+        return {"contribute": bool(row[0][0]), "start": bool(row[0][1])} if row else {"contribute": False, "start": False}
+
+    def set_community(self, user_id: str, *, contribute: bool | None = None, start: bool | None = None) -> dict:
+        """Record (and audit) the user's community choices; None leaves one as it is. The tier rule is the
+        caller's (privacy/community.py `set_choice`): the store only keeps what was decided."""
+        old = self.community(user_id)
+        new = {"contribute": old["contribute"] if contribute is None else bool(contribute),
+               "start": old["start"] if start is None else bool(start)}
+        with self.tx() as db:
+            db.execute("UPDATE users SET community_contribute = ?, community_start = ? WHERE id = ?",
+                       (int(new["contribute"]), int(new["start"]), user_id))
+            self.audit(db, user_id, "community_changed", old=old, new=new)
+        return new
+
     def create_user(self, name: str, tier: int = 1) -> User:
         if not NAME_RE.match(name):
             raise InvalidInput(
