@@ -57,7 +57,8 @@ def main() -> None:
     asked = probes(PERSONAS[args.persona]) if args.probes else None
     conversations = len({e.conversation_id for e in train_ex})
     print(f"{args.persona}: {len(train_ex)} training examples from {conversations} conversations, {len(held)} held out; "
-          f"{args.steps} steps at lr {args.lr}, {'fp32' if args.no_qat else 'QAT'} LoRA r=8 q/v")
+          f"{args.steps} steps at lr {args.lr}, {'fp32' if args.no_qat else 'QAT'} LoRA r={TrainConfig().r} on "
+          f"{'/'.join(TrainConfig().target_modules)}")
     arms = [("no DP", None)] + [(f"DP ε={e}", math.inf if e == "inf" else float(e)) for e in args.epsilons.split(",")]
     rows, work = [], Path(tempfile.mkdtemp(prefix="ownlm-dp-"))
     try:
