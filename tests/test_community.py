@@ -80,7 +80,8 @@ def trained(tiny, tmp_path):
 
 
 def _round(store, tiny, n=3):
-    users = [store.create_user(f"p{i}", tier=3 if i % 2 else 0) for i in range(n)]
+    # names long enough that they cannot turn up by chance inside a base64 signature of the manifest
+    users = [store.create_user(f"participant-{i}", tier=3 if i % 2 else 0) for i in range(n)]
     for u in users:
         cm.set_choice(store, u, contribute=True)
     from ownlm.artifact.sign import public_pem
@@ -102,89 +103,90 @@ def _aggregate(inbox) -> dict:
     return json.loads((inbox / "result.json").read_text())
 
 
-def test_masked_round_sums_to_the_plain_mean_and_the_aggregator_sees_no_plaintext(home, tiny, trained, tmp_path):
+@pytest.fixture
+def masked_round(home, tiny, tmp_path):
+    """(settings, store, users, keys, roster, inbox): three opted-in participants and the aggregator's inbox,
+    which already holds the round's roster."""
     settings = load_settings(base=str(tiny.source.path), device="cpu", threads=1)
     inbox = tmp_path / "aggregator"
     inbox.mkdir()
     with Store(home) as store:
         users, keys, roster = _round(store, tiny)
         (inbox / "roster.json").write_text(roster.to_json())
-        plain = []
-        for i, (u, (factors, dp)) in enumerate(zip(users, trained)):
-            header, masked = cm.contribute(store, u, roster, i, keys[i][0], factors, dp)
-            assert masked.dtype == np.uint64 and "user" not in header and u.name not in json.dumps(header)
-            plain.append(agg.Layout.of(agg.tensors_for("factors", factors)).flatten(agg.tensors_for("factors", factors)))
-            _write(inbox, i, header, masked)
-        seen = b"".join(f.read_bytes() for f in sorted(inbox.iterdir()))
-        for x in plain:  # no two consecutive float32 values of any plaintext update reach the aggregator
-            raw = x.astype("<f4").tobytes()
-            assert not any(raw[j:j + 8] in seen for j in range(0, 4000, 4))
-        result = _aggregate(inbox)
-        assert result["complete"] and result["participants"] == 3 and not result["refusals"]
-        mean = np.frombuffer((inbox / "mean.f32").read_bytes(), dtype="<f4")
-        assert np.abs(mean - np.mean(plain, axis=0)).max() < 1e-6  # fixed point 2^-24
-        manifest = cm.publish(store, settings, users[0], roster, mean, result)
-        assert manifest["participants"] == 3 and manifest["epsilons"] == [dp["epsilon"] for _, dp in trained]
-        assert not any(u.name in json.dumps(manifest) or u.id in json.dumps(manifest) for u in users)
-        got, adapter = cm.current(store, settings)
-        assert got["round"] == "cr_test_1" and read_adapter(adapter).r == LORA.r
-        assert [a["action"] for a in store.audit_log(users[0].id)].count("community_model_published") == 1
+        yield settings, store, users, keys, roster, inbox
 
 
-def test_incomplete_tampered_and_replayed_contributions_are_refused_and_audited(home, tiny, trained, tmp_path):
-    settings = load_settings(base=str(tiny.source.path), device="cpu", threads=1)
-    inbox = tmp_path / "aggregator"
-    inbox.mkdir()
-    with Store(home) as store:
-        users, keys, roster = _round(store, tiny)
-        (inbox / "roster.json").write_text(roster.to_json())
-        made = [cm.contribute(store, u, roster, i, keys[i][0], trained[i][0], trained[i][1]) for i, u in enumerate(users)]
-        for i in (0, 1):  # participant 2 never reports
-            _write(inbox, i, *made[i])
-        bad = made[1][1].copy()
-        bad[0] ^= np.uint64(1)
-        _write(inbox, 7, made[1][0], bad)  # tampered copy of 1
-        _write(inbox, 8, *made[0])  # replay of 0 in the same round
-        result = _aggregate(inbox)
-        assert not result["complete"] and "did not report" in result["error"] and not (inbox / "mean.f32").exists()
-        reasons = sorted(r["reason"].split(":")[0] for r in result["refusals"])
-        assert reasons == ["replayed", "tampered"]
-        with pytest.raises(InvalidInput, match="incomplete"):
-            cm.publish(store, settings, users[0], roster, np.zeros(1, np.float32), result)
-        refused = [a for a in store.audit_log(users[0].id) if a["action"] == "community_contribution_refused"]
-        assert len(refused) == 2
-        # a contribution made for an earlier round is a replay in the next one
-        later = cm.Aggregator(cm.Roster("cr_test_2", roster.base_sha256, roster.r, roster.alpha, roster.members), {"cr_test_1"})
-        with pytest.raises(UpdateRefused, match="replayed: made for the earlier round cr_test_1"):
-            later.accept(*made[0])
-        with pytest.raises(PrivacyViolation, match="differential privacy"):
-            cm.contribute(store, users[0], roster, 0, keys[0][0], trained[0][0], None)
+def test_masked_round_sums_to_the_plain_mean_and_the_aggregator_sees_no_plaintext(masked_round, trained):
+    settings, store, users, keys, roster, inbox = masked_round
+    plain = []
+    for i, (u, (factors, dp)) in enumerate(zip(users, trained)):
+        header, masked = cm.contribute(store, u, roster, i, keys[i][0], factors, dp)
+        assert masked.dtype == np.uint64 and "user" not in header and u.name not in json.dumps(header)
+        plain.append(agg.Layout.of(agg.tensors_for("factors", factors)).flatten(agg.tensors_for("factors", factors)))
+        _write(inbox, i, header, masked)
+    seen = b"".join(f.read_bytes() for f in sorted(inbox.iterdir()))
+    for x in plain:  # no two consecutive float32 values of any plaintext update reach the aggregator
+        raw = x.astype("<f4").tobytes()
+        assert not any(raw[j:j + 8] in seen for j in range(0, 4000, 4))
+    result = _aggregate(inbox)
+    assert result["complete"] and result["participants"] == 3 and not result["refusals"]
+    mean = np.frombuffer((inbox / "mean.f32").read_bytes(), dtype="<f4")
+    assert np.abs(mean - np.mean(plain, axis=0)).max() < 1e-6  # fixed point 2^-24
+    manifest = cm.publish(store, settings, users[0], roster, mean, result)
+    assert manifest["participants"] == 3 and manifest["epsilons"] == [dp["epsilon"] for _, dp in trained]
+    assert not any(u.name in json.dumps(manifest) or u.id in json.dumps(manifest) for u in users)
+    got, adapter = cm.current(store, settings)
+    assert got["round"] == "cr_test_1" and read_adapter(adapter).r == LORA.r
+    assert [a["action"] for a in store.audit_log(users[0].id)].count("community_model_published") == 1
 
 
-def test_first_round_starts_from_the_community_adapter_only_when_asked(home, tiny, trained, tmp_path):
+def test_incomplete_tampered_and_replayed_contributions_are_refused_and_audited(masked_round, trained):
+    settings, store, users, keys, roster, inbox = masked_round
+    made = [cm.contribute(store, u, roster, i, keys[i][0], trained[i][0], trained[i][1]) for i, u in enumerate(users)]
+    for i in (0, 1):  # participant 2 never reports
+        _write(inbox, i, *made[i])
+    bad = made[1][1].copy()
+    bad[0] ^= np.uint64(1)
+    _write(inbox, 7, made[1][0], bad)  # tampered copy of 1
+    _write(inbox, 8, *made[0])  # replay of 0 in the same round
+    result = _aggregate(inbox)
+    assert not result["complete"] and "did not report" in result["error"] and not (inbox / "mean.f32").exists()
+    reasons = sorted(r["reason"].split(":")[0] for r in result["refusals"])
+    assert reasons == ["replayed", "tampered"]
+    with pytest.raises(InvalidInput, match="incomplete"):
+        cm.publish(store, settings, users[0], roster, np.zeros(1, np.float32), result)
+    refused = [a for a in store.audit_log(users[0].id) if a["action"] == "community_contribution_refused"]
+    assert len(refused) == 2
+    # a contribution made for an earlier round is a replay in the next one
+    later = cm.Aggregator(cm.Roster("cr_test_2", roster.base_sha256, roster.r, roster.alpha, roster.members), {"cr_test_1"})
+    with pytest.raises(UpdateRefused, match="replayed: made for the earlier round cr_test_1"):
+        later.accept(*made[0])
+    with pytest.raises(PrivacyViolation, match="differential privacy"):
+        cm.contribute(store, users[0], roster, 0, keys[0][0], trained[0][0], None)
+
+
+def test_first_round_starts_from_the_community_adapter_only_when_asked(masked_round, tiny, trained, tmp_path):
     from ownlm.loop import _plan
 
-    settings = load_settings(base=str(tiny.source.path), device="cpu", threads=1)
-    with Store(home) as store:
-        users, keys, roster = _round(store, tiny)
-        a = cm.Aggregator(roster)
-        for i, u in enumerate(users):
-            a.accept(*cm.contribute(store, u, roster, i, keys[i][0], *trained[i]))
-        cm.publish(store, settings, users[0], roster, a.mean(), a.result())
-        newcomer, other = store.create_user("newcomer"), store.create_user("other")  # tier 1: may still start from it
-        cm.set_choice(store, newcomer, start=True)
-        train_ex = examples(tiny.tokenizer, range(40, 46))
-        tcfg = quick(lr=1e-12, max_steps=1)
-        plan = _plan(store, settings, newcomer.id, train_ex, tcfg, tiny.sha256, "job1")
-        assert plan.init_adapter is not None and "community" in plan.why
-        assert _plan(store, settings, other.id, train_ex, tcfg, tiny.sha256, "job2").init_adapter is None
-        assert cm.starting_point(store, settings, other.id, tiny.sha256, {}) is None  # did not opt in
-        community = read_adapter(plan.init_adapter).factors
-        train(tiny, plan.examples, examples(tiny.tokenizer, [30, 31]), tcfg, tmp_path / "new", init_adapter=plan.init_adapter)
-        after = read_adapter(tmp_path / "new" / "adapter").factors
-        scratch = tmp_path / "scratch"
-        train(tiny, plan.examples, examples(tiny.tokenizer, [30, 31]), tcfg, scratch)
-        fresh = read_adapter(scratch / "adapter").factors
-        for path, (ca, cb) in community.items():
-            assert torch.allclose(after[path][0], ca, atol=1e-6) and torch.allclose(after[path][1], cb, atol=1e-6)
-        assert any(not torch.allclose(fresh[p][1], cb, atol=1e-6) for p, (_, cb) in community.items())
+    settings, store, users, keys, roster, _ = masked_round
+    a = cm.Aggregator(roster)
+    for i, u in enumerate(users):
+        a.accept(*cm.contribute(store, u, roster, i, keys[i][0], *trained[i]))
+    cm.publish(store, settings, users[0], roster, a.mean(), a.result())
+    newcomer, other = store.create_user("newcomer"), store.create_user("other")  # tier 1: may still start from it
+    cm.set_choice(store, newcomer, start=True)
+    train_ex = examples(tiny.tokenizer, range(40, 46))
+    tcfg = quick(lr=1e-12, max_steps=1)
+    plan = _plan(store, settings, newcomer.id, train_ex, tcfg, tiny.sha256, "job1")
+    assert plan.init_adapter is not None and "community" in plan.why
+    assert _plan(store, settings, other.id, train_ex, tcfg, tiny.sha256, "job2").init_adapter is None
+    assert cm.starting_point(store, settings, other.id, tiny.sha256, {}) is None  # did not opt in
+    community = read_adapter(plan.init_adapter).factors
+    train(tiny, plan.examples, examples(tiny.tokenizer, [30, 31]), tcfg, tmp_path / "new", init_adapter=plan.init_adapter)
+    after = read_adapter(tmp_path / "new" / "adapter").factors
+    scratch = tmp_path / "scratch"
+    train(tiny, plan.examples, examples(tiny.tokenizer, [30, 31]), tcfg, scratch)
+    fresh = read_adapter(scratch / "adapter").factors
+    for path, (ca, cb) in community.items():
+        assert torch.allclose(after[path][0], ca, atol=1e-6) and torch.allclose(after[path][1], cb, atol=1e-6)
+    assert any(not torch.allclose(fresh[p][1], cb, atol=1e-6) for p, (_, cb) in community.items())

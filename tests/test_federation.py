@@ -4,7 +4,6 @@ deployment (SuperLink, two SuperNodes, `flwr run`) on 127.0.0.1 with the tiny mo
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,9 @@ from ownlm.privacy import tiers
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from ownlm.store.imports import import_into
+from tests.servers import free_port
 
 USER = "me"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -66,13 +60,13 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
     from ownlm.privacy import federation as fed
 
     pytest.importorskip("flwr")
-    link_port = _free_port()
+    link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
     procs = [fed.start_superlink(devices["laptop"], port=link_port)]
     try:
         fed.wait_port("127.0.0.1", link_port, timeout=30)
         for name in ("laptop", "phone"):  # the tiny random model cannot pass the gate: judged elsewhere (gate=False)
-            procs.append(fed.start_supernode(devices[name], superlink, USER, port=_free_port(), gate=False))
+            procs.append(fed.start_supernode(devices[name], superlink, USER, port=free_port(), gate=False))
         round_id = fu.new_round_id()
         result = fed.run_round(devices["laptop"], superlink, {
             **fed.RUN_CONFIG, "home": str(devices["laptop"]), "user": USER, "round": round_id, "devices": 2,

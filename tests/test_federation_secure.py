@@ -5,7 +5,6 @@ same model. A real Flower deployment on 127.0.0.1 with the tiny model; the key's
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -22,15 +21,10 @@ from ownlm.privacy import tiers
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from ownlm.store.imports import import_into
+from tests.servers import free_port
 
 pytest.importorskip("tenseal")
 USER = "me"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -148,13 +142,13 @@ def test_a_real_tier3_flower_round_where_the_server_only_adds_ciphertexts(homes)
 
     pytest.importorskip("flwr")
     kid = _hand_over_key(homes)
-    link_port = _free_port()
+    link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
     procs = [fed.start_superlink(homes["relay"], port=link_port)]
     try:
         fed.wait_port("127.0.0.1", link_port, timeout=30)
         for name in ("laptop", "phone"):
-            procs.append(fed.start_supernode(homes[name], superlink, USER, port=_free_port(), gate=False))
+            procs.append(fed.start_supernode(homes[name], superlink, USER, port=free_port(), gate=False))
         round_id = fu.new_round_id()
         result = fed.run_round(homes["relay"], superlink, {
             **fed.RUN_CONFIG, "home": str(homes["relay"]), "user": USER, "round": round_id, "devices": 2,

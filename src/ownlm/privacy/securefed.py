@@ -56,6 +56,7 @@ def export_keys(store: Store, user: User, recipient: dict) -> bytes:
     keys = device_keys(store, user)
     _, rid = load_public(recipient)  # a malformed recipient fails here, before anything is sealed
     doc = {"kind": KEY_KIND, "version": 1, "user": user.name, "key_id": keys.key_id, "recipient": rid,
+           "params": store.he_key_params(user.id),
            "secret_sha256": hashlib.sha256(keys.secret).hexdigest(), "public_sha256": hashlib.sha256(keys.public).hexdigest()}
     signed = sign_manifest(doc, store.signing_key(user.id))
     data = seal({"he_key.json": canonical(signed), "secret.ctx": keys.secret, "public.ctx": keys.public}, recipient)
@@ -94,7 +95,11 @@ def import_keys(store: Store, user: User, data: bytes) -> str:
             return doc["key_id"]  # already here
         raise ConfigError(f"this device already holds another tier-3 key ({sa.context_id(held[1])}) for {user.name}",
                           hint="export the key from this device to the others instead, so every device has the same")
-    store.save_he_keys(user.id, secret, public, doc["key_id"], {"imported": True})
+    params = doc.get("params")
+    if not isinstance(params, dict):
+        raise CorruptArtifact("the key file does not say which CKKS parameters its keys use",
+                              hint="export the key again with this version of ownlm")
+    store.save_he_keys(user.id, secret, public, doc["key_id"], {**params, "imported": True})
     with store.tx() as db:
         store.audit(db, user.id, "he_key_imported", key_id=doc["key_id"])
     return doc["key_id"]

@@ -104,6 +104,11 @@ class ModelsMixin:
         rows = self.query("SELECT secret_context, public_context FROM he_keys WHERE user_id = ?", (user_id,))
         return (bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
 
+    def he_key_params(self, user_id: str) -> dict:
+        """The CKKS parameters the user's key pair was made with (CKKSParams.to_dict()); {} when there is none."""
+        rows = self.query("SELECT params FROM he_keys WHERE user_id = ?", (user_id,))
+        return json.loads(rows[0][0]) if rows else {}
+
     def save_he_keys(self, user_id: str, secret: bytes, public: bytes, key_id: str, params: dict) -> None:
         """Keep the user's first CKKS key pair (a second call keeps the first: keys are never silently replaced)."""
         with self.tx() as db:
