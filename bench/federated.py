@@ -11,10 +11,12 @@ token NLL of:
   privacy/aggregate.py (weighted by example count), re-quantized to the lora1 artifact that would be installed;
 - pooled: one model trained on both devices' training examples on one machine (the upper reference).
 With --probes, the persona's unseen probe questions too (greedy, as bench/personas.py; slow on a CPU).
+A real round trains every device's update with DP-SGD (RoundSpec.dp_epsilon); this benchmark trains without DP
+unless --epsilon is given, so the rows compare aggregation methods, and bench/dp.py measures what DP costs.
 The transport (Flower processes, signatures) is not timed here: tests/test_federation.py runs it for real.
 
     OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
-                                                       [--conversations 300] [--json FILE]
+                                                       [--conversations 300] [--epsilon none] [--json FILE]
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
         t0 = time.perf_counter()
         # one training per device serves every method: its adapter (factors, product) and, with QAT, its latents
         report, factors, latent = fu.train_local(base, built, replace(spec, method="latent" if spec.qat else "factors"),
-                                                 home / "work")
+                                                 home / "work", args.epsilon)
         devices[dev] = {"built": built, "report": report, "factors": factors, "latent": latent,
                         "train_s": round(time.perf_counter() - t0, 1)}
         print(f"  {dev}: {report.samples} train examples, {report.heldout_samples} held out, {report.steps} steps "
@@ -126,6 +128,9 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=300, help="use the first N conversations of each persona")
     ap.add_argument("--steps", type=int, default=48, help="optimizer steps on each device (and for pooled)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epsilon", type=lambda v: None if v == "none" else float(v), default=None,
+                    help="DP-SGD epsilon of each device's update, as a real round trains it (rounds use 8 by default); "
+                         "'none' (the default here) compares the aggregation methods without DP's noise")
     ap.add_argument("--fp32", action="store_true", help="fp32 LoRA instead of quantization-aware (no latent method)")
     ap.add_argument("--probes", action="store_true", help="also the persona's probes (slow on a CPU)")
     ap.add_argument("--json", type=Path, help="also write the results here")

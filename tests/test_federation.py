@@ -12,7 +12,7 @@ import pytest
 from ownlm.artifact import sign
 from ownlm.capture.importers import parse_file
 from ownlm.capture.importers.base import ImportResult
-from ownlm.errors import PrivacyViolation, UpdateRefused
+from ownlm.errors import InvalidInput, PrivacyViolation, UpdateRefused
 from ownlm.evaluate.personas.fixtures import DATA_DIR
 from ownlm.privacy import fedupdate as fu
 from ownlm.privacy import tiers
@@ -89,6 +89,8 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
             assert active["id"] == result["model"]
             manifest = active["manifest"] if isinstance(active["manifest"], dict) else json.loads(active["manifest"])
             assert manifest["federation"]["round"] == round_id and manifest["bitdelta"]["mode"] == "lora1"
+            dp = manifest["training"]["dp"]  # every update was trained with DP-SGD; the aggregate says how much
+            assert 0 < dp["epsilon"] <= fed.RUN_CONFIG["dp_epsilon"] and set(dp["devices"]) == set(manifest["federation"]["devices"])
             engine = PersonalEngine(base, store)
             engine.refresh()
             assert engine.model_for(user.id) == (user.id, result["model"])  # served by the store's routing
@@ -107,7 +109,7 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
             assert set(json.loads(p.read_text())) == {
                 "kind", "version", "user", "round", "device", "node_pubkey", "base_sha256", "method", "r", "alpha",
                 "layout", "layout_sha256", "dim", "weight", "form", "key_id", "payload_sha256", "merkle_root", "max_version",
-                "previous", "figures", "signature"}
+                "previous", "figures", "dp", "signature"}
     raw = b"".join(p.read_bytes() for p in blobs)
     texts = _texts(devices["laptop"]) + _texts(devices["phone"])
     assert len(texts) > 40
@@ -154,6 +156,9 @@ def test_tampered_replayed_and_wrong_round_updates_are_refused_and_audited(one_r
     refused(sign.sign_manifest(unsigned, sign.generate()), up.payload, "signature")  # a key the server does not trust
     refused(sign.sign_manifest({**unsigned, "round": "fr_20990101_000000_deadbeef"}, phone_key), up.payload, "wrong round")
     refused(sign.sign_manifest({**unsigned, "base_sha256": "00" * 32}, phone_key), up.payload, "wrong base")
+    refused(sign.sign_manifest({**unsigned, "dp": None}, phone_key), up.payload, "no differential privacy")
+    over = {**unsigned["dp"], "epsilon": r["spec"].dp_epsilon * 2}
+    refused(sign.sign_manifest({**unsigned, "dp": over}, phone_key), up.payload, "within the round's budget")
 
     assert fu.verify_update(lap, user, state, up.header, up.payload)["device"] in state.accepted
     refused(up.header, up.payload, "replayed: this device already sent")  # twice in one round
@@ -165,8 +170,9 @@ def test_tampered_replayed_and_wrong_round_updates_are_refused_and_audited(one_r
         fu.start_round(lap, user, r["spec"], devices=1)
 
     reasons = _refusals(lap)
-    assert len(reasons) == 7
-    for word in ("tampered", "signature", "wrong round", "wrong base", "already sent", "earlier round"):
+    assert len(reasons) == 9
+    for word in ("tampered", "signature", "wrong round", "wrong base", "already sent", "earlier round",
+                 "differential privacy"):
         assert any(word in x for x in reasons), (word, reasons)
 
 
@@ -264,3 +270,22 @@ def test_the_device_gate_judges_the_aggregate_on_its_own_heldout_data(one_round)
     assert phone.active_model(puser.id) is None
     judged = [a for a in phone.audit_log(puser.id) if a["action"] == "federated_model_judged"]
     assert len(judged) == 1 and judged[0]["detail"]["passed"] is False
+
+
+def test_the_default_latent_update_is_trained_with_dp_and_spends_the_smallest_epsilon(devices):
+    """The CLI's default method (latent: QAT latents averaged) reads its latents from a DP-SGD checkpoint, and the
+    device spends the smallest of the round's, the node's and the user's own epsilon."""
+    from ownlm.basemodel import base_sha256, resolve_base
+
+    settings = load_settings(home=str(devices["phone"]))
+    with Store(devices["phone"]) as phone:
+        user = phone.get_user(USER)
+        phone.set_dp_epsilon(user.id, 3.0)
+        spec = fu.RoundSpec(round_id=fu.new_round_id(), user=USER, method="latent", max_steps=1, dp_epsilon=5.0,
+                            base_sha256=base_sha256(resolve_base(settings.base), settings.home))
+        assert fu.update_epsilon(phone, settings, user, spec) == 3.0
+        update, _ = fu.make_update(phone, settings, user, spec, devices["phone"] / "work", destination="127.0.0.1:9091")
+        assert update.header["method"] == "latent" and 0 < update.header["dp"]["epsilon"] <= 3.0 + 1e-6
+        assert update.header["dp"]["unit"] == "conversation" and update.payload.dtype == np.float32
+    with pytest.raises(InvalidInput, match="dp_epsilon"):
+        fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32, dp_epsilon=0)

@@ -74,6 +74,11 @@ class Personalization(BaseModel):
                     "user's own choice (`ownlm privacy dp`) overrides this. The budget goes into the signed manifest.")
     dp_max_grad_norm: float = Field(
         default=1.0, gt=0, description="With DP: each conversation's gradient is clipped to this L2 norm.")
+    federation_dp_epsilon: float = Field(
+        default=8.0, gt=0, allow_inf_nan=False,
+        description="The most epsilon (per conversation) this device spends on one federated update: every update "
+                    "that leaves a device is trained with DP-SGD, at the smallest of this, the round's ask and the "
+                    "user's own DP choice. It cannot be turned off. Its utility cost: bench/README.md, dp.py.")
     paraphrases: int = Field(
         default=3, ge=0, le=16,
         description="Question variants per training example (learn/augment.py: the last user turn rephrased, the "

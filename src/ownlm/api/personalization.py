@@ -197,6 +197,11 @@ def delete_data(
     """Right to delete: everything (no parameters), messages before a date, or one conversation — and the
     models trained on it (`deleted.models_removed`), unless `keep_models` (`deleted.models_kept`)."""
     res = store.delete_data(user.id, before=_before(before), conversation_id=conversation_id, keep_models=keep_models)
+    from ownlm.privacy.fedretire import after_delete
+
+    notice = after_delete(store, request.app.state.settings, user, res)
+    if notice is not None:  # the person's other devices hold these rounds' aggregates: they need the notice
+        res = {**res, "federation_retire_notice": str(notice)}
     reload = getattr(request.app.state, "on_model_change", None)
     if res["models_removed"] and reload:
         reload(user.id)  # the engine stops serving the removed models now

@@ -36,6 +36,8 @@ def federate() -> None:
                    "bench/federated.py: latent was the only one to match the devices' own models.")
 @click.option("--steps", type=int, help="Training steps on each device (default: personalization.max_steps).")
 @click.option("--lr", type=float, help="Learning rate on each device (default: personalization.lr).")
+@click.option("--epsilon", type=float, help="The most DP epsilon (per conversation) a device may spend on its update "
+              "(default: personalization.federation_dp_epsilon); every update is trained with DP-SGD.")
 @click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
 @click.option("--timeout", "timeout_s", type=float, default=3600, show_default=True,
               help="Seconds the devices may take to train (and then to install).")
@@ -45,7 +47,7 @@ def federate() -> None:
 @click.option("--join", "join_self", is_flag=True, help="Also take part with this home's conversations (a SuperNode here).")
 @click.option("--no-gate", is_flag=True, help="With --join: install the aggregate here without this device's quality gate.")
 @pass_ctx
-def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, wait_s, timeout_s, secure,
+def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, epsilon, wait_s, timeout_s, secure,
            join_self, no_gate) -> None:
     """Run one federated round: start a SuperLink, wait for the devices, aggregate, install on every device."""
     from ownlm.privacy import federation as fed
@@ -67,6 +69,7 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
             "min_devices": min_devices, "method": method or ("latent" if p.qat else "factors"), "lr": lr if lr is not None else p.lr,
             "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
+            "dp_epsilon": epsilon if epsilon is not None else p.federation_dp_epsilon,
             "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120)
     finally:
         for proc in reversed(procs):
@@ -156,3 +159,20 @@ def key_import(ctx: Context, user, path: Path) -> None:
     with cli_store(settings) as store:
         kid = import_keys(store, ctx.user(store, settings), path.read_bytes())
     click.echo(json.dumps({"key_id": kid}))
+
+
+@federate.command("retire")
+@user_option
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def retire(ctx: Context, user, path: Path) -> None:
+    """Remove the federated aggregates that another of your devices retired after you deleted data there (the
+    notice `ownlm delete` wrote on it; signed with a key this device trusts for the user)."""
+    from ownlm.privacy.fedretire import apply_notice
+
+    settings = ctx.settings(user=user)
+    with cli_store(settings) as store:
+        res = apply_notice(store, ctx.user(store, settings), path.read_bytes())
+    gone = ", ".join(res["models_removed"]) or "none (this device did not hold them)"
+    click.echo(f"retired round(s) {', '.join(res['rounds'])} (notice from device {res['device']}): removed {gone}; "
+               f"now serving {res['active_model'] or 'the base model'}")

@@ -75,6 +75,9 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
             click.confirm(f"Delete {what} of {u.name} (holds {stats['conversations']} conversations, "
                           f"{stats['messages']} messages)?{also} This cannot be undone", abort=True)
         res = store.delete_data(u.id, before=when, conversation_id=conversation, keep_models=keep_models)
+        from ownlm.privacy.fedretire import after_delete
+
+        notice = after_delete(store, settings, u, res)
     click.echo(f"deleted {res['messages']} messages in {res['conversations']} conversations of {u.name}, "
                f"and their {res['memory_passages']} memory passages")
     if res["models_removed"]:
@@ -86,6 +89,10 @@ def delete(ctx: Context, everything: bool, before: str | None, conversation: str
         click.echo(f"kept, as asked, the models trained on them: {', '.join(res['models_kept'])}")
     if res["models_removed"] or res["models_kept"]:
         click.echo(f"now serving {res['active_model'] or 'the base model'}")
+    if notice is not None:
+        click.echo(f"your other devices still hold the aggregate of federated round(s) {', '.join(res['federation_rounds'])}, "
+                   f"which learned from this data: wrote retire notice {notice}; copy it to each of them and run "
+                   f"`ownlm federate retire FILE --user {u.name}` there")
 
 
 @cli.group()

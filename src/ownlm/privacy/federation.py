@@ -53,7 +53,7 @@ FEDERATION = "ownlm"
 INSTALL = "query.install"
 # run_config keys (and their defaults) the ServerApp accepts; `flwr run --run-config` may override only these
 RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "latent", "lr": 1e-3,
-              "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "wait_s": 120.0,
+              "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "dp_epsilon": 8.0, "wait_s": 120.0,
               "timeout_s": 1800.0, "keep_received": False, "secure": False}
 
 
@@ -269,7 +269,8 @@ def server_round(grid, cfg: dict) -> dict:
     spec = fu.RoundSpec(round_id=cfg["round"] or fu.new_round_id(), user=user.name,
                         base_sha256=base_sha256(source, settings.home), method=cfg["method"], lr=float(cfg["lr"]),
                         max_steps=int(cfg["max_steps"]) or None, epochs=int(cfg["epochs"]), qat=bool(cfg["qat"]),
-                        r=int(cfg["r"]), alpha=float(cfg["alpha"]), secure=bool(cfg["secure"]))
+                        r=int(cfg["r"]), alpha=float(cfg["alpha"]), secure=bool(cfg["secure"]),
+                        dp_epsilon=float(cfg["dp_epsilon"]))
     out_dir = round_dir(settings.home, spec.round_id)
     result: dict = {"round": spec.round_id, "method": spec.method, "user": user.name, "refused": [], "failed": [],
                     "installed": {}, "state": "failed"}
@@ -373,7 +374,7 @@ def _secure_installs(state, total: bytes, weight: float) -> tuple[dict[str, dict
     created = time.time()
     weights = {h["device"]: h["weight"] for h in headers}
     fed = {"layout": headers[0]["layout"], "version": max(h["max_version"] for h in headers) + 1, "created": created,
-           "devices": sorted(weights), "weights": weights}
+           "devices": sorted(weights), "weights": weights, "dp": {h["device"]: h["dp"] for h in headers}}
     record = {"round": spec.round_id, "sum": total, "weight": float(weight), "fed": json.dumps(fed)}
     figures = {"round": spec.round_id, "method": spec.method, "secure": True, "model": f"{model_id(created)}_v{fed['version']}",
                "version": fed["version"], "devices": sorted(weights), "weights": weights, "sum_bytes": len(total),

@@ -73,9 +73,16 @@ class RoundSpec:
     r: int = 1  # the loop's layout: TrainConfig's r and alpha (tests/test_federation.py keeps them equal)
     alpha: float = 2.0
     secure: bool = False  # the server sums encrypted updates (privacy/secure_agg.py); tier 3 requires it
+    # Every update that leaves a device is trained with DP-SGD (learn/dp.py, per conversation): the most epsilon a
+    # device may spend on it. A device spends less if its own settings ask (`update_epsilon`).
+    dp_epsilon: float = 8.0
 
     def __post_init__(self) -> None:
         agg.check_method(self.method)
+        if isinstance(self.dp_epsilon, bool) or not isinstance(self.dp_epsilon, (int, float)) \
+                or not 0 < self.dp_epsilon < float("inf"):
+            raise InvalidInput(f"the round's dp_epsilon {self.dp_epsilon!r} is not a finite number > 0",
+                               hint="every federated update is differentially private: give e.g. --epsilon 8")
         if self.method == "latent" and not self.qat:
             raise InvalidInput("the latent method averages quantization-aware latents", hint="keep qat on, or use --method factors")
 
@@ -124,15 +131,25 @@ def local_dataset(store: Store, settings: Settings, user: User, tokenizer):
     return build(conversations, feedback, tokenizer, dcfg)
 
 
-def train_local(base, built, spec: RoundSpec, work: Path):
-    """(train report, factors, latent tensors or None) of this device's round: train() from scratch."""
+def update_epsilon(store: Store, settings: Settings, user: User, spec: RoundSpec) -> float:
+    """The epsilon this device's update spends: the smallest of the round's ask, the node's
+    personalization.federation_dp_epsilon and the user's own DP choice (`ownlm privacy dp`, when set)."""
+    own = store.dp_epsilon(user.id)
+    return min([spec.dp_epsilon, settings.personalization.federation_dp_epsilon] + ([own] if own else []))
+
+
+def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None, max_grad_norm: float = 1.0):
+    """(train report, factors, latent tensors or None) of this device's round: train() from scratch, with
+    DP-SGD at `epsilon` per conversation (the report's `dp` is the budget spent). make_update always passes an
+    epsilon; None (no DP) is only for bench/federated.py's comparison of aggregation methods."""
     from ownlm.bitdelta.lora1 import read_adapter
     from ownlm.learn.dataset import tokenize
     from ownlm.learn.train import TrainConfig, train
 
     train_ex = tokenize(built.split("train"), base.tokenizer)
     held_ex = tokenize(built.split("heldout"), base.tokenizer)
-    tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat)
+    tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat,
+                       dp=epsilon is not None, dp_epsilon=epsilon, dp_max_grad_norm=max_grad_norm)
     report = train(base, train_ex, held_ex, tcfg, work / "train", resume=False, dataset={"merkle_root": built.merkle_root})
     factors = read_adapter(work / "train" / "adapter").factors
     latent = _latent_tensors(work / "train" / "checkpoint") if spec.method == "latent" else None
@@ -176,7 +193,8 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
     built = local_dataset(store, settings, user, base.tokenizer)
     store.save_dataset(user.id, built, config_dict(built.config))  # the right to delete finds the model through it
     mkdir_private(work)
-    report, factors, latent = train_local(base, built, spec, work)
+    epsilon = update_epsilon(store, settings, user, spec)
+    report, factors, latent = train_local(base, built, spec, work, epsilon, settings.personalization.dp_max_grad_norm)
     tensors = agg.tensors_for(spec.method, factors, latent)
     layout = agg.Layout.of(tensors)
     weight = report.samples
@@ -202,13 +220,13 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
         "weight": weight, "form": "ckks" if spec.secure else "plaintext", "key_id": key_id,
         "payload_sha256": payload_sha256(payload), "merkle_root": built.merkle_root,
         "max_version": store.max_version(user.id), "previous": latest[0]["id"] if latest else None,
-        "figures": figures,
+        "figures": figures, "dp": report.dp,
     }
     signed = sign_manifest(header, store.signing_key(user.id))
     with store.tx() as db:  # before it is sent: if anything left the device, the log says so
         store.audit(db, user.id, "federated_update_sent", round=spec.round_id, destination=destination, tier=tier,
                     method=spec.method, examples=weight, merkle_root=built.merkle_root, floats=layout.dim,
-                    form=header["form"])
+                    form=header["form"], epsilon=report.dp["epsilon"], delta=report.dp["delta"])
     _remember_round(settings, user, spec.round_id, {"spec": spec.to_json(), "layout_sha256": layout.sha256,
                                                      "merkle_root": built.merkle_root})
     return Update(signed, payload, {"train_loss": report.loss, "heldout_loss_lora": report.heldout_loss_personal},
@@ -373,6 +391,12 @@ def verify_update(store: Store, user: User, state: RoundState, header: object, p
     w = header.get("weight")
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         raise refuse("its weight is not a positive example count")
+    dp = header.get("dp")
+    eps = dp.get("epsilon") if isinstance(dp, dict) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= spec.dp_epsilon * (1 + 1e-9):
+        raise refuse(f"no differential privacy within the round's budget: ε {eps!r}, the round allows "
+                     f"{spec.dp_epsilon}" if dp else "no differential privacy: the update was not trained with DP-SGD",
+                     "update the device's ownlm: every federated update is trained with DP-SGD")
     state.layout_sha256, state.key_id = layout.sha256, context
     state.accepted[header["device"]] = header
     return header
@@ -402,7 +426,7 @@ def aggregate_bundles(store: Store, settings: Settings, user: User, state: Round
               "duration_s": max(h["figures"].get("duration_s") or 0 for h in headers), "loss": mean_of("loss"),
               "heldout_loss_base": mean_of("heldout_loss_base"),
               # no single LoRA was trained to this aggregate: the node's gate judges it without a fidelity figure
-              "heldout_loss_personal": None}
+              "heldout_loss_personal": None, "dp": combined_dp({h["device"]: h["dp"] for h in headers})}
     version = max(h["max_version"] for h in headers) + 1
     fed = {"round": spec.round_id, "method": spec.method, "devices": sorted(weights), "weights": weights}
     created = time.time()
@@ -417,6 +441,19 @@ def aggregate_bundles(store: Store, settings: Settings, user: User, state: Round
                "devices": sorted(weights), "weights": weights, "bundle_bytes": len(data),
                "device_heldout_loss_lora": {h["device"]: h["figures"].get("heldout_loss_personal") for h in headers}}
     return bundles, figures
+
+
+def combined_dp(budgets: dict[str, dict]) -> dict:
+    """The aggregate's `training.dp` from each device's update budget ({device id: learn/dp.py Budget dict}).
+
+    Each conversation lives on one device and enters only that device's update, and averaging is
+    post-processing, so the aggregate protects every conversation at its own device's (epsilon, delta): the
+    record states the largest of them, and each device's."""
+    eps = [b["epsilon"] for b in budgets.values()]
+    return {"epsilon": max(eps), "delta": max(b["delta"] for b in budgets.values()),
+            "unit": next(iter(budgets.values())).get("unit", "conversation"), "covers": "adapter weights",
+            "scope": "federated: each device's update trained with DP-SGD on its own conversations",
+            "devices": {d: {"epsilon": b["epsilon"], "delta": b["delta"], "steps": b.get("steps")} for d, b in budgets.items()}}
 
 
 def header_text(header: dict) -> str:

@@ -109,7 +109,8 @@ def install_secure_sum(store: Store, settings: Settings, user: User, round_id: s
                        fed: dict, work: Path, base_name: str, *, gate: bool = True):
     """Decrypt the round's encrypted sum here, build the aggregate and install it; returns node.InstallResult.
 
-    `fed` is what the server sends every device: {version, created, devices, weights, layout}. The round's own
+    `fed` is what the server sends every device: {version, created, devices, weights, layout, dp (each device's
+    signed DP budget)}. The round's own
     settings (method, r, alpha, base) and what this device sent (layout, dataset root) come from this device's
     record of the round, not from the server."""
     from ownlm.artifact.bundle import make_bundle
@@ -122,10 +123,14 @@ def install_secure_sum(store: Store, settings: Settings, user: User, round_id: s
     try:
         layout = agg.Layout.from_json(fed["layout"])
         version, created = int(fed["version"]), float(fed["created"])
-        devices, weights = list(fed["devices"]), dict(fed["weights"])
-    except (KeyError, TypeError, ValueError) as e:
+        devices, weights, budgets = list(fed["devices"]), dict(fed["weights"]), dict(fed["dp"])
+        dp = fu.combined_dp(budgets)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UpdateRefused(f"the server's description of round {round_id} is malformed ({e})",
                             hint="rerun the round with an ownlm federation server") from None
+    if set(budgets) != set(devices) or not dp["epsilon"] <= spec.dp_epsilon * (1 + 1e-9):
+        raise UpdateRefused(f"the server's privacy budgets of round {round_id} do not fit the round (ε ≤ {spec.dp_epsilon})",
+                            hint="rerun the round with an ownlm federation server")
     if layout.sha256 != sent["layout_sha256"]:
         raise UpdateRefused("the encrypted sum is for another adapter layout than this device's update",
                             hint="every device of a round must train the same LoRA layout")
@@ -140,7 +145,7 @@ def install_secure_sum(store: Store, settings: Settings, user: User, round_id: s
     save_delta(agg.to_delta(factors, spec.r, spec.alpha, spec.base_sha256), work / "delta")
     latest = store.models(user.id)
     report = {"samples": int(round(weight)), "heldout_loss_personal": None,
-              "dataset": {"merkle_root": sent["merkle_root"]}}
+              "dataset": {"merkle_root": sent["merkle_root"]}, "dp": dp}
     data, _ = make_bundle(
         delta_dir=work / "delta", report=report, user_name=user.name, signing_key=store.signing_key(user.id),
         recipient=store.node_key().public_json(), base_name=base_name, version=version,

@@ -382,8 +382,9 @@ class ConversationsMixin:
         its files removed, and a user it served is routed to the newest remaining model or the base — unless
         `keep_models`, the user's explicit choice, which keeps them and says so. So are other users' models
         merged from this data (node/merge.py records their sources' data roots). The result adds
-        `models_removed`, `models_kept`, `models_unlinked` (ids), `models_removed_elsewhere` ({user id: ids})
-        and `active_model` (None: the base)."""
+        `models_removed`, `models_kept`, `models_unlinked` (ids), `models_removed_elsewhere` ({user id: ids}),
+        `federation_rounds` (federated rounds among the removed models: the person's other devices hold their
+        aggregates until a retire notice reaches them, privacy/fedretire.py) and `active_model` (None: the base)."""
         if before is not None and conversation_id is not None:
             raise InvalidInput("give either a date or a conversation, not both")
         with self.tx() as db:
@@ -429,7 +430,9 @@ class ConversationsMixin:
                 n_msg = db.execute("DELETE FROM messages WHERE user_id = ?", (user_id,)).rowcount
                 n_conv = db.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,)).rowcount
             models = {"models_removed": [] if keep_models else linked, "models_kept": linked if keep_models else [],
-                      "models_unlinked": unlinked, "models_removed_elsewhere": {} if keep_models else elsewhere}
+                      "models_unlinked": unlinked, "models_removed_elsewhere": {} if keep_models else elsewhere,
+                      # the person's other devices hold these rounds' aggregates too: privacy/fedretire.py tells them
+                      "federation_rounds": [] if keep_models else self.federation_rounds_of(db, user_id, linked)}
             self.audit(db, user_id, "deleted", messages=n_msg, conversations=n_conv, memory_passages=n_mem, **scope, **models)
             if keep_models:
                 active = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user_id,)).fetchone()

@@ -264,6 +264,25 @@ class ModelsMixin:
                 out.setdefault(owner, []).append(mid)
         return out
 
+    def federation_rounds_of(self, db, user_id: str, model_ids: list[str]) -> list[str]:
+        """Inside the caller's transaction: the federated rounds (manifest `federation.round`) whose aggregates are
+        among these models of the user, sorted. The person's other devices hold the same aggregate."""
+        wanted, rounds = set(model_ids), set()
+        for mid, manifest in db.execute("SELECT id, manifest FROM models WHERE user_id = ?", (user_id,)):
+            fed = json.loads(manifest).get("federation") if mid in wanted else None
+            if isinstance(fed, dict) and isinstance(fed.get("round"), str):
+                rounds.add(fed["round"])
+        return sorted(rounds)
+
+    def models_of_rounds(self, db, user_id: str, rounds: list[str]) -> list[str]:
+        """Inside the caller's transaction: ids of the user's models that are the aggregate of one of `rounds`."""
+        wanted, out = set(rounds), []
+        for mid, manifest in db.execute("SELECT id, manifest FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,)):
+            fed = json.loads(manifest).get("federation")
+            if isinstance(fed, dict) and fed.get("round") in wanted:
+                out.append(mid)
+        return out
+
     def drop_models(self, db, user_id: str, model_ids: list[str], reason: str) -> str | None:
         """Inside the caller's transaction: unregister these models of the user. A user routed to one of them is
         routed to the newest remaining model, else the base. Returns the model now routed (None: the base).

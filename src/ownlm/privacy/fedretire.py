@@ -1,0 +1,102 @@
+"""The right to delete across a person's devices: retire notices for federated aggregates.
+
+A federated round installs the same aggregate on every device (privacy/federation.py). When the person deletes
+conversations on one device, `Store.delete_data` removes that device's copy (its manifest names this device's
+dataset Merkle root), but the other devices cannot see the deleted data, so nothing there ties their copy to it.
+The deleting device therefore writes a retire notice: the rounds whose aggregates learned from the deleted data,
+signed with the person's key on this device. Each other device checks the signature against the keys it trusts
+for the person (the same trust its federated updates need) and removes every model of those rounds:
+
+    phone$  ownlm delete --conversation c_123 --yes     # prints: wrote retire notice .../retire/....json
+    laptop$ ownlm federate retire phone-retire.json     # removes the laptop's copy of that round's aggregate
+
+A notice holds round ids and the signer's device id, never data. Applying one twice changes nothing the second
+time; a notice signed by a key the device does not trust, or for another person, is refused and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ownlm.errors import CorruptArtifact, InvalidInput
+from ownlm.settings import Settings
+from ownlm.store import Store, User
+
+NOTICE_KIND = "ownlm.federation_retire"
+MAX_NOTICE_BYTES = 1 << 20  # a notice is a few hundred bytes; anything near this is not one
+
+
+def notice_dir(settings: Settings) -> Path:
+    return settings.home / "federation" / "retire"
+
+
+def make_notice(store: Store, user: User, rounds: list[str], reason: str = "deleted data") -> dict:
+    """The signed notice {kind, version, user, rounds, device, reason, created_at, signature} for these rounds."""
+    from ownlm.artifact.sign import sign_manifest
+
+    if not rounds or not all(isinstance(r, str) and r for r in rounds):
+        raise InvalidInput("a retire notice needs the ids of the federated rounds to retire")
+    doc = {"kind": NOTICE_KIND, "version": 1, "user": user.name, "rounds": sorted(set(rounds)),
+           "device": store.node_key().public_json()["key_id"], "reason": reason, "created_at": time.time()}
+    return sign_manifest(doc, store.signing_key(user.id))
+
+
+def after_delete(store: Store, settings: Settings, user: User, deleted: dict) -> Path | None:
+    """After `Store.delete_data`: write the retire notice for the federated rounds it removed (None: there were
+    none) under `notice_dir`, and audit it. The caller tells the person to take it to their other devices."""
+    from ownlm.fsutil import atomic_write, mkdir_private
+
+    rounds = deleted.get("federation_rounds") or []
+    if not rounds:
+        return None
+    notice = make_notice(store, user, rounds)
+    mkdir_private(notice_dir(settings))
+    path = notice_dir(settings) / f"{time.strftime('%Y%m%d_%H%M%S')}_{user.id}_{len(rounds)}.json"
+    atomic_write(path, json.dumps(notice, indent=1))
+    with store.tx() as db:
+        store.audit(db, user.id, "federation_retire_notice_written", rounds=notice["rounds"], file=path.name)
+    return path
+
+
+def read_notice(data: bytes) -> dict:
+    """Parse a notice file's bytes; CorruptArtifact for anything that is not one (nothing is checked for trust yet)."""
+    if len(data) > MAX_NOTICE_BYTES:
+        raise CorruptArtifact("this file is too large to be a retire notice", hint="pass the file `ownlm delete` wrote")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise CorruptArtifact("the retire notice is not JSON", hint="copy the file `ownlm delete` wrote unchanged") from None
+    if not isinstance(doc, dict) or doc.get("kind") != NOTICE_KIND or doc.get("version") != 1:
+        raise CorruptArtifact("not an ownlm federation retire notice", hint="pass the file `ownlm delete` wrote")
+    rounds = doc.get("rounds")
+    if not isinstance(rounds, list) or not rounds or not all(isinstance(r, str) and r for r in rounds) \
+            or not isinstance(doc.get("user"), str) or not isinstance(doc.get("device"), str):
+        raise CorruptArtifact("the retire notice is malformed (user, device, rounds)", hint="write it again with `ownlm delete`")
+    return doc
+
+
+def apply_notice(store: Store, user: User, data: bytes) -> dict:
+    """Verify a retire notice for `user` and remove every model of its rounds from this device, in one
+    transaction; a user routed to one is routed to the newest remaining model or the base.
+
+    Returns {rounds, device, signer, models_removed, active_model}. Raises CorruptArtifact (not a notice),
+    InvalidInput (another person's), SignatureError (a key this device does not trust for the user)."""
+    from ownlm.artifact.sign import verify_manifest
+
+    doc = read_notice(data)
+    if doc["user"] != user.name:
+        raise InvalidInput(f"this retire notice is for {doc['user']!r}, not {user.name!r}",
+                           hint="apply it with --user set to the person it names")
+    signer = verify_manifest(doc, store.signers_for(user.id))
+    with store.tx() as db:
+        removed = store.models_of_rounds(db, user.id, doc["rounds"])
+        routed = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user.id,)).fetchone()
+        active = store.drop_models(db, user.id, removed, reason="federated round retired: the person deleted its "
+                                   f"data on device {doc['device']}") if removed else (routed[0] if routed else None)
+        store.audit(db, user.id, "federation_retired", rounds=doc["rounds"], device=doc["device"], signer=signer,
+                    models=removed)
+    store.remove_model_files(user.id, removed)  # after COMMIT, as delete_data does (node.recover finishes a crash)
+    return {"rounds": doc["rounds"], "device": doc["device"], "signer": signer, "models_removed": removed,
+            "active_model": active}
