@@ -16,6 +16,7 @@ from ownlm.errors import InvalidInput, PrivacyViolation, UpdateRefused
 from ownlm.evaluate.personas.fixtures import DATA_DIR
 from ownlm.privacy import fedupdate as fu
 from ownlm.privacy import tiers
+from ownlm.privacy.fedtls import server_tls
 from ownlm.settings import load_settings
 from ownlm.store import Store
 from ownlm.store.imports import import_into
@@ -54,7 +55,25 @@ def _texts(home: Path) -> list[str]:
     return [m["content"] for rows in conversations.values() for m in rows]
 
 
-def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tiny_base):
+def _check_tls(port: int, ca, tmp_path) -> None:
+    """The SuperLink speaks TLS with a certificate for 127.0.0.1 from the home's CA, and a client holding another
+    CA refuses it."""
+    import socket
+    import ssl
+
+    from ownlm.privacy.fedtls import server_tls as other_ca
+
+    good = ssl.create_default_context(cafile=str(ca))
+    good.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, good.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        assert s.version() in ("TLSv1.2", "TLSv1.3")
+    stranger = ssl.create_default_context(cafile=str(other_ca(tmp_path / "stranger", []).ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            stranger.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tiny_base, tmp_path):
     from ownlm.basemodel import load_base
     from ownlm.engine.personal import PersonalEngine
     from ownlm.privacy import federation as fed
@@ -62,16 +81,18 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
     pytest.importorskip("flwr")
     link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
-    procs = [fed.start_superlink(devices["laptop"], port=link_port)]
+    tls = server_tls(devices["laptop"], [])  # TLS, as `ownlm federate server` runs it: the devices verify its CA
+    procs = [fed.start_superlink(devices["laptop"], port=link_port, tls=tls)]
     try:
         fed.wait_port("127.0.0.1", link_port, timeout=30)
+        _check_tls(link_port, tls.ca, tmp_path)
         for name in ("laptop", "phone"):  # the tiny random model cannot pass the gate: judged elsewhere (gate=False)
-            procs.append(fed.start_supernode(devices[name], superlink, USER, port=free_port(), gate=False))
+            procs.append(fed.start_supernode(devices[name], superlink, USER, port=free_port(), gate=False, ca=tls.ca))
         round_id = fu.new_round_id()
         result = fed.run_round(devices["laptop"], superlink, {
             **fed.RUN_CONFIG, "home": str(devices["laptop"]), "user": USER, "round": round_id, "devices": 2,
             "max_steps": 2, "method": "factors", "wait_s": 60.0, "timeout_s": 120.0, "keep_received": True,
-        }, timeout_s=150)
+        }, timeout_s=150, ca=tls.ca)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -243,7 +264,9 @@ def test_cli_join_refuses_a_server_outside_home_at_tier_1(home):
 
     with Store(home) as store:
         store.create_user(USER)
-    r = run_cli("federate", "join", "--user", USER, "--superlink", "8.8.8.8:9091")
+    r = run_cli("federate", "join", "--user", USER, "--superlink", "127.0.0.1:9091")
+    assert r.returncode == 1 and "--ca FILE" in r.stderr, r.stderr  # TLS or an explicit --insecure, nothing implied
+    r = run_cli("federate", "join", "--user", USER, "--superlink", "8.8.8.8:9091", "--insecure")
     assert r.returncode == 1 and "tier 1 (edge)" in r.stderr, r.stderr
     assert not (home / "federation" / "logs").exists()  # no SuperNode was started
     r = run_cli("federate", "server", "--help")

@@ -144,7 +144,7 @@ def test_a_real_tier3_flower_round_where_the_server_only_adds_ciphertexts(homes)
     kid = _hand_over_key(homes)
     link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
-    procs = [fed.start_superlink(homes["relay"], port=link_port)]
+    procs = [fed.start_superlink(homes["relay"], port=link_port)]  # plain HTTP (--insecure): test_federation.py runs TLS
     try:
         fed.wait_port("127.0.0.1", link_port, timeout=30)
         for name in ("laptop", "phone"):

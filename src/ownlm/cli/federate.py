@@ -1,7 +1,7 @@
 """`ownlm federate`: federated rounds across one person's devices (privacy/federation.py, Flower 1.42).
 
-    laptop$ ownlm federate server --user me --devices 2 --join      # SuperLink + the laptop's own SuperNode
-    phone$  ownlm federate join --user me --superlink 192.168.1.5:9091
+    laptop$ ownlm federate server --user me --devices 2 --join --host 192.168.1.5   # prints its CA file (TLS)
+    phone$  ownlm federate join --user me --superlink 192.168.1.5:9091 --ca laptop-ca.pem
 
 Before the first round each device trusts the others' signing keys for the user (updates are signed with the
 device's key, the aggregate with the server's): `ownlm keys public --user me > laptop.pem` on each device, then
@@ -46,9 +46,13 @@ def federate() -> None:
               "(`ownlm federate key`).")
 @click.option("--join", "join_self", is_flag=True, help="Also take part with this home's conversations (a SuperNode here).")
 @click.option("--no-gate", is_flag=True, help="With --join: install the aggregate here without this device's quality gate.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP instead of TLS (updates stay signed and bundles sealed, but "
+              "the network sees the round's metadata and DP-noised updates).")
+@click.option("--tls-name", "tls_names", multiple=True, help="A name or address the devices dial, for the TLS "
+              "certificate (repeatable; --host, 127.0.0.1 and localhost are always in it).")
 @pass_ctx
 def server(ctx: Context, user, devices, min_devices, host, port, method, steps, lr, epsilon, wait_s, timeout_s, secure,
-           join_self, no_gate) -> None:
+           join_self, no_gate, insecure, tls_names) -> None:
     """Run one federated round: start a SuperLink, wait for the devices, aggregate, install on every device."""
     from ownlm.privacy import federation as fed
     from ownlm.privacy.fedupdate import new_round_id
@@ -58,19 +62,27 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
         u = ctx.user(store, settings)
     p = settings.personalization
     address = f"{host}:{port}"
-    procs = [fed.start_superlink(settings.home, host=host, port=port)]
+    tls = None
+    if not insecure:
+        from ownlm.privacy.fedtls import server_tls
+
+        tls = server_tls(settings.home, [host, *tls_names])
+        console.print(f"TLS: devices join with --ca {tls.ca} (sha256 {tls.ca_sha256()}; copy the file, compare the hash)")
+    dial = address if host not in ("0.0.0.0", "::") else f"127.0.0.1:{port}"  # how this machine reaches its SuperLink
+    procs = [fed.start_superlink(settings.home, host=host, port=port, tls=tls)]
+    ca = tls.ca if tls else None
     try:
-        fed.wait_port(host, port)
+        fed.wait_port(dial.rsplit(":", 1)[0], port)
         if join_self:
-            procs.append(fed.start_supernode(settings.home, address, u.name, port=port + 3, gate=not no_gate))
+            procs.append(fed.start_supernode(settings.home, dial, u.name, port=port + 3, gate=not no_gate, ca=ca))
         round_id = new_round_id()
         console.print(f"federation round {round_id} for {u.name} on {address}: waiting for {devices} device(s)…")
-        result = fed.run_round(settings.home, address, {
+        result = fed.run_round(settings.home, dial, {
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
             "min_devices": min_devices, "method": method or ("latent" if p.qat else "factors"), "lr": lr if lr is not None else p.lr,
             "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
             "dp_epsilon": epsilon if epsilon is not None else p.federation_dp_epsilon,
-            "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120)
+            "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120, ca=ca)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -84,19 +96,28 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
 @click.option("--superlink", required=True, help="HOST:PORT of the federation server's SuperLink.")
 @click.option("--port", type=int, default=9094, show_default=True, help="This SuperNode's local port (127.0.0.1).")
 @click.option("--no-gate", is_flag=True, help="Install the aggregate without judging it on this device's held-out data.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The server's federation CA certificate (the ca.pem `ownlm federate server` printed): TLS, verified.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP, for a server started with --insecure.")
 @pass_ctx
-def join(ctx: Context, user, superlink, port, no_gate) -> None:
+def join(ctx: Context, user, superlink, port, no_gate, ca, insecure) -> None:
     """Take part in federated rounds until interrupted: train here, send only the signed adapter update."""
     from ownlm.privacy import federation as fed
     from ownlm.privacy.tiers import check_may_send_update
 
+    from ownlm.errors import InvalidInput
+    from ownlm.privacy.fedtls import check_ca_file
+
+    if (ca is None) == (not insecure):
+        raise InvalidInput("say how to reach the server", hint="give --ca FILE (the server's ca.pem: TLS) or --insecure")
+    ca = check_ca_file(ca) if ca is not None else None
     settings = ctx.settings(user=user)
     with cli_store(settings) as store:
         u = ctx.user(store, settings)
         tier = store.get_user(u.id).privacy_tier
         # refuse before connecting at all; at tier 3 the device itself sends only encrypted updates (make_update)
         check_may_send_update(tier, superlink, secure=tier == 3)
-    proc = fed.start_supernode(settings.home, superlink, u.name, port=port, gate=not no_gate)
+    proc = fed.start_supernode(settings.home, superlink, u.name, port=port, gate=not no_gate, ca=ca)
     console.print(f"joined {superlink} as {u.name} (log: {proc.log_path}); Ctrl-C to leave")
     try:
         proc.proc.wait()

@@ -1,7 +1,7 @@
 """Federated rounds across a person's devices over Flower's deployment engine (flwr 1.42), all real processes.
 
-    server device:  flower-superlink --insecure --host 127.0.0.1 --port 9091        (start_superlink)
-    every device:   flower-supernode --insecure --superlink HOST:9091 --port 9094 \\
+    server device:  flower-superlink --ssl-certfile ... --host 127.0.0.1 --port 9091   (start_superlink)
+    every device:   flower-supernode --root-certificates ca.pem --superlink HOST:9091 --port 9094 \\
                         --node-config 'home="..." user="..." superlink="HOST:9091"'      (start_supernode)
     one round:      flwr run <app dir> ownlm --run-config 'home="..." user="..." ...'   (run_round)
 
@@ -27,8 +27,10 @@ ciphertexts with the public context; in 3 the server adds ciphertexts (secure_ag
 it cannot read an update or the sum) and sends every device the encrypted sum; in 4 each device decrypts it, builds
 the same model and installs it (privacy/securefed.py).
 
-Transport security: `--insecure` is plain HTTP, accepted here only because updates are signed and bundles are
-signed and sealed end to end (ML-KEM + X25519 HPKE); tier 1 keeps the server on the LAN or this machine.
+Transport security: TLS by default (privacy/fedtls.py: the server home's own CA, whose ca.pem every device is
+given; `flwr run` and the SuperNodes verify the SuperLink against it). On top of it, updates are signed and
+bundles signed and sealed end to end (ML-KEM + X25519 HPKE), so plain HTTP (`--insecure`, an explicit choice)
+exposes metadata and DP-noised vectors to the network, not conversations; tier 1 keeps the server on the LAN.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ownlm.privacy.fedtls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +160,25 @@ def federation_dir(home: Path) -> Path:
     return Path(home) / "federation"
 
 
-def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9091) -> FlowerProcess:
-    """The SuperLink of the server device (Fleet, Control and runtime APIs on one HTTP port)."""
+def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9091, tls: "ServerTLS | None" = None) -> FlowerProcess:
+    """The SuperLink of the server device (Fleet, Control and runtime APIs on one port): over TLS with `tls`
+    (privacy/fedtls.py: the home's CA and a certificate for `host`), plain HTTP (`--insecure`) only without."""
     fed = federation_dir(home)
-    cmd = [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+    security = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key), "--ssl-ca-certfile", str(tls.ca)] \
+        if tls is not None else ["--insecure"]
+    cmd = [_bin("flower-superlink"), *security, "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
     return _spawn("superlink", cmd, _env(fed / "flwr" / "superlink"), fed / "logs" / "superlink.log")
 
 
-def start_supernode(home: Path, superlink: str, user: str, port: int = 9094, gate: bool = True) -> FlowerProcess:
-    """A device's SuperNode; its ClientApp opens the store in `home` and acts for `user`."""
+def start_supernode(home: Path, superlink: str, user: str, port: int = 9094, gate: bool = True,
+                    ca: Path | None = None) -> FlowerProcess:
+    """A device's SuperNode; its ClientApp opens the store in `home` and acts for `user`. With `ca` (the server's
+    federation CA certificate) it connects over TLS and verifies the SuperLink against it; without, plain HTTP."""
     fed = federation_dir(home)
     node_config = config_string({"home": str(Path(home).resolve()), "user": user, "superlink": superlink, "gate": gate})
-    cmd = [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+    security = ["--root-certificates", str(ca)] if ca is not None else ["--insecure"]
+    cmd = [_bin("flower-supernode"), *security, "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
            "--node-config", node_config]
     return _spawn(f"supernode:{port}", cmd, _env(fed / "flwr" / f"supernode-{port}"), fed / "logs" / f"supernode-{port}.log")
 
@@ -189,15 +201,17 @@ def round_dir(home: Path, round_id: str) -> Path:
     return federation_dir(home) / "rounds" / round_id
 
 
-def run_round(home: Path, superlink: str, run_config: dict, timeout_s: float = 1800) -> dict:
-    """Submit one round to the SuperLink with `flwr run` and wait for the ServerApp's result.json."""
+def run_round(home: Path, superlink: str, run_config: dict, timeout_s: float = 1800, ca: Path | None = None) -> dict:
+    """Submit one round to the SuperLink with `flwr run` (over TLS verified with `ca`, else plain HTTP) and wait
+    for the ServerApp's result.json."""
     from ownlm.errors import ConfigError
 
     fed = federation_dir(home)
     flwr_home = fed / "flwr" / "cli"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{Path(ca).resolve()}"\n' if ca is not None else "insecure = true\n"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{superlink}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{superlink}"\n{security}')
     app = write_app(fed / "app")
     cfg = {**run_config, "home": str(Path(run_config["home"]).resolve())}
     result_path = round_dir(home, cfg["round"]) / "result.json"
