@@ -97,7 +97,8 @@ def main() -> None:
             for u in users:
                 cm.set_choice(store, u, contribute=True)
             roster = cm.Roster("cr_bench", base.sha256, lora.r, lora.alpha, {
-                i: cm.Member(keys[i][1].hex(), public_pem(store.signing_key(u.id).public_key())) for i, u in enumerate(users)})
+                i: cm.Member(keys[i][1].hex(), public_pem(store.signing_key(u.id).public_key())) for i, u in enumerate(users)},
+                "factors" if args.no_qat else "latent")
             aggregator = cm.Aggregator(roster)
             for i, (u, p) in enumerate(zip(users, contributors)):
                 tr, held = split(p, tok)
@@ -106,7 +107,8 @@ def main() -> None:
                 print(f"  contributor {p}: {rep.steps} DP steps, ε {rep.dp['epsilon']:.2f}, own held-out NLL "
                       f"{rep.heldout_loss_base:.4f} → {rep.heldout_loss_personal:.4f} ({rep.duration_s:.0f} s)", flush=True)
                 aggregator.accept(*cm.contribute(store, u, roster, i, keys[i][0],
-                                                 read_adapter(work / f"contrib-{p}" / "adapter").factors, rep.dp))
+                                                 read_adapter(work / f"contrib-{p}" / "adapter").factors, rep.dp,
+                                                 None if args.no_qat else cm.latent_of(work / f"contrib-{p}")))
             manifest = cm.publish(store, node, users[0], roster, aggregator.mean(), aggregator.result())
             _, start = cm.current(store, node)
         community = load_delta(start.parent / "delta", expect_base_sha256=base.sha256)

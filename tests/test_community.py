@@ -65,17 +65,17 @@ _TRAINED: list = []
 
 @pytest.fixture
 def trained(tiny, tmp_path):
-    """Three participants' DP-trained factors on the tiny Llama (2 DP steps each, different data); trained once
-    per module (the factors are plain tensors, read back from disk)."""
+    """Three participants' DP-trained (factors, budget, QAT latents) on the tiny Llama (2 DP steps each, different
+    data); trained once per module (plain tensors, read back from disk)."""
     if _TRAINED:
         return _TRAINED
     out = _TRAINED
     for k in range(3):
         tok = tiny.tokenizer
         report = train(tiny, examples(tok, range(8 * k, 8 * k + 8)), examples(tok, [30, 31]),
-                       quick(dp=True, dp_epsilon=8.0, dp_batch_size=4, max_steps=2), tmp_path / f"p{k}")
+                       quick(dp=True, dp_epsilon=8.0, dp_batch_size=4, max_steps=2, qat=True), tmp_path / f"p{k}")
         assert report.dp and report.dp["epsilon"] <= 8.0 + 1e-6
-        out.append((read_adapter(tmp_path / f"p{k}" / "adapter").factors, report.dp))
+        out.append((read_adapter(tmp_path / f"p{k}" / "adapter").factors, report.dp, cm.latent_of(tmp_path / f"p{k}")))
     return out
 
 
@@ -119,10 +119,12 @@ def masked_round(home, tiny, tmp_path):
 def test_masked_round_sums_to_the_plain_mean_and_the_aggregator_sees_no_plaintext(masked_round, trained):
     settings, store, users, keys, roster, inbox = masked_round
     plain = []
-    for i, (u, (factors, dp)) in enumerate(zip(users, trained)):
-        header, masked = cm.contribute(store, u, roster, i, keys[i][0], factors, dp)
+    assert roster.method == "latent"  # the default: averaging QAT latents measured better than factors
+    for i, (u, (factors, dp, latent)) in enumerate(zip(users, trained)):
+        header, masked = cm.contribute(store, u, roster, i, keys[i][0], factors, dp, latent)
         assert masked.dtype == np.uint64 and "user" not in header and u.name not in json.dumps(header)
-        plain.append(agg.Layout.of(agg.tensors_for("factors", factors)).flatten(agg.tensors_for("factors", factors)))
+        tensors = agg.tensors_for("latent", factors, latent)
+        plain.append(agg.Layout.of(tensors).flatten(tensors))
         _write(inbox, i, header, masked)
     seen = b"".join(f.read_bytes() for f in sorted(inbox.iterdir()))
     for x in plain:  # no two consecutive float32 values of any plaintext update reach the aggregator
@@ -133,7 +135,8 @@ def test_masked_round_sums_to_the_plain_mean_and_the_aggregator_sees_no_plaintex
     mean = np.frombuffer((inbox / "mean.f32").read_bytes(), dtype="<f4")
     assert np.abs(mean - np.mean(plain, axis=0)).max() < 1e-6  # fixed point 2^-24
     manifest = cm.publish(store, settings, users[0], roster, mean, result)
-    assert manifest["participants"] == 3 and manifest["epsilons"] == [dp["epsilon"] for _, dp in trained]
+    assert manifest["participants"] == 3 and manifest["epsilons"] == [dp["epsilon"] for _, dp, _ in trained]
+    assert manifest["method"] == "latent"
     assert not any(u.name in json.dumps(manifest) or u.id in json.dumps(manifest) for u in users)
     got, adapter = cm.current(store, settings)
     assert got["round"] == "cr_test_1" and read_adapter(adapter).r == LORA.r
@@ -142,7 +145,7 @@ def test_masked_round_sums_to_the_plain_mean_and_the_aggregator_sees_no_plaintex
 
 def test_incomplete_tampered_and_replayed_contributions_are_refused_and_audited(masked_round, trained):
     settings, store, users, keys, roster, inbox = masked_round
-    made = [cm.contribute(store, u, roster, i, keys[i][0], trained[i][0], trained[i][1]) for i, u in enumerate(users)]
+    made = [cm.contribute(store, u, roster, i, keys[i][0], *trained[i]) for i, u in enumerate(users)]
     for i in (0, 1):  # participant 2 never reports
         _write(inbox, i, *made[i])
     bad = made[1][1].copy()
@@ -162,7 +165,12 @@ def test_incomplete_tampered_and_replayed_contributions_are_refused_and_audited(
     with pytest.raises(UpdateRefused, match="replayed: made for the earlier round cr_test_1"):
         later.accept(*made[0])
     with pytest.raises(PrivacyViolation, match="differential privacy"):
-        cm.contribute(store, users[0], roster, 0, keys[0][0], trained[0][0], None)
+        cm.contribute(store, users[0], roster, 0, keys[0][0], trained[0][0], None, trained[0][2])
+    with pytest.raises(InvalidInput, match="latents"):  # a latent round needs the latents, not only the factors
+        cm.contribute(store, users[0], roster, 0, keys[0][0], trained[0][0], trained[0][1])
+    factors_round = cm.Roster(roster.round_id, roster.base_sha256, roster.r, roster.alpha, roster.members, "factors")
+    with pytest.raises(UpdateRefused, match="averaging method"):  # a factors contribution in a latent round
+        cm.Aggregator(roster).accept(*cm.contribute(store, users[0], factors_round, 0, keys[0][0], *trained[0][:2]))
 
 
 def test_first_round_starts_from_the_community_adapter_only_when_asked(masked_round, tiny, trained, tmp_path):

@@ -5,9 +5,9 @@ shared adapter that a node offers new users as a starting point. Opt-in twice, b
 One round (in-process / file-based here: the Flower transport of privacy/federation.py carries one *person's*
 devices, not several people; a community transport would carry exactly these headers and uint64 vectors):
 
-    roster = Roster(round_id, base_sha256, r, alpha, members={i: Member(mask_public, signer_pem)})
+    roster = Roster(round_id, base_sha256, r, alpha, members={i: Member(mask_public, signer_pem)}, method="latent")
         # every participant's X25519 public key for this round and its signing key are known to all
-    header, masked = contribute(store, user, roster, i, mask_private, factors, report.dp)
+    header, masked = contribute(store, user, roster, i, mask_private, factors, report.dp, latent_of(train_dir))
         # on each participant's node: the DP-trained factors (learn/dp.py; epsilon recorded) flattened in the
         # shared layout, pairwise-masked (privacy/secure_agg.py) and the header signed, bound to the round
     agg = Aggregator(roster); agg.accept(header, masked) ...; mean = agg.mean()
@@ -39,7 +39,10 @@ from ownlm.privacy.tiers import check_update_form
 
 KIND, MODEL_KIND, VERSION = "ownlm.community_contribution", "ownlm.community_model", 1
 ALLOWED_TIERS = (0, 3)
-METHOD = "factors"  # A and B averaged separately: what the flat layout of every participant shares
+# How contributions are averaged (privacy/aggregate.py): "latent", the QAT latent weights and scales, is what
+# bench/federated.py measured to match each device's own model, where averaging the factors ("factors") lost
+# 0.03-0.1 nats; "factors" stays for contributors trained without QAT.
+METHODS = ("latent", "factors")
 DIR = "community"
 
 
@@ -79,6 +82,12 @@ class Roster:
     r: int
     alpha: float
     members: dict[int, Member] = field(default_factory=dict)
+    method: str = "latent"  # one of METHODS; every participant contributes in it
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInput(f"the community round's method {self.method!r} is not one of {', '.join(METHODS)}",
+                               hint="start the round with method latent (QAT contributors) or factors")
 
     def publics(self) -> dict[int, bytes]:
         return {i: bytes.fromhex(m.mask_public) for i, m in self.members.items()}
@@ -91,7 +100,7 @@ class Roster:
         try:
             d = json.loads(text)
             return cls(d["round_id"], d["base_sha256"], int(d["r"]), float(d["alpha"]),
-                       {int(i): Member(**m) for i, m in d["members"].items()})
+                       {int(i): Member(**m) for i, m in d["members"].items()}, str(d["method"]))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"the community round's roster is malformed ({e})", hint="start a new round") from None
 
@@ -100,9 +109,11 @@ def payload_sha256(masked: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(masked, dtype="<u8").tobytes()).hexdigest()
 
 
-def contribute(store, user, roster: Roster, index: int, mask_private: bytes, factors: dict, dp: dict | None) -> tuple[dict, np.ndarray]:
+def contribute(store, user, roster: Roster, index: int, mask_private: bytes, factors: dict, dp: dict | None,
+               latent: dict | None = None) -> tuple[dict, np.ndarray]:
     """This participant's signed header and masked uint64 vector. Refuses unless the user opted in, the tier
-    allows it, and the factors were trained with DP (the epsilon goes into the header and the model's manifest)."""
+    allows it, and the factors were trained with DP (the epsilon goes into the header and the model's manifest).
+    `latent`: the QAT latents of the same training (`latent_of`), which a round of method "latent" needs."""
     if not store.community(user.id)["contribute"]:
         raise PrivacyViolation("this user has not opted in to the community model", hint="`ownlm community join`")
     tier = store.get_user(user.id).privacy_tier
@@ -115,11 +126,14 @@ def contribute(store, user, roster: Roster, index: int, mask_private: bytes, fac
         raise InvalidInput(f"participant {index} is not in round {roster.round_id}", hint="use your roster index")
     if any(a.shape[0] != roster.r or b.shape[1] != roster.r for a, b in factors.values()):
         raise InvalidInput(f"the adapter's rank is not the round's r={roster.r}", hint="train with the round's LoRA settings")
-    tensors = agg.tensors_for(METHOD, factors)
+    if roster.method == "latent" and latent is None:
+        raise InvalidInput("this community round averages quantization-aware latents, and none were given",
+                           hint="train with qat on and pass latent_of(training dir), or use a round of method factors")
+    tensors = agg.tensors_for(roster.method, factors, latent)
     layout = agg.Layout.of(tensors)
     masked = sa.masked(layout.flatten(tensors), index, mask_private, roster.publics(), roster.round_id)
     header = {"kind": KIND, "version": VERSION, "round": roster.round_id, "index": index, "base_sha256": roster.base_sha256,
-              "r": roster.r, "alpha": roster.alpha, "layout": layout.to_json(), "layout_sha256": layout.sha256,
+              "r": roster.r, "alpha": roster.alpha, "method": roster.method, "layout": layout.to_json(), "layout_sha256": layout.sha256,
               "dim": layout.dim, "payload_sha256": payload_sha256(masked), "epsilon": float(dp["epsilon"]),
               "delta": dp.get("delta")}
     from ownlm.artifact.sign import sign_manifest
@@ -129,6 +143,13 @@ def contribute(store, user, roster: Roster, index: int, mask_private: bytes, fac
         store.audit(db, user.id, "community_contribution_sent", round=roster.round_id, tier=tier,
                     epsilon=header["epsilon"], floats=layout.dim)
     return signed, masked
+
+
+def latent_of(train_dir: Path) -> dict:
+    """The QAT latents and scales of a train() run in `train_dir` (its checkpoint), for `contribute`."""
+    from ownlm.privacy.fedupdate import latent_tensors
+
+    return latent_tensors(Path(train_dir) / "checkpoint")
 
 
 class Aggregator:
@@ -171,8 +192,9 @@ class Aggregator:
             raise refuse(f"replayed: made for the earlier round {rid}" if rid in self.past else f"wrong round {str(rid)[:64]}")
         if idx in self.headers:
             raise refuse("replayed: this participant already contributed to this round")
-        if (header.get("base_sha256"), header.get("r"), header.get("alpha")) != (self.roster.base_sha256, self.roster.r, self.roster.alpha):
-            raise refuse("wrong base model or LoRA settings")
+        if (header.get("base_sha256"), header.get("r"), header.get("alpha"), header.get("method")) != \
+                (self.roster.base_sha256, self.roster.r, self.roster.alpha, self.roster.method):
+            raise refuse("wrong base model, LoRA settings or averaging method")
         layout = agg.Layout.from_json(header.get("layout"))
         if layout.sha256 != header.get("layout_sha256") or layout.dim != masked.shape[0]:
             raise refuse("tampered: the layout does not match its vector")
@@ -227,14 +249,15 @@ def publish(store, settings, publisher, roster: Roster, mean: np.ndarray, result
         raise InvalidInput("the round is incomplete: the masks do not cancel, nothing is published",
                            hint="every participant must contribute; redo the round")
     layout = agg.Layout.from_json(result["layout"])
-    delta = agg.to_delta(agg.to_factors(METHOD, layout.unflatten(mean), roster.r), roster.r, roster.alpha, roster.base_sha256)
+    delta = agg.to_delta(agg.to_factors(roster.method, layout.unflatten(mean), roster.r), roster.r, roster.alpha,
+                         roster.base_sha256)
     out = _dir(settings) / roster.round_id
     mkdir_private(out)
     save_delta(delta, out / "delta")
     write_peft(delta, Path(str(settings.base or "")), out / "adapter")
     manifest = {"kind": MODEL_KIND, "version": VERSION, "round": roster.round_id, "participants": result["participants"],
                 "epsilons": result["epsilons"], "base_sha256": roster.base_sha256,
-                "r": roster.r, "alpha": roster.alpha, "method": METHOD, "created_at": time.time(),
+                "r": roster.r, "alpha": roster.alpha, "method": roster.method, "created_at": time.time(),
                 "adapter_sha256": hashlib.sha256((out / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()}
     signed = sign_manifest(manifest, store.signing_key(publisher.id))
     atomic_write(out / "manifest.json", json.dumps(signed, indent=2))

@@ -100,7 +100,7 @@ class RoundSpec:
 # --- device side ------------------------------------------------------------------------------------------------
 
 
-def _latent_tensors(checkpoint_root: Path) -> dict:
+def latent_tensors(checkpoint_root: Path) -> dict:
     """The QAT latents and scales of train()'s final checkpoint, as aggregate.tensors_for('latent') wants them.
 
     peft + torch parametrization names: base_model.model.<path>.lora_A.default.parametrizations.weight.original
@@ -152,7 +152,7 @@ def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None,
                        dp=epsilon is not None, dp_epsilon=epsilon, dp_max_grad_norm=max_grad_norm)
     report = train(base, train_ex, held_ex, tcfg, work / "train", resume=False, dataset={"merkle_root": built.merkle_root})
     factors = read_adapter(work / "train" / "adapter").factors
-    latent = _latent_tensors(work / "train" / "checkpoint") if spec.method == "latent" else None
+    latent = latent_tensors(work / "train" / "checkpoint") if spec.method == "latent" else None
     return report, factors, latent
 
 
