@@ -92,6 +92,7 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
         result = fed.run_round(devices["laptop"], superlink, {
             **fed.RUN_CONFIG, "home": str(devices["laptop"]), "user": USER, "round": round_id, "devices": 2,
             "max_steps": 2, "method": "factors", "wait_s": 60.0, "timeout_s": 120.0, "keep_received": True,
+            "dp_epsilon": 8.0,  # the server asks for DP-SGD updates (tier-1 devices would not use it unasked)
         }, timeout_s=150, ca=tls.ca)
     finally:
         for p in reversed(procs):
@@ -111,7 +112,7 @@ def test_a_real_flower_round_installs_the_aggregate_on_both_devices(devices, tin
             manifest = active["manifest"] if isinstance(active["manifest"], dict) else json.loads(active["manifest"])
             assert manifest["federation"]["round"] == round_id and manifest["bitdelta"]["mode"] == "lora1"
             dp = manifest["training"]["dp"]  # every update was trained with DP-SGD; the aggregate says how much
-            assert 0 < dp["epsilon"] <= fed.RUN_CONFIG["dp_epsilon"] and set(dp["devices"]) == set(manifest["federation"]["devices"])
+            assert 0 < dp["epsilon"] <= 8.0 and set(dp["devices"]) == set(manifest["federation"]["devices"])
             engine = PersonalEngine(base, store)
             engine.refresh()
             assert engine.model_for(user.id) == (user.id, result["model"])  # served by the store's routing
@@ -146,7 +147,7 @@ def one_round(devices):
     from ownlm.basemodel import base_sha256, resolve_base
 
     sha = base_sha256(resolve_base(s_lap.base), s_lap.home)
-    spec = fu.RoundSpec(round_id=fu.new_round_id(), user=USER, base_sha256=sha, max_steps=1)
+    spec = fu.RoundSpec(round_id=fu.new_round_id(), user=USER, base_sha256=sha, max_steps=1, dp_epsilon=8.0)
     state = fu.start_round(lap, lap.get_user(USER), spec, devices=1)
     update, _ = fu.make_update(phone, s_phone, phone.get_user(USER), spec, devices["phone"] / "work",
                                destination="127.0.0.1:9091")
@@ -177,7 +178,7 @@ def test_tampered_replayed_and_wrong_round_updates_are_refused_and_audited(one_r
     refused(sign.sign_manifest(unsigned, sign.generate()), up.payload, "signature")  # a key the server does not trust
     refused(sign.sign_manifest({**unsigned, "round": "fr_20990101_000000_deadbeef"}, phone_key), up.payload, "wrong round")
     refused(sign.sign_manifest({**unsigned, "base_sha256": "00" * 32}, phone_key), up.payload, "wrong base")
-    refused(sign.sign_manifest({**unsigned, "dp": None}, phone_key), up.payload, "no differential privacy")
+    refused(sign.sign_manifest({**unsigned, "dp": None}, phone_key), up.payload, "the round asks for DP-SGD")
     over = {**unsigned["dp"], "epsilon": r["spec"].dp_epsilon * 2}
     refused(sign.sign_manifest({**unsigned, "dp": over}, phone_key), up.payload, "within the round's budget")
 
@@ -296,17 +297,24 @@ def test_the_device_gate_judges_the_aggregate_on_its_own_heldout_data(one_round)
 
 
 def test_the_default_latent_update_is_trained_with_dp_and_spends_the_smallest_epsilon(devices):
-    """The CLI's default method (latent: QAT latents averaged) reads its latents from a DP-SGD checkpoint, and the
-    device spends the smallest of the round's, the node's and the user's own epsilon."""
+    """The CLI's default method (latent: QAT latents averaged) reads its latents from a DP-SGD checkpoint; a device
+    uses DP when its tier, the round or the user asks, at the smallest epsilon that applies."""
     from ownlm.basemodel import base_sha256, resolve_base
 
     settings = load_settings(home=str(devices["phone"]))
+    always = load_settings(home=str(devices["phone"]), personalization={"federation_dp": "always", "federation_dp_epsilon": 6.0})
     with Store(devices["phone"]) as phone:
         user = phone.get_user(USER)
+        sha = base_sha256(resolve_base(settings.base), settings.home)
+        plain = fu.RoundSpec(round_id="fr_x", user=USER, base_sha256=sha)
+        assert fu.update_epsilon(phone, settings, user, plain, tier=1) is None  # own devices, nothing asked
+        assert fu.update_epsilon(phone, settings, user, plain, tier=3) is None  # the relay sees ciphertexts only
+        assert fu.update_epsilon(phone, settings, user, plain, tier=0) == 8.0  # readable outside the person's devices
+        assert fu.update_epsilon(phone, always, user, plain, tier=1) == 6.0
         phone.set_dp_epsilon(user.id, 3.0)
         spec = fu.RoundSpec(round_id=fu.new_round_id(), user=USER, method="latent", max_steps=1, dp_epsilon=5.0,
-                            base_sha256=base_sha256(resolve_base(settings.base), settings.home))
-        assert fu.update_epsilon(phone, settings, user, spec) == 3.0
+                            base_sha256=sha)
+        assert fu.update_epsilon(phone, settings, user, spec, tier=1) == 3.0
         update, _ = fu.make_update(phone, settings, user, spec, devices["phone"] / "work", destination="127.0.0.1:9091")
         assert update.header["method"] == "latent" and 0 < update.header["dp"]["epsilon"] <= 3.0 + 1e-6
         assert update.header["dp"]["unit"] == "conversation" and update.payload.dtype == np.float32

@@ -166,7 +166,7 @@ def test_a_real_tier3_flower_round_where_the_server_only_adds_ciphertexts(homes)
             m = active["manifest"] if isinstance(active["manifest"], dict) else json.loads(active["manifest"])
             manifests[name] = m
             assert active["id"] == result["model"] and m["federation"]["secure"] is True
-            assert 0 < m["training"]["dp"]["epsilon"] <= 8.0 and len(m["training"]["dp"]["devices"]) == 2
+            assert "dp" not in m["training"]  # tier 3, no DP asked: the relay only ever sees ciphertexts
     # the same weights on both devices: each decrypted the same sum with the same key (tensors compared, not file
     # bytes: safetensors writes its metadata map in a per-process order)
     from safetensors.numpy import load_file

@@ -74,11 +74,17 @@ class Personalization(BaseModel):
                     "user's own choice (`ownlm privacy dp`) overrides this. The budget goes into the signed manifest.")
     dp_max_grad_norm: float = Field(
         default=1.0, gt=0, description="With DP: each conversation's gradient is clipped to this L2 norm.")
+    federation_dp: Literal["auto", "always"] = Field(
+        default="auto",
+        description="When this device trains a federated update with DP-SGD: 'auto' whenever the update can be read "
+                    "by a machine that is not one of the person's devices (tier 0), when the round asks, or when the "
+                    "user chose DP (`ownlm privacy dp`); 'always' for every update. At tiers 1 and 3 the aggregate "
+                    "only ever reaches the person's own devices, and DP at ε 8 on one person's data kept ~1% of the "
+                    "held-out gain (bench/README.md, dp.py), so 'auto' leaves it out there.")
     federation_dp_epsilon: float = Field(
         default=8.0, gt=0, allow_inf_nan=False,
-        description="The most epsilon (per conversation) this device spends on one federated update: every update "
-                    "that leaves a device is trained with DP-SGD, at the smallest of this, the round's ask and the "
-                    "user's own DP choice. It cannot be turned off. Its utility cost: bench/README.md, dp.py.")
+        description="The epsilon (per conversation) of a federated update when federation_dp applies (the smallest "
+                    "of this, the round's ask and the user's own choice).")
     paraphrases: int = Field(
         default=3, ge=0, le=16,
         description="Question variants per training example (learn/augment.py: the last user turn rephrased, the "

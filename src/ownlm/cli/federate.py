@@ -36,8 +36,8 @@ def federate() -> None:
                    "bench/federated.py: latent was the only one to match the devices' own models.")
 @click.option("--steps", type=int, help="Training steps on each device (default: personalization.max_steps).")
 @click.option("--lr", type=float, help="Learning rate on each device (default: personalization.lr).")
-@click.option("--epsilon", type=float, help="The most DP epsilon (per conversation) a device may spend on its update "
-              "(default: personalization.federation_dp_epsilon); every update is trained with DP-SGD.")
+@click.option("--epsilon", type=float, help="Ask every device to train its update with DP-SGD at most this epsilon "
+              "(per conversation). Without it, devices at tier 0 still always do (personalization.federation_dp).")
 @click.option("--wait", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for the devices.")
 @click.option("--timeout", "timeout_s", type=float, default=3600, show_default=True,
               help="Seconds the devices may take to train (and then to install).")
@@ -81,7 +81,7 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
             "min_devices": min_devices, "method": method or ("latent" if p.qat else "factors"), "lr": lr if lr is not None else p.lr,
             "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
-            "dp_epsilon": epsilon if epsilon is not None else p.federation_dp_epsilon,
+            "dp_epsilon": epsilon or 0.0,
             "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120, ca=ca)
     finally:
         for proc in reversed(procs):

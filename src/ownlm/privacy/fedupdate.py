@@ -73,16 +73,16 @@ class RoundSpec:
     r: int = 1  # the loop's layout: TrainConfig's r and alpha (tests/test_federation.py keeps them equal)
     alpha: float = 2.0
     secure: bool = False  # the server sums encrypted updates (privacy/secure_agg.py); tier 3 requires it
-    # Every update that leaves a device is trained with DP-SGD (learn/dp.py, per conversation): the most epsilon a
-    # device may spend on it. A device spends less if its own settings ask (`update_epsilon`).
-    dp_epsilon: float = 8.0
+    # The server may ask every device to train its update with DP-SGD (learn/dp.py, per conversation) at most this
+    # epsilon; None asks nothing, and each device follows its own policy (`update_epsilon`: always at tier 0).
+    dp_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         agg.check_method(self.method)
-        if isinstance(self.dp_epsilon, bool) or not isinstance(self.dp_epsilon, (int, float)) \
-                or not 0 < self.dp_epsilon < float("inf"):
+        if self.dp_epsilon is not None and (isinstance(self.dp_epsilon, bool) or not isinstance(self.dp_epsilon, (int, float))
+                                            or not 0 < self.dp_epsilon < float("inf")):
             raise InvalidInput(f"the round's dp_epsilon {self.dp_epsilon!r} is not a finite number > 0",
-                               hint="every federated update is differentially private: give e.g. --epsilon 8")
+                               hint="give e.g. --epsilon 8, or leave it out")
         if self.method == "latent" and not self.qat:
             raise InvalidInput("the latent method averages quantization-aware latents", hint="keep qat on, or use --method factors")
 
@@ -131,11 +131,22 @@ def local_dataset(store: Store, settings: Settings, user: User, tokenizer):
     return build(conversations, feedback, tokenizer, dcfg)
 
 
-def update_epsilon(store: Store, settings: Settings, user: User, spec: RoundSpec) -> float:
-    """The epsilon this device's update spends: the smallest of the round's ask, the node's
-    personalization.federation_dp_epsilon and the user's own DP choice (`ownlm privacy dp`, when set)."""
+def update_epsilon(store: Store, settings: Settings, user: User, spec: RoundSpec, tier: int) -> float | None:
+    """The epsilon this device's update spends (None: trained without DP): the smallest of what applies — the
+    round's ask, the user's own DP choice (`ownlm privacy dp`), and personalization.federation_dp_epsilon whenever
+    the update can be read by a machine that is not one of the person's devices (tier 0: a plaintext update to a
+    server anywhere) or personalization.federation_dp is "always".
+
+    Why not always: at tier 1 the server is one of the person's own devices and at tier 3 it sees only
+    ciphertexts; the aggregate goes back to the same devices either way, so DP would protect the person from
+    themselves, at the cost bench/README.md (dp.py) measured: DP-SGD at ε 8 on one person's ~250 conversations
+    kept ~1% of the held-out NLL gain."""
+    p = settings.personalization
     own = store.dp_epsilon(user.id)
-    return min([spec.dp_epsilon, settings.personalization.federation_dp_epsilon] + ([own] if own else []))
+    asked = [e for e in (spec.dp_epsilon, own) if e]
+    if tier == 0 or p.federation_dp == "always":
+        asked.append(p.federation_dp_epsilon)
+    return min(asked) if asked else None
 
 
 def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None, max_grad_norm: float = 1.0):
@@ -193,7 +204,7 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
     built = local_dataset(store, settings, user, base.tokenizer)
     store.save_dataset(user.id, built, config_dict(built.config))  # the right to delete finds the model through it
     mkdir_private(work)
-    epsilon = update_epsilon(store, settings, user, spec)
+    epsilon = update_epsilon(store, settings, user, spec, tier)
     report, factors, latent = train_local(base, built, spec, work, epsilon, settings.personalization.dp_max_grad_norm)
     tensors = agg.tensors_for(spec.method, factors, latent)
     layout = agg.Layout.of(tensors)
@@ -226,7 +237,7 @@ def make_update(store: Store, settings: Settings, user: User, spec: RoundSpec, w
     with store.tx() as db:  # before it is sent: if anything left the device, the log says so
         store.audit(db, user.id, "federated_update_sent", round=spec.round_id, destination=destination, tier=tier,
                     method=spec.method, examples=weight, merkle_root=built.merkle_root, floats=layout.dim,
-                    form=header["form"], epsilon=report.dp["epsilon"], delta=report.dp["delta"])
+                    form=header["form"], epsilon=(report.dp or {}).get("epsilon"), dp=report.dp is not None)
     _remember_round(settings, user, spec.round_id, {"spec": spec.to_json(), "layout_sha256": layout.sha256,
                                                      "merkle_root": built.merkle_root})
     return Update(signed, payload, {"train_loss": report.loss, "heldout_loss_lora": report.heldout_loss_personal},
@@ -393,10 +404,12 @@ def verify_update(store: Store, user: User, state: RoundState, header: object, p
         raise refuse("its weight is not a positive example count")
     dp = header.get("dp")
     eps = dp.get("epsilon") if isinstance(dp, dict) else None
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= spec.dp_epsilon * (1 + 1e-9):
-        raise refuse(f"no differential privacy within the round's budget: ε {eps!r}, the round allows "
-                     f"{spec.dp_epsilon}" if dp else "no differential privacy: the update was not trained with DP-SGD",
-                     "update the device's ownlm: every federated update is trained with DP-SGD")
+    if dp is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf")):
+        raise refuse("malformed differential-privacy budget")
+    if spec.dp_epsilon is not None and (dp is None or eps > spec.dp_epsilon * (1 + 1e-9)):
+        raise refuse("no differential privacy: the round asks for DP-SGD" if dp is None else
+                     f"no differential privacy within the round's budget: ε {eps:.3g}, the round allows {spec.dp_epsilon}",
+                     "the device must train its update with DP-SGD at the round's epsilon or less")
     state.layout_sha256, state.key_id = layout.sha256, context
     state.accepted[header["device"]] = header
     return header
@@ -443,17 +456,22 @@ def aggregate_bundles(store: Store, settings: Settings, user: User, state: Round
     return bundles, figures
 
 
-def combined_dp(budgets: dict[str, dict]) -> dict:
-    """The aggregate's `training.dp` from each device's update budget ({device id: learn/dp.py Budget dict}).
+def combined_dp(budgets: dict[str, dict | None]) -> dict | None:
+    """The aggregate's `training.dp` from each device's update budget ({device id: learn/dp.py Budget dict, or
+    None for an update trained without DP}); None when no device used DP.
 
     Each conversation lives on one device and enters only that device's update, and averaging is
     post-processing, so the aggregate protects every conversation at its own device's (epsilon, delta): the
-    record states the largest of them, and each device's."""
-    eps = [b["epsilon"] for b in budgets.values()]
-    return {"epsilon": max(eps), "delta": max(b["delta"] for b in budgets.values()),
-            "unit": next(iter(budgets.values())).get("unit", "conversation"), "covers": "adapter weights",
-            "scope": "federated: each device's update trained with DP-SGD on its own conversations",
-            "devices": {d: {"epsilon": b["epsilon"], "delta": b["delta"], "steps": b.get("steps")} for d, b in budgets.items()}}
+    record states the largest of them (None, i.e. unbounded, when some device trained without DP), and each
+    device's."""
+    used = {d: b for d, b in budgets.items() if b is not None}
+    if not used:
+        return None
+    return {"epsilon": max(b["epsilon"] for b in used.values()) if len(used) == len(budgets) else None,
+            "delta": max(b["delta"] for b in used.values()), "unit": next(iter(used.values())).get("unit", "conversation"),
+            "covers": "adapter weights", "scope": "federated: each device's update trained on its own conversations",
+            "devices": {d: None if b is None else {"epsilon": b["epsilon"], "delta": b["delta"], "steps": b.get("steps")}
+                        for d, b in budgets.items()}}
 
 
 def header_text(header: dict) -> str:

@@ -128,8 +128,11 @@ def install_secure_sum(store: Store, settings: Settings, user: User, round_id: s
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UpdateRefused(f"the server's description of round {round_id} is malformed ({e})",
                             hint="rerun the round with an ownlm federation server") from None
-    if set(budgets) != set(devices) or not dp["epsilon"] <= spec.dp_epsilon * (1 + 1e-9):
-        raise UpdateRefused(f"the server's privacy budgets of round {round_id} do not fit the round (ε ≤ {spec.dp_epsilon})",
+    asked = spec.dp_epsilon
+    if set(budgets) != set(devices) or (asked is not None and not (dp and dp["epsilon"] is not None
+                                                                    and dp["epsilon"] <= asked * (1 + 1e-9))):
+        raise UpdateRefused(f"the server's privacy budgets of round {round_id} do not fit the round"
+                            + (f" (ε ≤ {asked})" if asked is not None else ""),
                             hint="rerun the round with an ownlm federation server")
     if layout.sha256 != sent["layout_sha256"]:
         raise UpdateRefused("the encrypted sum is for another adapter layout than this device's update",
