@@ -1,13 +1,13 @@
 """Does a merge keep both? Two personas' models merged with peft's methods (ownlm merge), each persona's probes on each.
 
-One training round per persona (the loop's recipe: q/v r=8, quantization-aware, lr 1e-3, 3 question variants;
-`--steps` optimizer steps) gives models A and B; they are merged by node/merge.py (the code `ownlm merge` runs:
+One training round per persona (the loop's recipe from the node's settings — r=1 on all seven linear layers,
+quantization-aware, lr 1e-3, KL anchor, 3 question variants — or `--recipe`; `--steps` optimizer steps) gives models A and B; they are merged by node/merge.py (the code `ownlm merge` runs:
 peft's add_weighted_adapter, lora1 recompression, scale distillation) with linear, ties and dare_ties (equal
 weights; density `--density`). For the base, A alone, B alone and each merge, on each persona: held-out assistant
 NLL and the persona's unseen style and fact probes (greedy, evaluate.metrics.PROBE_TOKENS tokens; 95% Wilson
 intervals), plus the merged artifact's bytes and the merge's seconds.
 
-    OWNLM_HOME=... .venv/bin/python bench/merge.py [--personas bram,mira] [--steps 24] [--methods linear,ties,dare_ties]
+    OWNLM_HOME=... .venv/bin/python bench/merge.py [--personas bram,mira] [--steps 48] [--recipe NAME] [--methods linear,ties,dare_ties]
         [--density 0.5] [--distill-steps 8] [--adapters DIR] [--resume FILE] [--probe-order LABELS] [--json FILE]
 
 Held-out NLL of every row is measured first (seconds), then the probes (greedy generation, the slow part: about
@@ -35,7 +35,7 @@ from ownlm.engine import TorchEngine  # noqa: E402
 from ownlm.evaluate.metrics import assistant_nll, delta_applied  # noqa: E402
 from ownlm.evaluate.personas.fixtures import PERSONAS, probes  # noqa: E402
 from ownlm.learn.dataset import DatasetConfig, build, tokenize  # noqa: E402
-from ownlm.learn.train import train  # noqa: E402
+from ownlm.learn.train import TrainConfig, train  # noqa: E402
 from ownlm.node.merge import NEEDS_DENSITY, MergeConfig, merge_deltas  # noqa: E402
 from ownlm.settings import load_settings  # noqa: E402
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--home", help="ownlm home with the base cache (default: $OWNLM_HOME)")
     ap.add_argument("--personas", default="bram,mira", help="exactly two persona fixtures: A,B")
     ap.add_argument("--steps", type=int, default=48, help="training steps per persona (the loop's default: 48)")
+    ap.add_argument("--recipe", help="a bench/recipe.py name, e.g. qv-r8-lr1e-3-s48-qat (default: the loop's own round)")
     ap.add_argument("--methods", default="linear,ties,dare_ties")
     ap.add_argument("--density", type=float, default=0.5, help="for ties / dare methods")
     ap.add_argument("--distill-steps", type=int, default=8)
@@ -60,7 +61,13 @@ def main() -> None:
     t0 = time.perf_counter()
     base = load_base(load_settings(home=args.home, device="cpu"))
     tok, engine = base.tokenizer, TorchEngine(base)
-    cfg = parse_recipe(f"qv-r8-lr1e-3-s{args.steps}-qat")
+    if args.recipe:
+        cfg = parse_recipe(args.recipe)
+    else:  # the loop's round (loop.run_job's TrainConfig from the node's settings), `--steps` steps
+        p = load_settings(home=args.home).personalization
+        cfg = TrainConfig(lr=p.lr, epochs=p.epochs, max_steps=args.steps, qat=p.qat, anchor_kl=p.anchor_kl)
+    print(f"training: r={cfg.r} on {'/'.join(cfg.target_modules)}, lr {cfg.lr}, {cfg.max_steps} steps, "
+          f"{'QAT' if cfg.qat else 'fp32'}, anchor_kl {cfg.anchor_kl}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-merge-"))
     adapters = args.adapters or work
     held, asked, deltas = {}, {}, {}
