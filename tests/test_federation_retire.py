@@ -116,3 +116,46 @@ def test_keep_models_writes_no_notice(federated):
         res = phone.delete_data(user.id, conversation_id=cid, keep_models=True)
         assert res["federation_rounds"] == [] and res["models_kept"] == [model]
         assert fr.after_delete(phone, load_settings(home=str(devices["phone"])), user, res) is None
+
+
+def test_the_next_real_flower_round_carries_the_notice_to_the_other_device(federated, tmp_path):
+    """The laptop deletes a conversation; nobody copies the notice. The next federated round (real Flower processes,
+    TLS, the laptop as server and device) carries it: the phone removes its copy of the old aggregate before it
+    installs the new one."""
+    from ownlm.privacy import federation as fed
+    from ownlm.privacy.fedtls import server_tls
+    from tests.servers import free_port
+
+    pytest.importorskip("flwr")
+    devices, old_round, old_model = federated
+    with Store(devices["laptop"]) as lap:
+        user = lap.get_user(USER)
+        res = lap.delete_data(user.id, conversation_id=_conversations(lap)[0][0])
+        assert res["federation_rounds"] == [old_round]
+        assert fr.after_delete(lap, load_settings(home=str(devices["laptop"])), user, res) is not None
+    with Store(devices["phone"]) as phone:
+        assert phone.active_model(phone.get_user(USER).id)["id"] == old_model  # until the round reaches it
+    link_port = free_port()
+    tls = server_tls(devices["laptop"], [])
+    procs = [fed.start_superlink(devices["laptop"], port=link_port, tls=tls)]
+    try:
+        fed.wait_port("127.0.0.1", link_port, timeout=30)
+        for name in ("laptop", "phone"):
+            procs.append(fed.start_supernode(devices[name], f"127.0.0.1:{link_port}", USER, port=free_port(), gate=False,
+                                             ca=tls.ca))
+        result = fed.run_round(devices["laptop"], f"127.0.0.1:{link_port}", {
+            **fed.RUN_CONFIG, "home": str(devices["laptop"]), "user": USER, "round": fu.new_round_id(), "devices": 2,
+            "max_steps": 1, "method": "factors", "wait_s": 60.0, "timeout_s": 120.0}, timeout_s=150, ca=tls.ca)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    assert result["state"] == "installed", (result, procs[0].log_tail())
+    retired = [r for v in result["installed"].values() for r in v["retired"]]
+    assert retired == [{"rounds": [old_round], "models_removed": [old_model]}]  # the phone's copy, nobody else's
+    with Store(devices["phone"]) as phone:
+        user = phone.get_user(USER)
+        assert phone.active_model(user.id)["id"] == result["model"]
+        with phone.tx() as db:
+            assert phone.models_of_rounds(db, user.id, [old_round]) == []
+        assert [a["detail"]["models"] for a in phone.audit_log(user.id, limit=300)
+                if a["action"] == "federation_retired"] == [[old_model]]

@@ -299,7 +299,7 @@ def server_round(grid, cfg: dict) -> dict:
         content = RecordDict({"spec": ConfigRecord({"json": spec.to_json()})})
         replies = list(grid.send_and_receive(
             [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], timeout=float(cfg["timeout_s"])))
-        summer, node_of = None, {}
+        summer, node_of, carried = None, {}, []
         for i, reply in enumerate(replies):
             if reply.has_error():
                 result["failed"].append({"node": str(reply.metadata.src_node_id), "error": reply.error.reason[:500]})
@@ -321,6 +321,8 @@ def server_round(grid, cfg: dict) -> dict:
                 summer = secure_aggregator(spec, header["dim"], public)
             summer.add(payload, header["weight"])
             node_of[header["device"]] = reply.metadata.src_node_id
+            if "retire" in reply.content:  # deletes made on that device (privacy/fedretire.py), for every device
+                carried += json.loads(reply.content["retire"]["json"])
         need = int(cfg["min_devices"]) or int(cfg["devices"])
         if len(state.accepted) < need:
             raise UpdateRefused(f"{len(state.accepted)} of {need} devices sent a valid update; nothing was aggregated",
@@ -334,6 +336,11 @@ def server_round(grid, cfg: dict) -> dict:
             shutil.rmtree(work, ignore_errors=True)
             records = {d: {"round": spec.round_id, "bundle": b} for d, b in bundles.items()}
         result.update(figures)
+        from ownlm.privacy.fedretire import apply_carried
+
+        notices, result["retired_here"] = apply_carried(store, user, carried)  # this node's copies go first
+        for rec in {id(r): r for r in records.values()}.values():
+            rec["retire"] = json.dumps(notices)
         installs = [Message(RecordDict({"install": ConfigRecord(records[d])}), dst_node_id=node_of[d],
                             message_type=INSTALL) for d in records]
         device_of = {v: k for k, v in node_of.items()}
@@ -421,8 +428,11 @@ def client_train(msg, context):
             payload = ConfigRecord({"ckks": update.payload, "public": update.public_context})
         else:
             payload = ArrayRecord({"v": Array(update.payload)})
-        return Message(RecordDict({"update": ConfigRecord({"header": fu.header_text(update.header)}),
-                                   "payload": payload}), reply_to=msg)
+        from ownlm.privacy.fedretire import pending_notices
+
+        return Message(RecordDict({"update": ConfigRecord({"header": fu.header_text(update.header)}), "payload": payload,
+                                   "retire": ConfigRecord({"json": json.dumps(pending_notices(settings, user))})}),
+                       reply_to=msg)
     finally:
         store.close()
 
@@ -439,6 +449,9 @@ def client_install(msg, context):
         user = store.get_user(node["user"])
         rec = msg.content["install"]
         gate = bool(node.get("gate", True))
+        from ownlm.privacy.fedretire import apply_carried
+
+        _, retired = apply_carried(store, user, json.loads(rec["retire"]) if "retire" in rec else [])
         if "sum" in rec:  # a secure round: decrypt the sum here and build the model (privacy/securefed.py)
             from ownlm.basemodel import resolve_base
             from ownlm.privacy.securefed import install_secure_sum
@@ -451,7 +464,7 @@ def client_install(msg, context):
                 shutil.rmtree(work, ignore_errors=True)
         else:
             res = fu.install_aggregate(store, settings, user, bytes(rec["bundle"]), str(rec["round"]), gate=gate)
-        doc = {"model": res.model_id, "version": res.version, "signer": res.signer}
+        doc = {"model": res.model_id, "version": res.version, "signer": res.signer, "retired": retired}
         return Message(RecordDict({"result": ConfigRecord({"json": json.dumps(doc)})}), reply_to=msg)
     finally:
         store.close()

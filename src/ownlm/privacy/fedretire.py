@@ -10,6 +10,9 @@ for the person (the same trust its federated updates need) and removes every mod
     phone$  ownlm delete --conversation c_123 --yes     # prints: wrote retire notice .../retire/....json
     laptop$ ownlm federate retire phone-retire.json     # removes the laptop's copy of that round's aggregate
 
+Every federated round also carries the notices (`pending_notices`, `apply_carried`), so a device that takes part
+in a later round gets them even if the file was never copied.
+
 A notice holds round ids and the signer's device id, never data. Applying one twice changes nothing the second
 time; a notice signed by a key the device does not trust, or for another person, is refused and changes nothing.
 """
@@ -77,12 +80,13 @@ def read_notice(data: bytes) -> dict:
     return doc
 
 
-def apply_notice(store: Store, user: User, data: bytes) -> dict:
+def apply_notice(store: Store, user: User, data: bytes, *, audit_noop: bool = True) -> dict:
     """Verify a retire notice for `user` and remove every model of its rounds from this device, in one
     transaction; a user routed to one is routed to the newest remaining model or the base.
 
     Returns {rounds, device, signer, models_removed, active_model}. Raises CorruptArtifact (not a notice),
-    InvalidInput (another person's), SignatureError (a key this device does not trust for the user)."""
+    InvalidInput (another person's), SignatureError (a key this device does not trust for the user).
+    `audit_noop=False` (notices carried by every round) audits only a notice that removed something."""
     from ownlm.artifact.sign import verify_manifest
 
     doc = read_notice(data)
@@ -95,8 +99,49 @@ def apply_notice(store: Store, user: User, data: bytes) -> dict:
         routed = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user.id,)).fetchone()
         active = store.drop_models(db, user.id, removed, reason="federated round retired: the person deleted its "
                                    f"data on device {doc['device']}") if removed else (routed[0] if routed else None)
-        store.audit(db, user.id, "federation_retired", rounds=doc["rounds"], device=doc["device"], signer=signer,
-                    models=removed)
+        if removed or audit_noop:
+            store.audit(db, user.id, "federation_retired", rounds=doc["rounds"], device=doc["device"], signer=signer,
+                        models=removed)
     store.remove_model_files(user.id, removed)  # after COMMIT, as delete_data does (node.recover finishes a crash)
     return {"rounds": doc["rounds"], "device": doc["device"], "signer": signer, "models_removed": removed,
             "active_model": active}
+
+
+# --- carried by federated rounds (privacy/federation.py) ---------------------------------------------------------
+# A device sends its notices with every update; the server checks and applies them to its own store and hands the
+# verified ones to every device with the round's install message. So a notice reaches every device that takes
+# part in any later round, even if the person never copies the file.
+
+MAX_CARRIED = 100  # notices a device carries per round (the newest); older ones have reached the others by then
+
+
+def pending_notices(settings: Settings, user: User) -> list[str]:
+    """The JSON texts of this device's notices for `user`, newest last (at most MAX_CARRIED)."""
+    d = notice_dir(settings)
+    out = []
+    for path in sorted(d.glob(f"*_{user.id}_*.json"))[-MAX_CARRIED:] if d.is_dir() else []:
+        try:
+            out.append(path.read_text())
+        except OSError:
+            continue
+    return out
+
+
+def apply_carried(store: Store, user: User, texts: list[str]) -> tuple[list[str], list[dict]]:
+    """Apply notices carried by a round on this node: (the texts that verified, [{rounds, models_removed}] of those
+    that removed something). A notice that does not verify is audited as refused and otherwise ignored: a bad
+    notice never stops a round."""
+    from ownlm.errors import OwnlmError
+
+    good, removed = [], []
+    for text in texts[:MAX_CARRIED * 4]:
+        try:
+            res = apply_notice(store, user, text.encode() if isinstance(text, str) else bytes(text), audit_noop=False)
+        except OwnlmError as e:
+            with store.tx() as db:
+                store.audit(db, user.id, "federation_retire_refused", reason=e.message[:300])
+            continue
+        good.append(text)
+        if res["models_removed"]:
+            removed.append({"rounds": res["rounds"], "models_removed": res["models_removed"]})
+    return good, removed
