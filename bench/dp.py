@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--dp-batch", type=int, default=8, help="expected conversations per DP step")
     ap.add_argument("--clip", type=float, default=1.0, help="per-conversation gradient clip norm")
     ap.add_argument("--no-qat", action="store_true", help="fp32 LoRA instead of quantization-aware 1-bit factors")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the no-DP arm (already measured, same data and steps)")
     ap.add_argument("--probes", action="store_true", help="also run the persona's style and fact probes per arm")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"{args.persona}: {len(train_ex)} training examples from {conversations} conversations, {len(held)} held out; "
           f"{args.steps} steps at lr {args.lr}, {'fp32' if args.no_qat else 'QAT'} LoRA r={TrainConfig().r} on "
           f"{'/'.join(TrainConfig().target_modules)}")
-    arms = [("no DP", None)] + [(f"DP ε={e}", math.inf if e == "inf" else float(e)) for e in args.epsilons.split(",")]
+    arms = ([] if args.no_baseline else [("no DP", None)]) + [(f"DP ε={e}", math.inf if e == "inf" else float(e)) for e in args.epsilons.split(",")]
     rows, work = [], Path(tempfile.mkdtemp(prefix="ownlm-dp-"))
     try:
         if args.probes:

@@ -16,7 +16,7 @@ unless --epsilon is given, so the rows compare aggregation methods, and bench/dp
 The transport (Flower processes, signatures) is not timed here: tests/test_federation.py runs it for real.
 
     OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
-                                                       [--conversations 300] [--epsilon none] [--json FILE]
+                                                       [--conversations 300] [--epsilon none] [--tier3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt, probe_row  # noqa: E402
@@ -88,6 +90,8 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
         merged = agg.aggregate(method, layout, [layout.flatten(t) for t in tensors], weights, spec.r)
         models[f"federated {method}"] = agg.to_delta(merged, spec.r, spec.alpha, base.sha256)
 
+    tier3 = tier3_cost(devices, spec, weights) if args.tier3 else None
+
     # pooled: both devices' training examples on one machine, the same settings
     pooled_train = [e for d in devices.values() for e in tokenize(d["built"].split("train"), base.tokenizer)]
     t0 = time.perf_counter()
@@ -116,9 +120,39 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
     for label, row in rows.items():
         row["gain_vs_base"] = rows["base"]["nll"] - row["nll"]
         row["beats_every_local"] = label.startswith("federated") and row["nll"] < local_best
-    return {"persona": name, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)),
+    return {"persona": name, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)), "tier3": tier3,
             "steps": args.steps, "lr": args.lr, "qat": spec.qat, "pooled_train_s": pooled_s,
             "train_s": {d: devices[d]["train_s"] for d in DEVICES}, "rows": rows}
+
+
+def tier3_cost(devices: dict, spec, weights: list[int]) -> dict:
+    """What a tier-3 round of these devices' updates costs (privacy/secure_agg.py, the code a secure round runs):
+    CKKS ciphertext bytes per device, seconds to encrypt (per device), add (server) and decrypt (device), and how
+    far the decrypted mean is from the plaintext mean (max |error|)."""
+    from ownlm.privacy import secure_agg as sa
+
+    method = "latent" if spec.qat else "factors"
+    vecs = []
+    for d in DEVICES:
+        tensors = agg.tensors_for(method, devices[d]["factors"], devices[d]["latent"])
+        vecs.append(agg.Layout.of(tensors).flatten(tensors))
+    keys = sa.new_keys()
+    t0 = time.perf_counter()
+    cts = [sa.update_for_aggregator(3, agg.weighted(v, w), keys.public) for v, w in zip(vecs, weights)]
+    enc_s = (time.perf_counter() - t0) / len(cts)
+    t0 = time.perf_counter()
+    total = sa.SecureSum(keys.public, vecs[0].shape[0])
+    for c, w in zip(cts, weights):
+        total.add(c, w)
+    summed, weight = total.total()
+    add_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mean = sa.decrypt_mean(keys.secret, summed, weight, vecs[0].shape[0])
+    dec_s = time.perf_counter() - t0
+    plain = sum(v * w for v, w in zip(vecs, weights)) / sum(weights)
+    return {"floats": int(vecs[0].shape[0]), "plaintext_bytes": int(vecs[0].nbytes), "ciphertext_bytes": len(cts[0]),
+            "sum_bytes": len(summed), "encrypt_s": round(enc_s, 2), "add_s": round(add_s, 2),
+            "decrypt_s": round(dec_s, 2), "max_abs_error": float(np.abs(mean - plain).max())}
 
 
 def main() -> None:
@@ -133,6 +167,7 @@ def main() -> None:
                          "'none' (the default here) compares the aggregation methods without DP's noise")
     ap.add_argument("--fp32", action="store_true", help="fp32 LoRA instead of quantization-aware (no latent method)")
     ap.add_argument("--probes", action="store_true", help="also the persona's probes (slow on a CPU)")
+    ap.add_argument("--tier3", action="store_true", help="also what a tier-3 (CKKS) round of the same updates costs")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -152,6 +187,11 @@ def main() -> None:
                 print(f"  {label:<20} {row['nll']:8.4f} {row['gain_vs_base']:8.4f}  "
                       f"{'yes' if row['beats_every_local'] else ('-' if not label.startswith('federated') else 'no')}{extra}",
                       flush=True)
+            if res["tier3"]:
+                c = res["tier3"]
+                print(f"  tier 3 (CKKS): {c['floats']:,} floats = {c['plaintext_bytes']:,} B -> {c['ciphertext_bytes']:,} B "
+                      f"ciphertext per device; encrypt {c['encrypt_s']} s/device, add {c['add_s']} s, decrypt "
+                      f"{c['decrypt_s']} s; max |error| of the mean {c['max_abs_error']:.2e}", flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
