@@ -95,7 +95,8 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
     # pooled: both devices' training examples on one machine, the same settings
     pooled_train = [e for d in devices.values() for e in tokenize(d["built"].split("train"), base.tokenizer)]
     t0 = time.perf_counter()
-    tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat)
+    tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat,
+                       anchor_kl=spec.anchor_kl)
     train(base, pooled_train, held, tcfg, root / f"{name}-pooled", resume=False)
     from ownlm.bitdelta.lora1 import read_adapter
 

@@ -248,8 +248,12 @@ def test_a_round_trains_the_loops_layout():
     from ownlm.learn.train import TrainConfig
     from ownlm.privacy.federation import RUN_CONFIG
 
+    from ownlm.settings import Personalization
+
     spec, tc = fu.RoundSpec(round_id="fr_x", user=USER, base_sha256="00" * 32), TrainConfig()
     assert (spec.r, spec.alpha) == (tc.r, tc.alpha) == (RUN_CONFIG["r"], RUN_CONFIG["alpha"])
+    # and the loop's drift guard: the KL anchor weight of a local round
+    assert spec.anchor_kl == Personalization().anchor_kl == RUN_CONFIG["anchor_kl"]
 
 
 def test_a_plain_round_sums_float_vectors():

@@ -80,7 +80,7 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
         result = fed.run_round(settings.home, dial, {
             **fed.RUN_CONFIG, "home": str(settings.home), "user": u.name, "round": round_id, "devices": devices,
             "min_devices": min_devices, "method": method or ("latent" if p.qat else "factors"), "lr": lr if lr is not None else p.lr,
-            "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat,
+            "max_steps": steps if steps is not None else (p.max_steps or 0), "epochs": p.epochs, "qat": p.qat, "anchor_kl": p.anchor_kl,
             "dp_epsilon": epsilon or 0.0,
             "wait_s": wait_s, "timeout_s": timeout_s, "secure": secure}, timeout_s=wait_s + 2 * timeout_s + 120, ca=ca)
     finally:

@@ -59,7 +59,7 @@ FEDERATION = "ownlm"
 INSTALL = "query.install"
 # run_config keys (and their defaults) the ServerApp accepts; `flwr run --run-config` may override only these
 RUN_CONFIG = {"home": "", "user": "", "round": "", "devices": 2, "min_devices": 0, "method": "latent", "lr": 1e-3,
-              "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "dp_epsilon": 0.0, "wait_s": 120.0,
+              "max_steps": 48, "epochs": 20, "qat": True, "r": 1, "alpha": 2.0, "anchor_kl": 1.0, "dp_epsilon": 0.0, "wait_s": 120.0,
               "timeout_s": 1800.0, "keep_received": False, "secure": False}
 
 
@@ -283,7 +283,7 @@ def server_round(grid, cfg: dict) -> dict:
     spec = fu.RoundSpec(round_id=cfg["round"] or fu.new_round_id(), user=user.name,
                         base_sha256=base_sha256(source, settings.home), method=cfg["method"], lr=float(cfg["lr"]),
                         max_steps=int(cfg["max_steps"]) or None, epochs=int(cfg["epochs"]), qat=bool(cfg["qat"]),
-                        r=int(cfg["r"]), alpha=float(cfg["alpha"]), secure=bool(cfg["secure"]),
+                        r=int(cfg["r"]), alpha=float(cfg["alpha"]), anchor_kl=float(cfg["anchor_kl"]), secure=bool(cfg["secure"]),
                         dp_epsilon=float(cfg["dp_epsilon"]) or None)  # TOML has no null: 0 asks for no DP
     out_dir = round_dir(settings.home, spec.round_id)
     result: dict = {"round": spec.round_id, "method": spec.method, "user": user.name, "refused": [], "failed": [],

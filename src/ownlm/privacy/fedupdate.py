@@ -72,6 +72,7 @@ class RoundSpec:
     qat: bool = True
     r: int = 1  # the loop's layout: TrainConfig's r and alpha (tests/test_federation.py keeps them equal)
     alpha: float = 2.0
+    anchor_kl: float = 1.0  # the loop's KL(base || personal) anchor weight (personalization.anchor_kl): same drift guard
     secure: bool = False  # the server sums encrypted updates (privacy/secure_agg.py); tier 3 requires it
     # The server may ask every device to train its update with DP-SGD (learn/dp.py, per conversation) at most this
     # epsilon; None asks nothing, and each device follows its own policy (`update_epsilon`: always at tier 0).
@@ -160,7 +161,7 @@ def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None,
     train_ex = tokenize(built.split("train"), base.tokenizer)
     held_ex = tokenize(built.split("heldout"), base.tokenizer)
     tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat,
-                       dp=epsilon is not None, dp_epsilon=epsilon, dp_max_grad_norm=max_grad_norm)
+                       anchor_kl=spec.anchor_kl, dp=epsilon is not None, dp_epsilon=epsilon, dp_max_grad_norm=max_grad_norm)
     report = train(base, train_ex, held_ex, tcfg, work / "train", resume=False, dataset={"merkle_root": built.merkle_root})
     factors = read_adapter(work / "train" / "adapter").factors
     latent = latent_tensors(work / "train" / "checkpoint") if spec.method == "latent" else None
