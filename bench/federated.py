@@ -11,8 +11,8 @@ token NLL of:
   privacy/aggregate.py (weighted by example count), re-quantized to the lora1 artifact that would be installed;
 - pooled: one model trained on both devices' training examples on one machine (the upper reference).
 With --probes, the persona's unseen probe questions too (greedy, as bench/personas.py; slow on a CPU).
-A real round trains every device's update with DP-SGD (RoundSpec.dp_epsilon); this benchmark trains without DP
-unless --epsilon is given, so the rows compare aggregation methods, and bench/dp.py measures what DP costs.
+A round trains a device's update with DP-SGD at tier 0 or when asked (fedupdate.update_epsilon), not by default at
+tiers 1 and 3; this benchmark trains without DP unless --epsilon is given, and bench/dp.py measures what DP costs.
 The transport (Flower processes, signatures) is not timed here: tests/test_federation.py runs it for real.
 
     OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="optimizer steps on each device (and for pooled)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epsilon", type=lambda v: None if v == "none" else float(v), default=None,
-                    help="DP-SGD epsilon of each device's update, as a real round trains it (rounds use 8 by default); "
+                    help="DP-SGD epsilon of each device's update, as a tier-0 round trains it (8 by default there); "
                          "'none' (the default here) compares the aggregation methods without DP's noise")
     ap.add_argument("--fp32", action="store_true", help="fp32 LoRA instead of quantization-aware (no latent method)")
     ap.add_argument("--probes", action="store_true", help="also the persona's probes (slow on a CPU)")

@@ -102,11 +102,10 @@ def server(ctx: Context, user, devices, min_devices, host, port, method, steps, 
 @pass_ctx
 def join(ctx: Context, user, superlink, port, no_gate, ca, insecure) -> None:
     """Take part in federated rounds until interrupted: train here, send only the signed adapter update."""
-    from ownlm.privacy import federation as fed
-    from ownlm.privacy.tiers import check_may_send_update
-
     from ownlm.errors import InvalidInput
+    from ownlm.privacy import federation as fed
     from ownlm.privacy.fedtls import check_ca_file
+    from ownlm.privacy.tiers import check_may_send_update
 
     if (ca is None) == (not insecure):
         raise InvalidInput("say how to reach the server", hint="give --ca FILE (the server's ca.pem: TLS) or --insecure")

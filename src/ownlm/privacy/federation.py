@@ -339,7 +339,7 @@ def server_round(grid, cfg: dict) -> dict:
         from ownlm.privacy.fedretire import apply_carried
 
         notices, result["retired_here"] = apply_carried(store, user, carried)  # this node's copies go first
-        for rec in {id(r): r for r in records.values()}.values():
+        for rec in {id(r): r for r in records.values()}.values():  # a secure round shares one record
             rec["retire"] = json.dumps(notices)
         installs = [Message(RecordDict({"install": ConfigRecord(records[d])}), dst_node_id=node_of[d],
                             message_type=INSTALL) for d in records]

@@ -96,9 +96,9 @@ def apply_notice(store: Store, user: User, data: bytes, *, audit_noop: bool = Tr
     signer = verify_manifest(doc, store.signers_for(user.id))
     with store.tx() as db:
         removed = store.models_of_rounds(db, user.id, doc["rounds"])
-        routed = db.execute("SELECT model_id FROM routing WHERE user_id = ?", (user.id,)).fetchone()
+        # with nothing to remove, drop_models changes nothing and returns the model routed now
         active = store.drop_models(db, user.id, removed, reason="federated round retired: the person deleted its "
-                                   f"data on device {doc['device']}") if removed else (routed[0] if routed else None)
+                                   f"data on device {doc['device']}")
         if removed or audit_noop:
             store.audit(db, user.id, "federation_retired", rounds=doc["rounds"], device=doc["device"], signer=signer,
                         models=removed)

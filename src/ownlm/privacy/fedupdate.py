@@ -152,8 +152,8 @@ def update_epsilon(store: Store, settings: Settings, user: User, spec: RoundSpec
 
 def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None, max_grad_norm: float = 1.0):
     """(train report, factors, latent tensors or None) of this device's round: train() from scratch, with
-    DP-SGD at `epsilon` per conversation (the report's `dp` is the budget spent). make_update always passes an
-    epsilon; None (no DP) is only for bench/federated.py's comparison of aggregation methods."""
+    DP-SGD at `epsilon` per conversation when it is not None (`update_epsilon` decides; the report's `dp` is
+    the budget spent)."""
     from ownlm.bitdelta.lora1 import read_adapter
     from ownlm.learn.dataset import tokenize
     from ownlm.learn.train import TrainConfig, train

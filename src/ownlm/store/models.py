@@ -264,24 +264,26 @@ class ModelsMixin:
                 out.setdefault(owner, []).append(mid)
         return out
 
-    def federation_rounds_of(self, db, user_id: str, model_ids: list[str]) -> list[str]:
-        """Inside the caller's transaction: the federated rounds (manifest `federation.round`) whose aggregates are
-        among these models of the user, sorted. The person's other devices hold the same aggregate."""
-        wanted, rounds = set(model_ids), set()
-        for mid, manifest in db.execute("SELECT id, manifest FROM models WHERE user_id = ?", (user_id,)):
-            fed = json.loads(manifest).get("federation") if mid in wanted else None
+    def _federated_models(self, db, user_id: str) -> list[tuple[str, str]]:
+        """(model id, federated round) of the user's models that are a round's aggregate (manifest
+        `federation.round`), newest first."""
+        out = []
+        for mid, manifest in db.execute("SELECT id, manifest FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,)):
+            fed = json.loads(manifest).get("federation")
             if isinstance(fed, dict) and isinstance(fed.get("round"), str):
-                rounds.add(fed["round"])
-        return sorted(rounds)
+                out.append((mid, fed["round"]))
+        return out
+
+    def federation_rounds_of(self, db, user_id: str, model_ids: list[str]) -> list[str]:
+        """Inside the caller's transaction: the federated rounds whose aggregates are among these models of the
+        user, sorted. The person's other devices hold the same aggregate."""
+        wanted = set(model_ids)
+        return sorted({rnd for mid, rnd in self._federated_models(db, user_id) if mid in wanted})
 
     def models_of_rounds(self, db, user_id: str, rounds: list[str]) -> list[str]:
         """Inside the caller's transaction: ids of the user's models that are the aggregate of one of `rounds`."""
-        wanted, out = set(rounds), []
-        for mid, manifest in db.execute("SELECT id, manifest FROM models WHERE user_id = ? ORDER BY version DESC", (user_id,)):
-            fed = json.loads(manifest).get("federation")
-            if isinstance(fed, dict) and fed.get("round") in wanted:
-                out.append(mid)
-        return out
+        wanted = set(rounds)
+        return [mid for mid, rnd in self._federated_models(db, user_id) if rnd in wanted]
 
     def drop_models(self, db, user_id: str, model_ids: list[str], reason: str) -> str | None:
         """Inside the caller's transaction: unregister these models of the user. A user routed to one of them is
