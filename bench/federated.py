@@ -1,9 +1,10 @@
 """Federated vs local vs pooled: does a round across a person's devices beat each device's own model?
 
-Each persona's shipped history is split across two devices (conversations alternate: laptop gets the even ones,
-phone the odd ones), each an ownlm home with its own SQLCipher store. Each device builds its dataset from its own
-store and trains exactly as in a federated round (privacy/fedupdate.train_local: the loop's train(), quantization-
-aware by default, from scratch). Then, on the *union of the two devices' held-out conversations*, the assistant-
+Each persona's shipped history is split across two devices, each an ownlm home with its own SQLCipher store:
+`--split alternate` (the default) gives the laptop the even conversations and the phone the odd ones, so both hold
+the same kind of chats; `--split topic` gives each device different parts of the person's life (topic_split).
+Each device builds its dataset from its own store and trains exactly as in a federated round
+(privacy/fedupdate.train_local: the loop's train(), quantization-aware by default, from scratch). Then, on the *union of the two devices' held-out conversations*, the assistant-
 token NLL of:
 - base: no adapter;
 - local laptop / local phone: each device's own 1-bit adapter;
@@ -17,6 +18,7 @@ The transport (Flower processes, signatures) is not timed here: tests/test_feder
 
     OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
                                                        [--conversations 300] [--epsilon none] [--tier3] [--json FILE]
+                                                       [--split alternate|topic]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ownlm.bitdelta.lora1 import LoraAdapter  # noqa: E402
 from ownlm.capture.importers import parse_file  # noqa: E402
 from ownlm.capture.importers.base import ImportResult  # noqa: E402
 from ownlm.evaluate.metrics import assistant_nll, delta_applied  # noqa: E402
-from ownlm.evaluate.personas.fixtures import DATA_DIR, PERSONAS, probes  # noqa: E402
+from ownlm.evaluate.personas.fixtures import DATA_DIR, FACT_KEYS, PERSONAS, probes  # noqa: E402
 from ownlm.learn.dataset import tokenize  # noqa: E402
 from ownlm.learn.train import TrainConfig, train  # noqa: E402
 from ownlm.privacy import aggregate as agg  # noqa: E402
@@ -51,6 +53,31 @@ from ownlm.store.imports import import_into  # noqa: E402
 DEVICES = ("laptop", "phone")
 
 
+def topic_split(persona, convs: list) -> tuple[list, list]:
+    """Each device a different part of the person's life: the persona's topics alternate between laptop and phone
+    (a conversation about one of them matches its vocabulary or subjects), and so do its facts (FACT_KEYS order;
+    a conversation matches a fact by the spellings a fact probe accepts). A conversation goes to the device whose
+    topics and facts it matches more; one that matches neither or both equally (generic questions, units) goes
+    to the one holding fewer so far. Asides about the person's facts end most answers of every kind, so facts
+    still reach both devices, less often on one side than the other."""
+    def terms(i: int) -> list[str]:
+        out = []
+        for topic in persona.topics[i::2]:
+            out += [w.lower() for w in topic.vocabulary] + [s.lower() for s in topic.subjects]
+        for key in FACT_KEYS[i::2]:
+            out += [a.lower() for a in persona.accept.get(key) or [persona.facts[key]]]
+        return out
+
+    sides = [terms(0), terms(1)]
+    out: tuple[list, list] = ([], [])
+    for conv in convs:
+        text = " ".join(m.content for m in conv.messages).lower()
+        hits = [sum(text.count(t) for t in side) for side in sides]
+        side = 0 if hits[0] > hits[1] else 1 if hits[1] > hits[0] else int(len(out[1]) < len(out[0]))
+        out[side].append(conv)
+    return out
+
+
 def lora1(factors, spec, sha):
     return compress_lora(LoraAdapter(r=spec.r, alpha=spec.alpha, factors=factors), CompressConfig(mode="lora1"), sha)
 
@@ -60,6 +87,7 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
     convs = history.conversations[: args.conversations]
     spec = fu.RoundSpec(round_id=f"bench-{name}", user=name, base_sha256=base.sha256, method="factors", lr=args.lr,
                         max_steps=args.steps, qat=not args.fp32)
+    halves = topic_split(PERSONAS[name], convs) if args.split == "topic" else (convs[0::2], convs[1::2])
     devices = {}
     for i, dev in enumerate(DEVICES):
         home = root / f"{name}-{dev}"
@@ -68,7 +96,7 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
         settings = load_settings(home=str(home))
         with Store(home) as store:
             user = store.create_user(name)
-            import_into(store, user.id, ImportResult(history.format, convs[i::2]), f"{dev}.jsonl")
+            import_into(store, user.id, ImportResult(history.format, halves[i]), f"{dev}.jsonl")
             built = fu.local_dataset(store, settings, user, base.tokenizer)
         t0 = time.perf_counter()
         # one training per device serves every method: its adapter (factors, product) and, with QAT, its latents
@@ -76,7 +104,7 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
                                                  home / "work", args.epsilon)
         devices[dev] = {"built": built, "report": report, "factors": factors, "latent": latent,
                         "train_s": round(time.perf_counter() - t0, 1)}
-        print(f"  {dev}: {report.samples} train examples, {report.heldout_samples} held out, {report.steps} steps "
+        print(f"  {dev}: {len(halves[i])} conversations, {report.samples} train examples, {report.heldout_samples} held out, {report.steps} steps "
               f"in {devices[dev]['train_s']} s", flush=True)
 
     held = [e for d in devices.values() for e in tokenize(d["built"].split("heldout"), base.tokenizer)]
@@ -121,7 +149,8 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
     for label, row in rows.items():
         row["gain_vs_base"] = rows["base"]["nll"] - row["nll"]
         row["beats_every_local"] = label.startswith("federated") and row["nll"] < local_best
-    return {"persona": name, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)), "tier3": tier3,
+    return {"persona": name, "split": args.split, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)),
+            "tier3": tier3,
             "steps": args.steps, "lr": args.lr, "qat": spec.qat, "pooled_train_s": pooled_s,
             "train_s": {d: devices[d]["train_s"] for d in DEVICES}, "rows": rows}
 
@@ -169,6 +198,8 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="fp32 LoRA instead of quantization-aware (no latent method)")
     ap.add_argument("--probes", action="store_true", help="also the persona's probes (slow on a CPU)")
     ap.add_argument("--tier3", action="store_true", help="also what a tier-3 (CKKS) round of the same updates costs")
+    ap.add_argument("--split", choices=("alternate", "topic"), default="alternate",
+                    help="how the history is split across the devices: alternating conversations, or by topic/fact")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -178,7 +209,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="ownlm-federated-") as tmp:
         for name in args.personas.split(","):
-            print(f"\n{name}: {args.steps} steps, lr {args.lr}, {'fp32' if args.fp32 else 'QAT'}", flush=True)
+            print(f"\n{name}: {args.steps} steps, lr {args.lr}, {'fp32' if args.fp32 else 'QAT'}, split {args.split}",
+                  flush=True)
             res = run_persona(name, args, base, shared.home / "cache", Path(tmp))
             results.append(res)
             print(f"  held-out NLL on the union of both devices' held-out conversations ({res['heldout_examples']} examples):")

@@ -144,15 +144,18 @@ def test_tiers_0_and_1_run_where_allowed_two_rounds_at_once(home, cluster, tiny_
         trust_workers(store, settings, u)
     scheduler = Scheduler(store, settings, tick=0.5).start()
     try:
-        deadline = time.time() + 120
+        # ~20 s on a quiet 2-core machine; with the cores shared the two Ray workers take minutes to load torch
+        deadline = time.time() + 400
         while time.time() < deadline and not all(store.jobs(u.id) and store.jobs(u.id)[0]["state"] not in ("queued", "running")
                                                   for u in (edge, cloud)):
             time.sleep(0.5)
     finally:
-        assert scheduler.stop(60)
+        stopped = scheduler.stop(120)
+    history = {u.name: [(j["state"], j["stage"], j["reason"]) for j in store.jobs(u.id)] for u in (edge, cloud)}
+    assert stopped, history
     jobs = {u.name: store.jobs(u.id)[0] for u in (edge, cloud)}
     for name, job in jobs.items():
-        assert job["state"] == "deployed", (name, job["reason"])
+        assert job["state"] == "deployed", (name, history)
     assert jobs["edgar"]["result"]["worker"]["node_id"] == cluster.node_id["head"]
     assert jobs["claude"]["result"]["worker"]["node_id"] == cluster.node_id["b"]
     assert jobs["edgar"]["result"]["placement"]["tier"] == 1 and jobs["claude"]["result"]["placement"]["tier"] == 0
@@ -259,7 +262,7 @@ def test_a_worker_killed_mid_round(home, cluster, tiny_base, retries):
             time.sleep(0.05)
         assert victim is not None, f"the round never checkpointed in its work directory: {store.job(job_id)}"
         os.kill(victim, signal.SIGKILL)
-        t.join(180)
+        t.join(400)  # ~30 s quiet; minutes when other processes share the cores
         job = store.job(job_id)
         if retries:
             assert job["state"] == "deployed", job["reason"]

@@ -25,6 +25,46 @@ def _other_process():
     return proc, f"{socket.gethostname()}:{proc.pid}:test"
 
 
+def test_the_scheduler_trigger_never_queues_a_round_twice_on_the_same_data(home):
+    """enqueue_if_due reads 'is a job open' and 'how many new samples' in one transaction: a round that ends while
+    the scheduler checks is seen either as open or by its watermark, never as neither (a second round on the
+    same replies). The race is provoked: rounds end at random instants while two threads keep asking."""
+    import random
+    import threading
+
+    with Store(home) as store:
+        user = store.create_user("bram")
+        for i in range(12):
+            store.capture(user.id, [NewMessage("user", f"q{i}"), NewMessage("assistant", f"a{i}")], source="api", seed=f"s{i}")
+        assert store.enqueue_if_due(user.id, min_samples=20) is None  # 12 < 20
+        queued = []
+        for round_ in range(15):
+            job_id = store.enqueue_if_due(user.id, min_samples=10) if round_ == 0 else store.enqueue_job(user.id, "test")
+            assert job_id is not None
+            store.update_job(job_id, state="running", watermark=store.message_watermark(user.id))
+            done = threading.Event()
+
+            def ask():
+                while not done.is_set():
+                    if (jid := store.enqueue_if_due(user.id, min_samples=10)) is not None:
+                        queued.append(jid)
+
+            askers = [threading.Thread(target=ask) for _ in range(2)]
+            for t in askers:
+                t.start()
+            time.sleep(random.uniform(0.0, 0.02))
+            store.update_job(job_id, state="deployed")
+            time.sleep(0.01)
+            done.set()
+            for t in askers:
+                t.join()
+        assert queued == [], "a round was queued again on replies the last round had trained on"
+        store.capture(user.id, [NewMessage("user", "q"), NewMessage("assistant", "a")] * 10, source="api", seed="more")
+        job_id = store.enqueue_if_due(user.id, min_samples=10)
+        assert job_id and store.job(job_id)["reason"] == "scheduled: 10 new samples"
+        assert store.enqueue_if_due(user.id, min_samples=10) is None  # one open job per user
+
+
 def test_a_job_reserved_by_a_live_process_is_not_run_here(home, tiny_base):
     settings = loop_settings(tiny_base)
     proc, other = _other_process()

@@ -297,8 +297,9 @@ class Scheduler:
             log.error("scheduler: round %s: %s", job_id, traceback.format_exc())
 
     def due(self, now: float) -> list[str]:
-        """Users whose interval has passed and who have enough new samples; schedules their next check."""
-        cfg, out = self.settings.personalization, []
+        """Users whose interval has passed (each then gets a job if it has enough new samples); schedules their
+        next check."""
+        out = []
         for user in self.store.list_users():
             nxt = self.store.next_run_at(user.id)
             if nxt is None:
@@ -307,9 +308,7 @@ class Scheduler:
             if now < nxt:
                 continue
             self.store.set_next_run(user.id, now + self.interval)
-            if self.store.samples_since(user.id, since="attempt") >= cfg.min_samples and not any(
-                    j["user_id"] == user.id for j in self.store.open_jobs()):
-                out.append(user.id)
+            out.append(user.id)
         return out
 
     def _run(self) -> None:
@@ -317,7 +316,7 @@ class Scheduler:
             try:
                 if self.settings.personalization.enabled:
                     for uid in self.due(time.time()):
-                        self.store.enqueue_job(uid, f"scheduled: {self.store.samples_since(uid, 'attempt')} new samples")
+                        self.store.enqueue_if_due(uid, self.settings.personalization.min_samples)
                 if self.settings.cluster.ray_address:
                     self._dispatch()
                 else:

@@ -45,6 +45,14 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
+def _samples_since(query, user_id: str, since: str) -> int:
+    """samples_since with `query(sql, params) -> rows` on the connection the caller reads from."""
+    states = "('deployed')" if since == "deployed" else "('deployed', 'refused', 'failed')"
+    mark = query(f"SELECT coalesce(max(watermark), 0) FROM jobs WHERE user_id = ? AND state IN {states}", (user_id,))[0][0]
+    return query("SELECT count(*) FROM messages WHERE user_id = ? AND role = 'assistant' AND rowid > ?",
+                 (user_id, mark))[0][0]
+
+
 class JobsMixin:
     def enqueue_job(self, user_id: str, reason: str, owner: str | None = None, lease_s: float = LEASE_S) -> str:
         """A queued job for the user; refused while one is queued or running. With `owner`, the job is
@@ -122,10 +130,24 @@ class JobsMixin:
         """Assistant replies captured after the dataset of the last deployed round (since='deployed', what
         status shows) or of the last round that got as far as its dataset, deployed or refused
         (since='attempt', the scheduler's trigger: a refused round is not retried on the same data)."""
-        states = "('deployed')" if since == "deployed" else "('deployed', 'refused', 'failed')"
-        mark = self.query(f"SELECT coalesce(max(watermark), 0) FROM jobs WHERE user_id = ? AND state IN {states}", (user_id,))[0][0]
-        return self.query("SELECT count(*) FROM messages WHERE user_id = ? AND role = 'assistant' AND rowid > ?",
-                          (user_id, mark))[0][0]
+        return _samples_since(self.query, user_id, since)
+
+    def enqueue_if_due(self, user_id: str, min_samples: int) -> str | None:
+        """The scheduler's trigger, in one write transaction: a queued job for the user when none is open and at
+        least `min_samples` replies came after the last attempted round (samples_since 'attempt'); else None.
+
+        Both are read inside the transaction because, read one after the other, a round that ends between the two
+        reads is seen neither as open nor by its watermark, and the same data would be trained twice."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE user_id = ? AND state IN ('queued', 'running')", (user_id,)).fetchone():
+                return None
+            n = _samples_since(lambda sql, params: db.execute(sql, params).fetchall(), user_id, "attempt")
+            if n < min_samples:
+                return None
+            jid, now = "job_" + secrets.token_hex(6), time.time()
+            db.execute("INSERT INTO jobs (id, user_id, state, reason, created_at) VALUES (?, ?, 'queued', ?, ?)",
+                       (jid, user_id, f"scheduled: {n} new samples", now))
+        return jid
 
     def message_watermark(self, user_id: str) -> int:
         return self.query("SELECT coalesce(max(rowid), 0) FROM messages WHERE user_id = ?", (user_id,))[0][0]
