@@ -108,6 +108,44 @@ def _conversations(store) -> list:
     return store.query("SELECT id FROM conversations WHERE user_id = ?", (store.get_user(USER).id,))
 
 
+def test_the_notice_is_written_over_http_and_after_a_crash(federated):
+    """DELETE /data answers with the notice it wrote; a delete whose process died right after its COMMIT (the
+    models gone, no notice yet: here delete_data alone) gets its notice when `ownlm serve` next starts, once."""
+    import httpx
+
+    from tests.servers import ProcessServer
+
+    devices, round_id, model = federated
+    lap_settings = load_settings(home=str(devices["laptop"]))
+    with Store(devices["laptop"]) as lap:
+        user = lap.get_user(USER)
+        assert lap.delete_data(user.id, conversation_id=_conversations(lap)[0][0])["federation_rounds"] == [round_id]
+    assert not fr.notice_dir(lap_settings).exists()
+    srv = ProcessServer(devices["laptop"], "--no-model").start()
+    srv.stop()
+    notices = sorted(fr.notice_dir(lap_settings).iterdir())
+    assert len(notices) == 1 and json.loads(notices[0].read_text())["rounds"] == [round_id]
+    with Store(devices["laptop"]) as lap:
+        assert fr.finish_interrupted(lap, lap_settings, lap.get_user(USER)) is None  # written once, not at every start
+        assert fr.pending_notices(lap, lap_settings, lap.get_user(USER)) == [notices[0].read_text()]
+
+    with Store(devices["phone"]) as phone:
+        user = phone.get_user(USER)
+        token, cid = phone.create_token(user.id), _conversations(phone)[0][0]
+    srv = ProcessServer(devices["phone"], "--no-model").start()
+    try:
+        r = httpx.delete(srv.url + "/api/personalization/data", params={"conversation_id": cid},
+                         headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    finally:
+        srv.stop()
+    assert r.status_code == 200, r.text
+    deleted = r.json()["deleted"]
+    assert deleted["models_removed"] == [model] and deleted["federation_rounds"] == [round_id]
+    path = deleted["federation_retire_notice"]
+    assert json.loads(open(path).read())["rounds"] == [round_id]
+    assert [p.name for p in fr.notice_dir(load_settings(home=str(devices["phone"]))).iterdir()] == [path.rsplit("/", 1)[1]]
+
+
 def test_keep_models_writes_no_notice(federated):
     devices, _, model = federated
     with Store(devices["phone"]) as phone:

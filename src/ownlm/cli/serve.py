@@ -36,12 +36,15 @@ def serve(ctx: Context, base, device, engine, host, port, no_model) -> None:
     from ownlm.engine.serving import choose_engine
     from ownlm.loop import Scheduler
     from ownlm.node.install import recover
+    from ownlm.privacy.fedretire import finish_all_interrupted
 
     settings = ctx.settings(base=base, device=device, engine=engine, host=host, port=port)
     choice = None if no_model else choose_engine(settings)
     sock = listen(settings.host, settings.port)  # before the slow model load, and before saying "listening"
     store = cli_store(settings)
     recover(store, settings)  # leftovers of an install that was killed
+    for path in finish_all_interrupted(store, settings):  # a delete whose retire notice a crash kept from being written
+        click.echo(f"wrote retire notice {path}: take it to your other devices (ownlm federate retire FILE)", err=True)
     engine = None if no_model else engine_with_status(settings, store, choice, max_waiting=settings.max_queued_generations)
     app = create_app(settings, store, engine)
     scheduler = Scheduler(store, settings, on_deployed=engine.refresh if engine else None).start()

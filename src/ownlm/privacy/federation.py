@@ -431,7 +431,7 @@ def client_train(msg, context):
         from ownlm.privacy.fedretire import pending_notices
 
         return Message(RecordDict({"update": ConfigRecord({"header": fu.header_text(update.header)}), "payload": payload,
-                                   "retire": ConfigRecord({"json": json.dumps(pending_notices(settings, user))})}),
+                                   "retire": ConfigRecord({"json": json.dumps(pending_notices(store, settings, user))})}),
                        reply_to=msg)
     finally:
         store.close()

@@ -13,6 +13,9 @@ for the person (the same trust its federated updates need) and removes every mod
 Every federated round also carries the notices (`pending_notices`, `apply_carried`), so a device that takes part
 in a later round gets them even if the file was never copied.
 
+A delete whose process dies after its commit but before the notice is written is finished later
+(`finish_interrupted`: when `ownlm serve` starts, at the next delete, before a device's notices ride a round).
+
 A notice holds round ids and the signer's device id, never data. Applying one twice changes nothing the second
 time; a notice signed by a key the device does not trust, or for another person, is refused and changes nothing.
 """
@@ -48,19 +51,45 @@ def make_notice(store: Store, user: User, rounds: list[str], reason: str = "dele
 
 def after_delete(store: Store, settings: Settings, user: User, deleted: dict) -> Path | None:
     """After `Store.delete_data`: write the retire notice for the federated rounds it removed (None: there were
-    none) under `notice_dir`, and audit it. The caller tells the person to take it to their other devices."""
-    from ownlm.fsutil import atomic_write, mkdir_private
-
+    none) under `notice_dir`, and audit it. The caller tells the person to take it to their other devices.
+    Rounds of an earlier delete whose notice a crash kept from being written go into this notice too."""
     rounds = deleted.get("federation_rounds") or []
     if not rounds:
         return None
+    return finish_interrupted(store, settings, user)  # this delete's rounds are in its audit row, not yet noticed
+
+
+def _write_notice(store: Store, settings: Settings, user: User, rounds: list[str]) -> Path:
+    from ownlm.fsutil import atomic_write, mkdir_private
+
     notice = make_notice(store, user, rounds)
     mkdir_private(notice_dir(settings))
-    path = notice_dir(settings) / f"{time.strftime('%Y%m%d_%H%M%S')}_{user.id}_{len(rounds)}.json"
+    path = notice_dir(settings) / f"{time.strftime('%Y%m%d_%H%M%S')}_{user.id}_{len(notice['rounds'])}.json"
     atomic_write(path, json.dumps(notice, indent=1))
     with store.tx() as db:
         store.audit(db, user.id, "federation_retire_notice_written", rounds=notice["rounds"], file=path.name)
     return path
+
+
+def finish_interrupted(store: Store, settings: Settings, user: User) -> Path | None:
+    """Write the notice a crash kept `after_delete` from writing (None: nothing was missing).
+
+    The delete's own transaction audits the federated rounds it removed ("deleted", `federation_rounds`) and every
+    notice written is audited with its rounds, so rounds in the first and in none of the second are a notice
+    that was never written: the right to delete must reach the other devices even then. Run when a node starts
+    (cli/serve.py), before each delete's notice and before a device's notices ride a round (pending_notices)."""
+    deleted, noticed = set(), set()
+    for action, detail in store.query("SELECT action, detail FROM audit WHERE user_id = ? AND action IN "
+                                      "('deleted', 'federation_retire_notice_written')", (user.id,)):
+        rounds = json.loads(detail).get("federation_rounds" if action == "deleted" else "rounds") or []
+        (deleted if action == "deleted" else noticed).update(r for r in rounds if isinstance(r, str) and r)
+    missing = sorted(deleted - noticed)
+    return _write_notice(store, settings, user, missing) if missing else None
+
+
+def finish_all_interrupted(store: Store, settings: Settings) -> list[Path]:
+    """finish_interrupted for every user of the store (a node starting): the notices written."""
+    return [p for u in store.list_users() if (p := finish_interrupted(store, settings, u)) is not None]
 
 
 def read_notice(data: bytes) -> dict:
@@ -115,8 +144,10 @@ def apply_notice(store: Store, user: User, data: bytes, *, audit_noop: bool = Tr
 MAX_CARRIED = 100  # notices a device carries per round (the newest); older ones have reached the others by then
 
 
-def pending_notices(settings: Settings, user: User) -> list[str]:
-    """The JSON texts of this device's notices for `user`, newest last (at most MAX_CARRIED)."""
+def pending_notices(store: Store, settings: Settings, user: User) -> list[str]:
+    """The JSON texts of this device's notices for `user`, newest last (at most MAX_CARRIED), after writing any
+    a crash kept from being written (finish_interrupted)."""
+    finish_interrupted(store, settings, user)
     d = notice_dir(settings)
     out = []
     for path in sorted(d.glob(f"*_{user.id}_*.json"))[-MAX_CARRIED:] if d.is_dir() else []:
