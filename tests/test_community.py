@@ -177,6 +177,8 @@ def test_first_round_starts_from_the_community_adapter_only_when_asked(masked_ro
     from ownlm.loop import _plan
 
     settings, store, users, keys, roster, _ = masked_round
+    settings = settings.model_copy(update={"personalization": settings.personalization.model_copy(
+        update={"community_min_gain": None})})  # the start itself; whether it is worth it: the next test
     a = cm.Aggregator(roster)
     for i, u in enumerate(users):
         a.accept(*cm.contribute(store, u, roster, i, keys[i][0], *trained[i]))
@@ -198,3 +200,31 @@ def test_first_round_starts_from_the_community_adapter_only_when_asked(masked_ro
     for path, (ca, cb) in community.items():
         assert torch.allclose(after[path][0], ca, atol=1e-6) and torch.allclose(after[path][1], cb, atol=1e-6)
     assert any(not torch.allclose(fresh[p][1], cb, atol=1e-6) for p, (_, cb) in community.items())
+
+
+def test_a_community_model_that_does_not_help_the_new_user_is_not_started_from(masked_round, tiny, trained, tmp_path):
+    """community_min_gain (default 0.01 nats): the first round measures the community adapter on the new user's own
+    held-out examples. The mean of three 2-step DP updates barely moves the tiny model, so the round starts from
+    scratch and says why with the figures; an adapter that learned the user's kind of data passes the same check."""
+    from ownlm.loop import _lora, _plan
+
+    settings, store, users, keys, roster, _ = masked_round
+    a = cm.Aggregator(roster)
+    for i, u in enumerate(users):
+        a.accept(*cm.contribute(store, u, roster, i, keys[i][0], *trained[i]))
+    cm.publish(store, settings, users[0], roster, a.mean(), a.result())
+    newcomer = store.create_user("newcomer")
+    cm.set_choice(store, newcomer, start=True)
+    train_ex, held = examples(tiny.tokenizer, range(40, 46)), examples(tiny.tokenizer, [46, 47, 48])
+    tcfg = quick(lr=1e-12, max_steps=1)
+    plan = _plan(store, settings, newcomer.id, train_ex, tcfg, tiny.sha256, "job1", base=tiny, heldout=held)
+    assert plan.init_adapter is None and "not from the community model" in plan.why and "nats" in plan.why, plan.why
+    g = cm.start_gain(tiny, cm.starting_point(store, settings, newcomer.id, tiny.sha256, _lora(tcfg)), held)
+    assert g["gain"] < settings.personalization.community_min_gain
+    no_held = _plan(store, settings, newcomer.id, train_ex, tcfg, tiny.sha256, "job2", base=tiny, heldout=[])
+    assert no_held.init_adapter is None and "not tried" in no_held.why
+
+    train(tiny, examples(tiny.tokenizer, range(0, 40)), held, quick(max_steps=12, qat=True), tmp_path / "useful")
+    useful = cm.start_gain(tiny, tmp_path / "useful" / "adapter", held)
+    assert useful["gain"] >= 0.01 and useful["community_nll"] < useful["base_nll"], useful
+

@@ -157,7 +157,7 @@ def _local_round(store: Store, settings: Settings, user, job: dict, work, update
                        qat=cfg.qat, anchor_kl=cfg.anchor_kl, dp=epsilon is not None, dp_epsilon=epsilon,
                        dp_max_grad_norm=cfg.dp_max_grad_norm)
     serving = store.active_model(user.id)  # what this round continues (or not) and would replace
-    plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id)
+    plan = _plan(store, settings, user.id, train_ex, tcfg, base.sha256, job_id, base=base, heldout=held_ex)
     figures.update(continual=plan.summary())
 
     def on_progress(p) -> None:
@@ -224,8 +224,11 @@ def _lora(tcfg) -> dict:
     return {"r": tcfg.r, "alpha": tcfg.alpha, "target_modules": sorted(tcfg.target_modules)}
 
 
-def _plan(store: Store, settings: Settings, user_id: str, train_ex: list, tcfg, base_sha256: str, job_id: str) -> RoundPlan:
-    """The round's examples and starting adapter under settings.personalization.continual."""
+def _plan(store: Store, settings: Settings, user_id: str, train_ex: list, tcfg, base_sha256: str, job_id: str, *,
+          base=None, heldout: list | None = None) -> RoundPlan:
+    """The round's examples and starting adapter under settings.personalization.continual. A new user's first
+    round may start from the community model (privacy/community.py): only if they opted in and, unless
+    personalization.community_min_gain is None, it lowers their held-out NLL (`base`, `heldout`) by that much."""
     lineage = read_lineage(settings.home, user_id)
     deleted = lineage is not None and store.deleted_since(user_id, lineage.audit_mark)
     if deleted:
@@ -242,7 +245,20 @@ def _plan(store: Store, settings: Settings, user_id: str, train_ex: list, tcfg, 
         from ownlm.privacy.community import starting_point
 
         start = starting_point(store, settings, user_id, base_sha256, _lora(tcfg))  # None unless they opted in
-        if start is not None:
+        need = cfg.community_min_gain
+        if start is not None and need is not None:
+            from ownlm.privacy.community import start_gain
+
+            if base is None or not heldout:
+                return replace(plan, why=plan.why + "; the community model was not tried: no held-out examples to judge it")
+            g = start_gain(base, start, heldout)
+            if g["gain"] < need:
+                return replace(plan, why=f"{plan.why}; not from the community model: it lowers your held-out NLL by "
+                                         f"{g['gain']:.4f} nats ({g['base_nll']:.4f} -> {g['community_nll']:.4f}), "
+                                         f"under community_min_gain {need:g}")
+            plan = replace(plan, init_adapter=start, why=f"first round: started from the node's community model (held-out "
+                                                         f"NLL {g['base_nll']:.4f} -> {g['community_nll']:.4f})")
+        elif start is not None:
             plan = replace(plan, init_adapter=start, why="first round: started from the node's community model")
     return plan
 

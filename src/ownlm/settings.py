@@ -81,6 +81,12 @@ class Personalization(BaseModel):
                     "user chose DP (`ownlm privacy dp`); 'always' for every update. At tiers 1 and 3 the aggregate "
                     "only ever reaches the person's own devices, and DP at ε 8 on one person's data kept ~1% of the "
                     "held-out gain (bench/README.md, dp.py), so 'auto' leaves it out there.")
+    community_min_gain: float | None = Field(
+        default=0.01, ge=0, allow_inf_nan=False,
+        description="A first round starts from the node's community model (for a user who opted in) only if that "
+                    "model lowers the user's held-out NLL by at least this many nats per token; None: always. "
+                    "bench/community.py: a community model of DP-noised contributions was the base in effect (gain "
+                    "0.0000) and starting from it cost the new user 0.25 nats against starting from scratch.")
     federation_dp_epsilon: float = Field(
         default=8.0, gt=0, allow_inf_nan=False,
         description="The epsilon (per conversation) of a federated update when federation_dp applies (the smallest "

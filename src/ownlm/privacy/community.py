@@ -302,6 +302,24 @@ def starting_point(store, settings, user_id: str, base_sha256: str, lora: dict) 
     return adapter
 
 
+def start_gain(base, adapter: Path, heldout: list) -> dict:
+    """Whether the community adapter is worth starting from, measured on the new user's own held-out examples
+    (learn.dataset tokenized Examples): {"base_nll", "community_nll", "gain"} in nats per assistant token, the
+    adapter taken as the lora1 artifact it is served as (a QAT round trains through the same quantizer)."""
+    import tempfile
+
+    from ownlm.evaluate.gate import compress_adapter
+    from ownlm.evaluate.metrics import assistant_nll, delta_applied
+
+    with tempfile.TemporaryDirectory(prefix="ownlm-community-") as tmp:
+        delta = compress_adapter(adapter, Path(tmp) / "delta", base)
+    base_nll = assistant_nll(base.model, heldout).mean_nll
+    with delta_applied(base.model, delta, base.sha256):
+        community_nll = assistant_nll(base.model, heldout).mean_nll
+    return {"base_nll": round(base_nll, 4), "community_nll": round(community_nll, 4),
+            "gain": round(base_nll - community_nll, 4)}
+
+
 # --- the aggregator as a process on a directory ------------------------------------------------------------------
 
 
