@@ -18,7 +18,7 @@ The transport (Flower processes, signatures) is not timed here: tests/test_feder
 
     OWNLM_HOME=... .venv/bin/python bench/federated.py [--personas mira] [--steps 48] [--lr 1e-3] [--probes]
                                                        [--conversations 300] [--epsilon none] [--tier3] [--json FILE]
-                                                       [--split alternate|topic]
+                                                       [--split alternate|topic] [--rounds R]
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
         models[f"federated {method}"] = agg.to_delta(merged, spec.r, spec.alpha, base.sha256)
 
     tier3 = tier3_cost(devices, spec, weights) if args.tier3 else None
+    if args.rounds > 1:
+        models[f"federated latent x{args.rounds}"] = multi_round(devices, spec, weights, args, base, root / f"{name}-rounds")
 
     # pooled: both devices' training examples on one machine, the same settings
     pooled_train = [e for d in devices.values() for e in tokenize(d["built"].split("train"), base.tokenizer)]
@@ -137,22 +139,73 @@ def run_persona(name: str, args, base, shared_cache: Path, root: Path) -> dict:
         from ownlm.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(base)
-    rows = {"base": {"nll": assistant_nll(base.model, held).mean_nll}}
+    per_example = {"base": example_nlls(base.model, held)}
+    rows = {"base": {"nll": token_mean(per_example["base"])}}
     if engine:
         rows["base"]["probes"] = probe_row(engine, asked)
     for label, delta in models.items():
         with delta_applied(base.model, delta, base.sha256):
-            rows[label] = {"nll": assistant_nll(base.model, held).mean_nll}
+            per_example[label] = example_nlls(base.model, held)
+            rows[label] = {"nll": token_mean(per_example[label])}
             if engine:
                 rows[label]["probes"] = probe_row(engine, asked)
-    local_best = min(rows[f"local {d}"]["nll"] for d in DEVICES)
+    best = min((f"local {d}" for d in DEVICES), key=lambda k: rows[k]["nll"])
     for label, row in rows.items():
         row["gain_vs_base"] = rows["base"]["nll"] - row["nll"]
-        row["beats_every_local"] = label.startswith("federated") and row["nll"] < local_best
+        row["beats_every_local"] = label.startswith("federated") and row["nll"] < rows[best]["nll"]
+        if label.startswith(("federated", "pooled")):
+            row["vs_best_local_ci"] = paired_ci(per_example[label], per_example[best])
     return {"persona": name, "split": args.split, "heldout_examples": len(held), "weights": dict(zip(DEVICES, weights)),
             "tier3": tier3,
             "steps": args.steps, "lr": args.lr, "qat": spec.qat, "pooled_train_s": pooled_s,
             "train_s": {d: devices[d]["train_s"] for d in DEVICES}, "rows": rows}
+
+
+def example_nlls(model, held: list) -> np.ndarray:
+    """(n, 2): each held-out example's summed target-token NLL (nats) and its target-token count."""
+    out = []
+    for ex in held:
+        r = assistant_nll(model, [ex])
+        out.append((r.mean_nll * r.n_tokens, r.n_tokens))
+    return np.array(out, dtype=np.float64)
+
+
+def token_mean(per: np.ndarray) -> float:
+    """Token-weighted mean NLL, as assistant_nll over all the examples at once."""
+    return float(per[:, 0].sum() / per[:, 1].sum())
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% paired bootstrap interval (resampling held-out examples) of token_mean(a) - token_mean(b): wholly below
+    0 means `a` is better than `b` beyond the spread of these few examples."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(draws, len(a)))
+    diff = a[idx, 0].sum(1) / a[idx, 1].sum(1) - b[idx, 0].sum(1) / b[idx, 1].sum(1)
+    return [round(float(np.quantile(diff, 0.025)), 4), round(float(np.quantile(diff, 0.975)), 4)]
+
+
+def multi_round(devices: dict, spec, weights: list[int], args, base, work: Path):
+    """FedAvg over `args.rounds` rounds at the same device steps in all: each round every device trains
+    steps/rounds QAT steps starting from the previous round's aggregate (its lora1 artifact as a peft adapter, as a
+    community start is written), and the latents are averaged again. Returns the last aggregate's lora1 delta."""
+    from ownlm.node.export import write_peft
+
+    per_round, start, delta = max(1, args.steps // args.rounds), None, None
+    rspec = replace(spec, method="latent", max_steps=per_round)
+    for k in range(args.rounds):
+        tensors = []
+        for d in DEVICES:
+            _, factors, latent = fu.train_local(base, devices[d]["built"], rspec, work / f"r{k}-{d}", args.epsilon,
+                                                init_adapter=start)
+            tensors.append(agg.tensors_for("latent", factors, latent))
+        layout = agg.Layout.of(tensors[0])
+        merged = agg.aggregate("latent", layout, [layout.flatten(t) for t in tensors], weights, spec.r)
+        delta = agg.to_delta(merged, spec.r, spec.alpha, base.sha256)
+        start = work / f"r{k}-aggregate"
+        start.mkdir(parents=True)
+        write_peft(delta, base.source.path, start)
+        print(f"  round {k + 1}/{args.rounds}: {per_round} steps per device, aggregated", flush=True)
+    return delta
 
 
 def tier3_cost(devices: dict, spec, weights: list[int]) -> dict:
@@ -200,6 +253,8 @@ def main() -> None:
     ap.add_argument("--tier3", action="store_true", help="also what a tier-3 (CKKS) round of the same updates costs")
     ap.add_argument("--split", choices=("alternate", "topic"), default="alternate",
                     help="how the history is split across the devices: alternating conversations, or by topic/fact")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="also FedAvg over this many rounds (steps/rounds each, from the previous aggregate)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -217,6 +272,8 @@ def main() -> None:
             print(f"  {'model':<20} {'NLL':>8} {'gain':>8}  beats every local")
             for label, row in res["rows"].items():
                 extra = f"  probes {fmt(row['probes'])}" if "probes" in row else ""
+                if "vs_best_local_ci" in row:
+                    extra = f"  vs best local [{row['vs_best_local_ci'][0]:+.4f}, {row['vs_best_local_ci'][1]:+.4f}]" + extra
                 print(f"  {label:<20} {row['nll']:8.4f} {row['gain_vs_base']:8.4f}  "
                       f"{'yes' if row['beats_every_local'] else ('-' if not label.startswith('federated') else 'no')}{extra}",
                       flush=True)

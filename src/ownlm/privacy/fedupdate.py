@@ -150,10 +150,11 @@ def update_epsilon(store: Store, settings: Settings, user: User, spec: RoundSpec
     return min(asked) if asked else None
 
 
-def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None, max_grad_norm: float = 1.0):
-    """(train report, factors, latent tensors or None) of this device's round: train() from scratch, with
-    DP-SGD at `epsilon` per conversation when it is not None (`update_epsilon` decides; the report's `dp` is
-    the budget spent)."""
+def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None, max_grad_norm: float = 1.0,
+                init_adapter: Path | None = None):
+    """(train report, factors, latent tensors or None) of this device's round: train() from scratch (or from the
+    peft adapter `init_adapter`: a previous aggregate, bench/federated.py --rounds), with DP-SGD at `epsilon` per
+    conversation when it is not None (`update_epsilon` decides; the report's `dp` is the budget spent)."""
     from ownlm.bitdelta.lora1 import read_adapter
     from ownlm.learn.dataset import tokenize
     from ownlm.learn.train import TrainConfig, train
@@ -162,7 +163,8 @@ def train_local(base, built, spec: RoundSpec, work: Path, epsilon: float | None,
     held_ex = tokenize(built.split("heldout"), base.tokenizer)
     tcfg = TrainConfig(r=spec.r, alpha=spec.alpha, lr=spec.lr, epochs=spec.epochs, max_steps=spec.max_steps, qat=spec.qat,
                        anchor_kl=spec.anchor_kl, dp=epsilon is not None, dp_epsilon=epsilon, dp_max_grad_norm=max_grad_norm)
-    report = train(base, train_ex, held_ex, tcfg, work / "train", resume=False, dataset={"merkle_root": built.merkle_root})
+    report = train(base, train_ex, held_ex, tcfg, work / "train", resume=False, dataset={"merkle_root": built.merkle_root},
+                   init_adapter=init_adapter)
     factors = read_adapter(work / "train" / "adapter").factors
     latent = latent_tensors(work / "train" / "checkpoint") if spec.method == "latent" else None
     return report, factors, latent
