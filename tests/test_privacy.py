@@ -30,7 +30,9 @@ MEASUREMENT = "ab" * 48
 def settings_for(home, tiny_base):
     s = load_settings(home=str(home), base=str(tiny_base), device="cpu")
     return s.model_copy(update={"personalization": s.personalization.model_copy(
-        update={"max_steps": 2, "lr": 5e-3, "gate_max_kl": 10.0, "gate_behaviour": False, "qat": False})})
+        update={"max_steps": 2, "lr": 5e-3, "gate_max_kl": 10.0, "gate_behaviour": False, "qat": False,
+        # a 2-step post-hoc lora1 of the tiny random model keeps 45-50% of its gain: the fidelity check is test_loop's
+        "gate_min_fidelity": 0.0})})
 
 
 def conversations() -> dict:
